@@ -1,0 +1,3 @@
+"""trio-sidecar: the AgentCom hub worker, on Trio."""
+
+__version__ = "0.1.0"

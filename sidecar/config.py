@@ -1,0 +1,208 @@
+"""Sidecar configuration: our TOML file or the original sidecar's config.json.
+
+Both load into one attrs `Config` through the shared cattrs converter. Any
+problem raises `ConfigError` naming the field and what is wrong with it.
+Environment variables SIDECAR_HUB_URL, SIDECAR_TOKEN, SIDECAR_AGENT_ID and
+SIDECAR_STATE_DIR override the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import attrs
+
+from .messages import LIMITS, converter, error_path
+
+ENV_OVERRIDES = {
+    "SIDECAR_HUB_URL": "hub_url",
+    "SIDECAR_TOKEN": "token",
+    "SIDECAR_AGENT_ID": "agent_id",
+    "SIDECAR_STATE_DIR": "state_dir",
+}
+
+
+class ConfigError(ValueError):
+    """A config problem; `field` is the dotted path of the bad key."""
+
+    def __init__(self, field: str, problem: str, source: str | None = None) -> None:
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}config field '{field}': {problem}")
+        self.field = field
+        self.problem = problem
+
+
+@attrs.frozen
+class OllamaConfig:
+    default_model: str = "qwen3:8b"
+    idle_timeout_s: float = 60.0
+    connect_timeout_s: float = 10.0
+
+
+@attrs.frozen
+class ClaudeConfig:
+    binary: str = "claude"
+    extra_args: list[str] = attrs.field(factory=list)
+    baseline_model: str = "claude-sonnet-4-5"
+
+
+@attrs.frozen
+class PriceOverride:
+    """USD per million tokens for one model, overriding the price catalogue."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+
+@attrs.frozen
+class Config:
+    # Original config.json fields (protocol.md).
+    agent_id: str
+    token: str
+    hub_url: str
+    hub_api_url: str | None = None
+    name: str | None = None
+    repo_dir: str | None = None
+    wake_command: str | None = None
+    capabilities: list[str] = attrs.field(factory=lambda: ["code"])
+    confirmation_timeout_ms: int = 30_000
+    results_dir: str | None = None
+    log_file: str | None = None
+    ollama_url: str | None = None
+    # Ours.
+    state_dir: str | None = None
+    capacity: int = 1
+    queue_length: int = 0
+    default_timeout_ms: int = 60_000
+    kill_grace_s: float = 5.0
+    ping_interval_s: float = 30.0
+    pong_timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    auth_backoff_s: float = 300.0
+    output_cap_bytes: int = 1024 * 1024
+    max_frame_bytes: int = 16 * 1024 * 1024
+    progress_window_s: float = 0.1
+    progress_budget_per_min: int = 40
+    keepalive_s: float = 120.0
+    shutdown_grace_s: float = 10.0
+    wake_attempt_timeout_s: float = 60.0
+    ollama: OllamaConfig = attrs.field(factory=OllamaConfig)
+    claude: ClaudeConfig = attrs.field(factory=ClaudeConfig)
+    prices: dict[str, PriceOverride] = attrs.field(factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.agent_id
+
+    def resolved_state_dir(self) -> Path:
+        assert self.state_dir is not None, "load_config always resolves state_dir"
+        return Path(self.state_dir)
+
+
+_POSITIVE = (
+    "capacity",
+    "default_timeout_ms",
+    "kill_grace_s",
+    "ping_interval_s",
+    "pong_timeout_s",
+    "connect_timeout_s",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "output_cap_bytes",
+    "max_frame_bytes",
+    "progress_window_s",
+    "progress_budget_per_min",
+    "keepalive_s",
+    "confirmation_timeout_ms",
+    "wake_attempt_timeout_s",
+)
+
+
+def _validate(cfg: Config) -> None:
+    for key in ("agent_id", "token"):
+        value = getattr(cfg, key)
+        if not value:
+            raise ConfigError(key, "must not be empty")
+        if len(value) > LIMITS[key]:
+            raise ConfigError(key, f"longer than the hub's limit of {LIMITS[key]} characters")
+    url = urlparse(cfg.hub_url)
+    if url.scheme not in ("ws", "wss") or not url.hostname:
+        raise ConfigError("hub_url", f"must be a ws:// or wss:// URL, got {cfg.hub_url!r}")
+    for key in _POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(key, f"must be positive, got {getattr(cfg, key)!r}")
+    if cfg.queue_length < 0:
+        raise ConfigError("queue_length", f"must be zero or more, got {cfg.queue_length!r}")
+    if cfg.ollama_url is not None:
+        o = urlparse(cfg.ollama_url if "://" in cfg.ollama_url else "http://" + cfg.ollama_url)
+        if o.scheme not in ("http", "https") or not o.hostname:
+            raise ConfigError("ollama_url", f"must be an http(s) URL, got {cfg.ollama_url!r}")
+
+
+def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: str | None = None) -> Config:
+    """Build a Config from parsed file contents; relative paths resolve against base_dir."""
+    known = {a.name for a in attrs.fields(Config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key", source)
+    for required in ("agent_id", "token", "hub_url"):
+        if required not in data or data[required] is None:
+            raise ConfigError(required, "is required", source)
+    clean = {k: v for k, v in data.items() if v is not None}
+    try:
+        cfg = converter.structure(clean, Config)
+    except Exception as exc:
+        path, problem = error_path(exc)
+        raise ConfigError(path.removeprefix("$."), problem, source) from exc
+    try:
+        _validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(exc.field, exc.problem, source) from None
+    state_dir = Path(cfg.state_dir) if cfg.state_dir else base_dir / "state"
+    if not state_dir.is_absolute():
+        state_dir = base_dir / state_dir
+    repo_dir = cfg.repo_dir
+    if repo_dir and not Path(repo_dir).is_absolute():
+        repo_dir = str(base_dir / repo_dir)
+    results_dir = cfg.results_dir
+    if results_dir and not Path(results_dir).is_absolute():
+        results_dir = str(base_dir / results_dir)
+    return attrs.evolve(cfg, state_dir=str(state_dir), repo_dir=repo_dir, results_dir=results_dir)
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load a TOML or JSON config file (or none: env only) and apply env overrides."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    source: str | None = None
+    base_dir = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        base_dir = p.resolve().parent
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError("<file>", f"cannot read {p}: {exc.strerror}", None) from exc
+        try:
+            if p.suffix == ".json" or raw.lstrip().startswith(b"{"):
+                loaded = json.loads(raw)
+            else:
+                loaded = tomllib.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError("<file>", f"cannot parse: {exc}", source) from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError("<file>", "top level must be an object/table", source)
+        data = loaded
+    for var, key in ENV_OVERRIDES.items():
+        if env.get(var):
+            data[key] = env[var]
+    return config_from_mapping(data, base_dir=base_dir, source=source)

@@ -1,0 +1,304 @@
+"""Wire messages of the AgentCom hub protocol (see shared/protocol.md).
+
+Inbound `task_assign` frames are structured into attrs classes by one cattrs
+converter; a bad frame raises `FrameError` naming the path of the bad field.
+Outbound frames are plain dicts built by the `*_frame` helpers, so that field
+names match the hub's schema exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+
+PROTOCOL_VERSION = 1
+
+# String limits the hub's validator enforces (protocol.md, "Hub limits").
+LIMITS: dict[str, int] = {
+    "agent_id": 128,
+    "description": 10_000,
+    "error": 2_000,
+    "reason": 2_000,
+    "status": 256,
+    "token": 256,
+    "name": 256,
+    "repo": 512,
+    "ollama_url": 512,
+}
+
+EVENT_TYPES = frozenset({"token", "stdout", "stderr", "status", "error"})
+
+
+class FrameError(ValueError):
+    """A frame from the hub that cannot be used; `path` names the bad field."""
+
+    def __init__(self, path: str, problem: str, task_id: str | None = None) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+        self.task_id = task_id
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, for the wire only (`timestamp`, `assigned_at`)."""
+    return int(time.time() * 1000)
+
+
+def truncate(text: str, limit: int) -> str:
+    """Cut `text` to at most `limit` characters, marking the cut."""
+    if len(text) <= limit:
+        return text
+    marker = "…[truncated]"
+    return text[: max(0, limit - len(marker))] + marker
+
+
+@attrs.frozen
+class Complexity:
+    effective_tier: str | None = None
+    source: str | None = None
+    explicit_tier: str | None = None
+    inferred: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class RoutingDecision:
+    target_type: str | None = None
+    effective_tier: str | None = None
+    selected_endpoint: str | None = None
+    selected_model: str | None = None
+    fallback_used: bool | None = None
+    fallback_reason: str | None = None
+    classification_reason: str | None = None
+    estimated_cost_tier: str | None = None
+
+
+@attrs.frozen
+class Task:
+    """One `task_assign` from the hub. `raw` keeps the frame as received."""
+
+    task_id: str
+    description: str = ""
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+    generation: int = 0
+    assigned_at: int | None = None
+    repo: str | None = None
+    branch: str | None = None
+    file_hints: list[Any] = attrs.field(factory=list)
+    success_criteria: list[Any] = attrs.field(factory=list)
+    verification_steps: list[Any] = attrs.field(factory=list)
+    complexity: Complexity | None = None
+    routing_decision: RoutingDecision | None = None
+    raw: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @property
+    def shell_command(self) -> str | None:
+        cmd = self.metadata.get("shell_command")
+        return cmd if isinstance(cmd, str) and cmd.strip() else None
+
+    @property
+    def timeout_ms(self) -> int | None:
+        value = self.metadata.get("timeout_ms")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            return None
+        return int(value)
+
+
+def _strict_str(value: Any, _type: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strict_int(value: Any, _type: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _strict_float(value: Any, _type: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _strict_bool(value: Any, _type: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _strict_dict(value: Any, _type: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _strict_list(value: Any, _type: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def make_converter() -> cattrs.Converter:
+    """The one converter for messages and config: strict types, detailed errors."""
+    conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook(float, _strict_float)
+    conv.register_structure_hook_func(lambda t: t == dict[str, Any], _strict_dict)
+    conv.register_structure_hook_func(lambda t: t == list[Any], _strict_list)
+    return conv
+
+
+converter = make_converter()
+
+
+def error_path(exc: BaseException, root: str = "$") -> tuple[str, str]:
+    """Find the first leaf error of a cattrs validation error and its field path."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return f"{root}.{sorted(exc.extra_fields)[0]}", "unknown field"
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        for sub in exc.exceptions:
+            for note in getattr(sub, "__notes__", []):
+                if isinstance(note, IterableValidationNote):
+                    return error_path(sub, f"{root}[{note.index!r}]")
+                if isinstance(note, AttributeValidationNote):
+                    return error_path(sub, f"{root}.{note.name}")
+            return error_path(sub, root)
+    if isinstance(exc, KeyError):
+        return root, "is required"
+    return root, str(exc) or type(exc).__name__
+
+
+def parse_task(frame: dict[str, Any]) -> Task:
+    """Structure a `task_assign` frame; raise FrameError naming the bad field."""
+    task_id = frame.get("task_id")
+    tid = task_id if isinstance(task_id, str) and task_id else None
+    if tid is None:
+        problem = "is required" if task_id is None else "must be a non-empty string"
+        raise FrameError("task_id", problem)
+    fields = {a.name for a in attrs.fields(Task)} - {"raw"}
+    data = {k: v for k, v in frame.items() if k in fields and v is not None}
+    try:
+        task = converter.structure(data, Task)
+    except Exception as exc:  # cattrs raises several kinds; all mean "bad frame"
+        path, problem = error_path(exc)
+        raise FrameError(path.removeprefix("$."), problem, task_id=tid) from exc
+    if len(task.task_id) > 512:
+        raise FrameError("task_id", "longer than 512 characters", task_id=None)
+    return attrs.evolve(task, raw=frame)
+
+
+def decode_frame(text: str | bytes) -> dict[str, Any]:
+    """Decode one inbound frame into a JSON object with a string `type`."""
+    if isinstance(text, bytes):
+        raise FrameError("$", "binary frame (the protocol uses text frames)")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FrameError("$", f"not JSON ({type(exc).__name__})") from exc
+    if not isinstance(obj, dict):
+        raise FrameError("$", f"not a JSON object ({type(obj).__name__})")
+    if not isinstance(obj.get("type"), str):
+        raise FrameError("type", "missing or not a string")
+    return obj
+
+
+def encode_frame(frame: dict[str, Any]) -> str:
+    """Encode an outbound frame, adding `protocol_version` as the original does."""
+    out = dict(frame)
+    out.setdefault("protocol_version", PROTOCOL_VERSION)
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+@attrs.frozen
+class ProgressEvent:
+    """One `execution_event` before batching. `seq` is assigned by the batcher."""
+
+    task_id: str
+    event_type: str
+    text: str
+    timestamp: int = attrs.field(factory=now_ms)
+    tokens_so_far: int | None = None
+    model: str | None = None
+
+
+@attrs.frozen
+class Outcome:
+    """What an executor returns; the dispatcher turns it into a result frame.
+
+    `transient` marks a failure worth retrying (per the dispatcher's tier policy).
+    `cost_usd` is an authoritative cost reported by the tool itself (Claude CLI).
+    `result` overrides the whole result object (the wake path reports the woken
+    agent's own result file).
+    """
+
+    ok: bool
+    output: str = ""
+    error: str | None = None
+    reason: str | None = None
+    transient: bool = False
+    model_used: str = "none"
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float | None = None
+    exit_code: int | None = None
+    output_truncated: bool = False
+    result: dict[str, Any] | None = None
+
+
+def identify_frame(
+    agent_id: str,
+    token: str,
+    name: str,
+    capabilities: list[str],
+    ollama_url: str | None,
+) -> dict[str, Any]:
+    frame: dict[str, Any] = {
+        "type": "identify",
+        "agent_id": truncate(agent_id, LIMITS["agent_id"]),
+        "token": token,
+        "name": truncate(name, LIMITS["name"]),
+        "status": "idle",
+        "capabilities": list(capabilities),
+        "client_type": "sidecar",
+    }
+    if ollama_url:
+        frame["ollama_url"] = truncate(ollama_url, LIMITS["ollama_url"])
+    return frame
+
+
+def complete_frame(task_id: str, generation: int, result: dict[str, Any], tokens_used: int) -> dict[str, Any]:
+    return {
+        "type": "task_complete",
+        "task_id": task_id,
+        "generation": generation,
+        "result": result,
+        "tokens_used": tokens_used,
+    }
+
+
+def failed_frame(task_id: str, generation: int, error: str, reason: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {
+        "type": "task_failed",
+        "task_id": task_id,
+        "generation": generation,
+        "error": truncate(error, LIMITS["error"]),
+    }
+    if reason is not None:
+        frame["reason"] = truncate(reason, LIMITS["reason"])
+    return frame
