@@ -1,0 +1,231 @@
+"""`sidecar run`: wires link, store, supervisor, dispatcher and batcher together.
+
+The whole daemon is one nursery whose lifetime is `run_sidecar`'s: the link,
+the batcher, the outbox and accept senders, and the supervisor (which hosts
+every task's own scope). SIGTERM/SIGINT start a graceful shutdown: stop taking
+work, cancel running tasks (SIGTERM → grace → SIGKILL to each task's group),
+flush progress and results while the hub is reachable (bounded), exit.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import trio
+
+from .batcher import Batcher
+from .config import Config
+from .cost import CostModel
+from .delivery import AcceptTracker, Outbox
+from .dispatcher import Dispatcher
+from .executors import ExecContext, Executor
+from .executors.claude import ClaudeExecutor
+from .executors.ollama import OllamaExecutor
+from .executors.shell import ShellExecutor
+from .executors.wake import WakeExecutor
+from .link import HubLink
+from .log import get_logger, register_secret
+from .messages import FrameError
+from .progress import open_progress
+from .store import Store
+from .supervisor import Supervisor
+
+log = get_logger("sidecar.app")
+
+# Chat traffic for interactive agents: ignored quietly (protocol.md).
+_IGNORED = frozenset(
+    {
+        "message",
+        "agent_joined",
+        "agent_left",
+        "status_changed",
+        "channel_message",
+        "room_message",
+        "ollama_report_ack",
+        "identified",
+        "pong",
+    }
+)
+
+
+def build_executors(ctx: ExecContext) -> dict[str, Executor]:
+    return {
+        "shell": ShellExecutor(ctx),
+        "ollama": OllamaExecutor(ctx),
+        "claude": ClaudeExecutor(ctx),
+        "wake": WakeExecutor(ctx),
+    }
+
+
+class Sidecar:
+    """The running daemon: also the link's frame handler."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        http: httpx.AsyncClient,
+        *,
+        executors: Callable[[ExecContext], dict[str, Executor]] = build_executors,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.link = HubLink(config, self)
+        self.outbox = Outbox(store, self.link)
+        self.accepts = AcceptTracker(self.link)
+        self.batcher = Batcher(
+            window_s=config.progress_window_s,
+            budget_per_min=config.progress_budget_per_min,
+            keepalive_s=config.keepalive_s,
+        )
+        self.progress_send, self.progress_receive = open_progress()
+        ctx = ExecContext(config=config, http=http, state_dir=config.resolved_state_dir())
+        self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
+        self.supervisor = Supervisor(
+            config,
+            store,
+            self.dispatcher.run,
+            self.progress_send,
+            self.batcher,
+            self.outbox,
+            self.accepts,
+            self.link.send,
+        )
+        self.bad_frames = 0
+        self.stopped = trio.Event()
+
+    def busy(self) -> bool:
+        return self.supervisor.busy()
+
+    # -- LinkHandler -----------------------------------------------------------
+
+    async def on_identified(self, link: HubLink) -> None:
+        await self.supervisor.recover_all()
+
+    async def on_frame(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        try:
+            await self._route(kind, frame)
+        except FrameError as exc:
+            self.bad_frames += 1
+            log.warning("bad_frame", type=kind, field=exc.path, problem=exc.problem)
+
+    async def _route(self, kind: str, frame: dict[str, Any]) -> None:
+        if kind == "task_assign":
+            await self.supervisor.on_task_assign(frame)
+        elif kind == "task_cancelled":
+            self.supervisor.on_task_cancelled(_task_id(frame))
+        elif kind == "task_continue":
+            gen = frame.get("generation")
+            gen = gen if isinstance(gen, int) and not isinstance(gen, bool) else None
+            await self.supervisor.on_task_continue(_task_id(frame), gen)
+        elif kind == "task_reassign":
+            await self.supervisor.on_task_reassign(_task_id(frame))
+        elif kind == "state_report_ack":
+            if frame.get("action") == "abort":
+                await self.supervisor.on_task_reassign(_task_id(frame))
+            else:
+                await self.supervisor.on_task_continue(_task_id(frame), None)
+        elif kind == "task_ack":
+            self.accepts.on_frame(frame)
+            self.outbox.on_frame(frame)
+        elif kind == "error":
+            log.warning(
+                "hub_error",
+                error=str(frame.get("error"))[:300],
+                message_type=frame.get("message_type"),
+                errors=str(frame.get("errors"))[:500] if frame.get("errors") is not None else None,
+            )
+            self.outbox.on_frame(frame)
+        elif kind == "rate_limited":
+            retry = frame.get("retry_after_ms")
+            self.batcher.on_rate_limited(float(retry) / 1000 if isinstance(retry, (int, float)) else 1.0)
+            self.accepts.on_frame(frame)
+            self.outbox.on_frame(frame)
+        elif kind == "rate_limit_warning":
+            log.info("rate_limit_warning", tier=frame.get("tier"), remaining=frame.get("remaining"))
+            self.batcher.on_rate_limit_warning()
+        elif kind == "restart_sidecar":
+            log.warning("restart_requested", reason=str(frame.get("reason"))[:200], action="ignored")
+        elif kind not in _IGNORED:
+            log.debug("frame_ignored", type=kind[:64])
+
+    def on_disconnected(self) -> None:
+        self.accepts.on_disconnected()
+        self.outbox.on_disconnected()
+
+    def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
+        self.bad_frames += 1
+        log.warning("bad_frame", problem=str(error), size=len(raw))
+
+    # -- main ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.supervisor.run)
+            nursery.start_soon(self.batcher.run, self.progress_receive, self.link)
+            nursery.start_soon(self.outbox.run)
+            nursery.start_soon(self.accepts.run)
+            nursery.start_soon(self.link.run)
+            task_status.started()
+            await self.stopped.wait()
+            nursery.cancel_scope.cancel()
+
+    async def shutdown(self) -> None:
+        """Graceful stop: cancel tasks, flush results and progress (bounded), close."""
+        cfg = self.config
+        log.info("shutdown_started", held=len(self.supervisor.held))
+        with trio.move_on_after(cfg.kill_grace_s + 5):
+            await self.supervisor.shutdown()
+        with trio.move_on_after(cfg.shutdown_grace_s) as flush_scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.batcher.flush, cfg.shutdown_grace_s)
+                await self.outbox.wait_empty()
+        log.info(
+            "shutdown_done",
+            results_pending=self.outbox.depth,
+            flush_timed_out=flush_scope.cancelled_caught,
+        )
+        self.link.close()
+        self.stopped.set()
+
+
+def _task_id(frame: dict[str, Any]) -> str:
+    tid = frame.get("task_id")
+    if not isinstance(tid, str) or not tid:
+        raise FrameError("task_id", "missing or not a string")
+    return tid
+
+
+async def run_sidecar(config: Config, *, install_signals: bool = True) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+    register_secret(config.token)
+    state_dir = config.resolved_state_dir()
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    store = await Store.open(state_dir / "sidecar.db")
+    log.info("starting", agent_id=config.agent_id, hub_url=config.hub_url, state_dir=str(state_dir),
+             capacity=config.capacity, queue_length=config.queue_length)
+    try:
+        async with httpx.AsyncClient(timeout=None) as http:
+            sidecar = Sidecar(config, store, http)
+            async with trio.open_nursery() as nursery:
+                if install_signals:
+                    nursery.start_soon(_watch_signals, sidecar)
+                await sidecar.run()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.close()
+    log.info("stopped")
+    return 0
+
+
+async def _watch_signals(sidecar: Sidecar) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal", signal=signal.Signals(signum).name)
+            await sidecar.shutdown()
+            return

@@ -1,0 +1,175 @@
+"""Getting lifecycle frames to the hub: the result outbox and the accept tracker.
+
+Results: read from the store's outbox, sent one at a time (the hub's `error`
+frames carry no task_id, so only one unacknowledged result may be in flight),
+resent after reconnects, `rate_limited` and silence, until the hub answers
+`task_ack` or refuses the frame (`task_complete_failed: …`), which retires it.
+
+Accepts: `task_accepted` for a stored task, resent after `rate_limited` until
+the hub answers `task_ack` `accepted`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from .link import HubLink
+from .log import get_logger
+from .store import OutboxItem, Store
+
+log = get_logger("sidecar.delivery")
+
+_RESULT_ACKS = frozenset({"complete", "failed", "retried", "dead_letter"})
+_REFUSALS = ("task_complete_failed", "task_fail_failed")
+
+
+class Outbox:
+    """Sends stored results one at a time until each is acknowledged."""
+
+    def __init__(self, store: Store, link: HubLink, *, answer_timeout_s: float = 30.0) -> None:
+        self.store = store
+        self.link = link
+        self.answer_timeout_s = answer_timeout_s
+        self.depth = 0
+        self.delivered = 0
+        self.refused = 0
+        self._changed = trio.Event()
+        self._inflight: OutboxItem | None = None
+        self._answered = trio.Event()
+        self._resend = trio.Event()
+        self._empty = trio.Event()
+
+    def notify(self) -> None:
+        """A result was written to the store."""
+        self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            items = await self.store.outbox()
+            self.depth = len(items)
+            if not items:
+                self._empty.set()
+                self._changed = trio.Event()
+                # Re-check after creating the event: a notify in between is kept.
+                if not await self.store.outbox():
+                    await self._changed.wait()
+                continue
+            self._empty = trio.Event()
+            await self._deliver(items[0])
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+    async def _deliver(self, item: OutboxItem) -> None:
+        self._inflight = item
+        self._answered = trio.Event()
+        try:
+            while not self._answered.is_set():
+                await self.link.wait_ready()
+                self._resend = trio.Event()
+                if not await self.link.send(item.frame):
+                    await self.link.wait_state_change()
+                    continue
+                log.info(
+                    "result_sent",
+                    task_id=item.task_id,
+                    generation=item.generation,
+                    type=item.frame.get("type"),
+                )
+                with trio.move_on_after(self.answer_timeout_s):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_set_when, self._answered, nursery.cancel_scope)
+                        nursery.start_soon(_set_when, self._resend, nursery.cancel_scope)
+                if not self._answered.is_set() and not self._resend.is_set():
+                    log.info("result_unanswered_resend", task_id=item.task_id)
+            await self.store.retire(item.id)
+        finally:
+            self._inflight = None
+
+    def on_frame(self, frame: dict[str, Any]) -> None:
+        item = self._inflight
+        if item is None:
+            return
+        kind = frame.get("type")
+        if kind == "task_ack" and frame.get("task_id") == item.task_id and frame.get("status") in _RESULT_ACKS:
+            log.info("result_acked", task_id=item.task_id, generation=item.generation, status=frame["status"])
+            self.delivered += 1
+            self._answered.set()
+        elif kind == "error":
+            err = str(frame.get("error", ""))
+            mtype = frame.get("message_type")
+            if err.startswith(_REFUSALS) or (
+                err == "validation_failed" and mtype == item.frame.get("type")
+            ):
+                log.warning(
+                    "result_refused",
+                    task_id=item.task_id,
+                    generation=item.generation,
+                    error=err[:300],
+                    errors=frame.get("errors"),
+                    action="retired",
+                )
+                self.refused += 1
+                self._answered.set()
+        elif kind == "rate_limited":
+            # The hub may have dropped our result: send it again after the pause.
+            self._resend.set()
+
+    def on_disconnected(self) -> None:
+        self._resend.set()
+
+
+class AcceptTracker:
+    """Sends `task_accepted` and resends it until the hub acknowledges it."""
+
+    def __init__(self, link: HubLink, *, resend_after_s: float = 30.0) -> None:
+        self.link = link
+        self.resend_after_s = resend_after_s
+        self._pending: dict[str, float] = {}  # task_id -> trio time last sent
+        self._wake = trio.Event()
+
+    async def accept(self, task_id: str) -> None:
+        """Send task_accepted now (the task is already stored) and track its ack."""
+        self._pending[task_id] = trio.current_time()
+        if trio.current_time() >= self.link.paused_until:
+            await self.link.send({"type": "task_accepted", "task_id": task_id})
+
+    def forget(self, task_id: str) -> None:
+        self._pending.pop(task_id, None)
+
+    def on_frame(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "task_ack" and frame.get("status") == "accepted":
+            self._pending.pop(str(frame.get("task_id")), None)
+        elif kind == "rate_limited" and self._pending:
+            self._wake.set()
+
+    def on_disconnected(self) -> None:
+        # After a reconnect the hub has reclaimed our tasks: the recovery
+        # exchange (task_recovering / task_continue) decides what to re-accept.
+        self._pending.clear()
+
+    async def run(self) -> None:
+        while True:
+            with trio.move_on_after(self.resend_after_s / 3):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if not self._pending:
+                continue
+            await self.link.wait_ready()
+            now = trio.current_time()
+            for task_id, sent_at in list(self._pending.items()):
+                if task_id in self._pending and (now - sent_at >= self.resend_after_s or self._was_limited(sent_at)):
+                    self._pending[task_id] = trio.current_time()
+                    log.info("accept_resent", task_id=task_id)
+                    await self.link.send({"type": "task_accepted", "task_id": task_id})
+
+    def _was_limited(self, sent_at: float) -> bool:
+        return self.link.paused_until > sent_at
+
+
+async def _set_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

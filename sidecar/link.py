@@ -1,0 +1,352 @@
+"""The hub link: the only code that touches the WebSocket.
+
+It identifies, heartbeats, reconnects with exponential backoff plus jitter,
+honours 1008 cooldown closes, auth refusals and `rate_limited`, and hands every
+other inbound frame to its handler. Lifecycle frames never depend on a send
+succeeding here: their owners (outbox, accept tracker) resend until acked.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from typing import Any, Protocol
+
+import trio
+import trio_websocket
+from wsproto.utilities import LocalProtocolError
+
+from .config import Config
+from .log import get_logger
+from .messages import FrameError, decode_frame, encode_frame, identify_frame
+
+log = get_logger("sidecar.link")
+
+_COOLDOWN_RE = re.compile(r"retry in (\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
+
+# Frame types the hub counts in its *normal* bucket (protocol.md, rate limits).
+NORMAL_TIER = frozenset({"task_accepted", "task_progress", "task_complete", "task_failed", "task_recovering"})
+
+# Errors that mean "this connection is gone"; trio-websocket#184 can surface
+# wsproto's LocalProtocolError instead of ConnectionClosed.
+_LINK_ERRORS = (
+    trio_websocket.ConnectionClosed,
+    trio_websocket.HandshakeError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    LocalProtocolError,
+    OSError,
+)
+
+
+class AuthRefused(Exception):
+    """The hub refused our token (invalid_token / token_agent_mismatch)."""
+
+
+class LinkHandler(Protocol):
+    async def on_identified(self, link: HubLink) -> None:
+        """Runs (in the session nursery) after every successful identify."""
+
+    async def on_frame(self, frame: dict[str, Any]) -> None:
+        """Every inbound frame that is not link business (pong, identified, ...)."""
+
+    def on_disconnected(self) -> None:
+        """The session ended; owners of unacked frames should plan to resend."""
+
+    def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
+        """An inbound frame that is not a JSON object with a type."""
+
+
+class HubLink:
+    def __init__(self, config: Config, handler: LinkHandler, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.handler = handler
+        self.rng = rng or random.Random()
+        self.connected = False
+        self.identified = False
+        self.last_pong_at: float | None = None
+        self.reconnects = 0
+        self.rate_limited_hits = 0
+        self.paused_until = 0.0  # normal-tier sends wait until this trio time
+        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._send_lock = trio.Lock()
+        self._identified_event = trio.Event()
+        self._state_changed = trio.Event()
+        self._pong = trio.Event()
+        self._closing = False
+        self._session_scope: trio.CancelScope | None = None
+        self._unclean_drop_at: float | None = None
+
+    # -- public ------------------------------------------------------------
+
+    def can_send(self) -> bool:
+        return self.identified and self._ws is not None
+
+    async def wait_ready(self) -> None:
+        """Wait until identified and not paused by a rate limit."""
+        while True:
+            if not self.identified:
+                await self._identified_event.wait()
+                continue
+            delay = self.paused_until - trio.current_time()
+            if delay > 0:
+                await trio.sleep(delay)
+                continue
+            return
+
+    async def wait_state_change(self) -> None:
+        await self._state_changed.wait()
+
+    async def send(self, frame: dict[str, Any]) -> bool:
+        """Send one frame if identified; False if the link is down or the send failed.
+
+        The send is shielded and bounded: a cancelled send could leave half a
+        frame on the wire, so on time-out the connection is declared dead.
+        """
+        ws = self._ws
+        if ws is None or (not self.identified and frame.get("type") != "identify"):
+            return False
+        text = encode_frame(frame)
+        async with self._send_lock:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self.config.pong_timeout_s) as timeout:
+                    try:
+                        await ws.send_message(text)
+                        return True
+                    except _LINK_ERRORS as exc:
+                        log.info("send_failed", type=frame.get("type"), error=type(exc).__name__)
+                        self._drop_session()
+                        return False
+                if timeout.cancelled_caught:
+                    log.warning("send_stalled", type=frame.get("type"), timeout_s=self.config.pong_timeout_s)
+                    self._drop_session()
+        return False
+
+    async def send_progress(self, frame: dict[str, Any]) -> bool:
+        if trio.current_time() < self.paused_until:
+            return False
+        return await self.send(frame)
+
+    def close(self) -> None:
+        """Stop reconnecting and end the current session (shutdown)."""
+        self._closing = True
+        self._drop_session()
+
+    def force_reconnect(self) -> None:
+        self._drop_session()
+
+    # -- main loop ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, identify and serve until `close()`; reconnect with backoff."""
+        backoff = self.config.backoff_initial_s
+        while not self._closing:
+            delay: float | None = None
+            try:
+                delay = await self._connect_once()
+            except* AuthRefused as group:
+                delay = self.config.auth_backoff_s
+                log.error(
+                    "auth_refused",
+                    error=str(group.exceptions[0]),
+                    retry_in_s=delay,
+                    hint="check token and agent_id in the config",
+                )
+            except* trio.TooSlowError:
+                log.warning("identify_timeout", timeout_s=self.config.connect_timeout_s)
+            except* _LINK_ERRORS as group:
+                exc0 = group.exceptions[0]
+                cooldown = _cooldown_of(exc0)
+                if cooldown is not None:
+                    delay = cooldown
+                    log.warning("hub_cooldown", retry_in_s=cooldown)
+                else:
+                    log.info("link_down", error=_describe(exc0))
+            finally:
+                was_identified = self.identified
+                self._ws = None
+                self.connected = False
+                self.identified = False
+                self._identified_event = trio.Event()
+                self._wake()
+                if was_identified:
+                    self.handler.on_disconnected()
+            if self._closing:
+                break
+            if self._last_session_identified:
+                backoff = self.config.backoff_initial_s
+            if delay is None:
+                # Full jitter over [backoff/2, backoff], then double up to the cap.
+                delay = backoff * (0.5 + 0.5 * self.rng.random())
+                backoff = min(backoff * 2, self.config.backoff_max_s)
+            self.reconnects += 1
+            log.info("reconnect_wait", delay_s=round(delay, 3))
+            await trio.sleep(delay)
+
+    _last_session_identified = False
+
+    async def _connect_once(self) -> float | None:
+        cfg = self.config
+        self._last_session_identified = False
+        async with trio_websocket.open_websocket_url(
+            cfg.hub_url,
+            connect_timeout=cfg.connect_timeout_s,
+            disconnect_timeout=2,
+            max_message_size=cfg.max_frame_bytes,
+            message_queue_size=64,
+            receive_buffer_size=65536,
+        ) as ws:
+            self._ws = ws
+            self.connected = True
+            log.info("connected", url=cfg.hub_url)
+            delay = await self._handshake(ws)
+            if delay is not None:
+                return delay
+            self._last_session_identified = True
+            with trio.CancelScope() as scope:
+                self._session_scope = scope
+                if self._closing:
+                    scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, ws, scope)
+                    nursery.start_soon(self._heartbeat, scope)
+                    nursery.start_soon(self.handler.on_identified, self)
+                    if self._unclean_drop_at is not None:
+                        nursery.start_soon(self._half_open_remedy, self._unclean_drop_at)
+                        self._unclean_drop_at = None
+            self._session_scope = None
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await ws.aclose()
+                except _LINK_ERRORS:
+                    pass
+        return None
+
+    async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> float | None:
+        cfg = self.config
+        frame = identify_frame(cfg.agent_id, cfg.token, cfg.display_name, cfg.capabilities, cfg.ollama_url)
+        await ws.send_message(encode_frame(frame))
+        with trio.fail_after(cfg.connect_timeout_s):
+            while True:
+                raw = await ws.get_message()
+                try:
+                    reply = decode_frame(raw)
+                except FrameError as exc:
+                    self.handler.on_bad_frame(exc, raw)
+                    continue
+                kind = reply["type"]
+                if kind == "identified":
+                    self.identified = True
+                    self.last_pong_at = trio.current_time()
+                    self._identified_event.set()
+                    self._wake()
+                    log.info("identified", agent_id=cfg.agent_id)
+                    return None
+                if kind == "error" and reply.get("error") in ("invalid_token", "token_agent_mismatch"):
+                    raise AuthRefused(str(reply.get("error")))
+                if kind == "rate_limited":
+                    retry = _retry_after_s(reply)
+                    log.warning("identify_rate_limited", retry_in_s=retry)
+                    return retry
+                if kind == "error":
+                    log.warning("identify_error", error=str(reply.get("error"))[:200])
+                    return None
+                # Anything else before `identified` (chat traffic) is ignored.
+
+    async def _reader(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                raw = await ws.get_message()
+                try:
+                    frame = decode_frame(raw)
+                except FrameError as exc:
+                    self.handler.on_bad_frame(exc, raw)
+                    continue
+                await self._dispatch(frame)
+        except _LINK_ERRORS as exc:
+            log.info("link_closed", error=_describe(exc))
+            cooldown = _cooldown_of(exc)
+            if cooldown is not None:
+                log.warning("hub_cooldown", retry_in_s=cooldown)
+        scope.cancel()
+
+    async def _dispatch(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "pong":
+            self.last_pong_at = trio.current_time()
+            self._pong.set()
+            return
+        if kind == "rate_limited":
+            retry = _retry_after_s(frame)
+            self.rate_limited_hits += 1
+            self.paused_until = max(self.paused_until, trio.current_time() + retry)
+            log.warning("rate_limited", tier=str(frame.get("tier")), retry_after_s=retry)
+            self._wake()
+        await self.handler.on_frame(frame)
+
+    async def _heartbeat(self, scope: trio.CancelScope) -> None:
+        cfg = self.config
+        while True:
+            await trio.sleep(cfg.ping_interval_s)
+            self._pong = trio.Event()
+            sent_at = trio.current_time()
+            if not await self.send({"type": "ping"}):
+                break
+            with trio.move_on_after(cfg.pong_timeout_s):
+                await self._pong.wait()
+            if not self._pong.is_set():
+                log.warning("pong_timeout", waited_s=round(trio.current_time() - sent_at, 3))
+                self._unclean_drop_at = trio.current_time()
+                break
+        scope.cancel()
+
+    async def _half_open_remedy(self, dropped_at: float) -> None:
+        """Reconnect cleanly once the hub's half-open socket must be gone.
+
+        Known hub bug (protocol.md): after an unclean drop, the hub may keep the
+        old socket and never register the new one. It closes idle sockets at
+        60 s, so a clean reconnect after that registers us for sure. Done only
+        while idle, so no running task is reclaimed by it.
+        """
+        await trio.sleep_until(dropped_at + 65)
+        busy = getattr(self.handler, "busy", None)
+        if callable(busy) and busy():
+            log.info("half_open_remedy_skipped", reason="tasks running")
+            return
+        log.info("half_open_remedy", detail="clean reconnect after an unclean drop")
+        self._drop_session()
+
+    def _drop_session(self) -> None:
+        self.identified = False
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+
+    def _wake(self) -> None:
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+
+def _retry_after_s(frame: dict[str, Any]) -> float:
+    value = frame.get("retry_after_ms")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 1.0
+    return min(float(value) / 1000.0, 600.0)
+
+
+def _cooldown_of(exc: BaseException) -> float | None:
+    reason = getattr(exc, "reason", None)
+    code = getattr(reason, "code", None)
+    text = getattr(reason, "reason", None) or ""
+    if code == 1008 and isinstance(text, str):
+        m = _COOLDOWN_RE.search(text)
+        if m:
+            return float(m.group(1)) + 0.5
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    if reason is not None and hasattr(reason, "code"):
+        return f"closed code={reason.code} reason={getattr(reason, 'reason', '')!r}"
+    return f"{type(exc).__name__}: {exc}"[:300]

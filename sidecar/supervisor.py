@@ -1,0 +1,316 @@
+"""The supervisor: owns the tasks this sidecar holds, from accept to result.
+
+Each task runs in the supervisor's nursery inside its own cancel scope. The
+scope's deadline is the task's time limit (set when it starts running); a hub
+`task_cancelled`, a `task_reassign` or a shutdown cancels it with a reason.
+Whatever happens, the task's end is written to the store (its result into the
+outbox) in a shielded scope before the task's slot is freed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from . import procs
+from .config import Config
+from .delivery import AcceptTracker, Outbox
+from .dispatcher import DispatchResult
+from .log import get_logger
+from .messages import (
+    LIMITS,
+    FrameError,
+    ProgressEvent,
+    Task,
+    complete_frame,
+    failed_frame,
+    parse_task,
+    truncate,
+)
+from .progress import ProgressSender
+from .store import DONE, Store
+
+log = get_logger("sidecar.supervisor")
+
+DispatchFn = Callable[[Task, ProgressSender], Awaitable[DispatchResult]]
+
+# Why a task's scope was cancelled (None while running normally).
+HUB_CANCEL, REASSIGN, SHUTDOWN = "hub_cancel", "reassign", "shutdown"
+
+
+class BatcherHooks:
+    """What the supervisor needs of the batcher (kept small for tests)."""
+
+    def task_started(self, task_id: str) -> None: ...
+    def task_finished(self, task_id: str) -> None: ...
+    def forget(self, task_id: str) -> None: ...
+
+
+@attrs.define(eq=False)
+class Held:
+    task: Task
+    generation: int
+    marker: str
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    cancel_reason: str | None = None
+    started: bool = False
+    # A task found in the store at start-up waits for the hub's task_continue.
+    awaiting_recovery: bool = False
+    recover_answered: trio.Event = attrs.field(factory=trio.Event)
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        dispatch: DispatchFn,
+        progress: trio.MemorySendChannel[ProgressEvent],
+        batcher: BatcherHooks,
+        outbox: Outbox,
+        accepts: AcceptTracker,
+        send: Callable[[dict[str, Any]], Awaitable[bool]],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.dispatch = dispatch
+        self.progress = progress
+        self.batcher = batcher
+        self.outbox = outbox
+        self.accepts = accepts
+        self.send = send
+        self.held: dict[str, Held] = {}
+        self.closing = False
+        self.outcomes: dict[str, int] = {}
+        self._slots = trio.Semaphore(config.capacity)
+        self._nursery: trio.Nursery | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def busy(self) -> bool:
+        return bool(self.held)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the task nursery; recovers what the store held when we last died."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for stored in await self.store.in_flight():
+                killed = procs.kill_marked(stored.marker)
+                try:
+                    task = parse_task(stored.frame)
+                except FrameError:
+                    await self.store.finish(stored.task_id, None)
+                    continue
+                log.info(
+                    "recovered_from_store",
+                    task_id=stored.task_id,
+                    generation=stored.generation,
+                    state=stored.state,
+                    killed_processes=killed,
+                )
+                held = Held(task, stored.generation, stored.marker, awaiting_recovery=True)
+                self._hold(held)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _hold(self, held: Held) -> None:
+        assert self._nursery is not None
+        self.held[held.task.task_id] = held
+        self._idle = trio.Event()
+        self._nursery.start_soon(self._task_main, held)
+
+    async def shutdown(self) -> None:
+        """Stop taking work and cancel everything held; wait until all are ended."""
+        self.closing = True
+        for held in list(self.held.values()):
+            self._cancel(held, SHUTDOWN)
+        await self._idle.wait()
+
+    # -- inbound -------------------------------------------------------------
+
+    async def on_task_assign(self, frame: dict[str, Any]) -> None:
+        try:
+            task = parse_task(frame)
+        except FrameError as exc:
+            log.warning("bad_task_assign", field=exc.path, problem=exc.problem, task_id=exc.task_id)
+            if exc.task_id is not None and exc.task_id not in self.held:
+                gen = frame.get("generation")
+                gen = gen if isinstance(gen, int) and not isinstance(gen, bool) else 0
+                await self._fail_unheld(
+                    exc.task_id, gen, f"invalid task_assign: field '{exc.path}' {exc.problem}", "invalid_task"
+                )
+            return
+        tid, gen = task.task_id, task.generation
+        held = self.held.get(tid)
+        if held is not None:
+            if gen == held.generation:
+                log.info("duplicate_assign", task_id=tid, generation=gen, action="re-acknowledged")
+                await self.accepts.accept(tid)
+            elif gen > held.generation:
+                log.info("assign_new_generation", task_id=tid, old=held.generation, generation=gen)
+                held.generation = gen
+                await self.store.set_generation(tid, gen)
+                await self.accepts.accept(tid)
+            else:
+                log.warning("stale_assign_ignored", task_id=tid, generation=gen, held=held.generation)
+            return
+        stored = await self.store.get_task(tid)
+        if stored is not None and stored.state == DONE and stored.generation >= gen:
+            log.info("duplicate_assign_finished", task_id=tid, generation=gen, action="ignored")
+            return
+        if self.closing:
+            await self._fail_unheld(tid, gen, "sidecar is shutting down", "sidecar_busy")
+            return
+        limit = self.config.capacity + self.config.queue_length
+        if len(self.held) >= limit:
+            log.info("task_refused_busy", task_id=tid, generation=gen, held=len(self.held), limit=limit)
+            await self._fail_unheld(
+                tid, gen, f"sidecar busy: {len(self.held)} tasks held, limit {limit}", "sidecar_busy"
+            )
+            return
+        marker = f"{tid[:40]}.{uuid.uuid4().hex[:12]}"
+        await self.store.put_task(tid, gen, task.raw, marker)
+        held = Held(task, gen, marker)
+        self._hold(held)
+        queued = len(self.held) > self.config.capacity
+        log.info("task_accepted", task_id=tid, generation=gen, queued=queued)
+        await self.accepts.accept(tid)
+
+    def on_task_cancelled(self, task_id: str) -> None:
+        held = self.held.get(task_id)
+        if held is None:
+            log.info("cancel_for_unknown_task", task_id=task_id)
+            return
+        log.info("task_cancel_requested", task_id=task_id, generation=held.generation)
+        self._cancel(held, HUB_CANCEL)
+
+    async def on_task_continue(self, task_id: str, generation: int | None) -> None:
+        held = self.held.get(task_id)
+        if held is None:
+            log.info("continue_for_unknown_task", task_id=task_id)
+            return
+        if generation is not None and generation != held.generation:
+            held.generation = generation
+            await self.store.set_generation(task_id, generation)
+        log.info("task_continue", task_id=task_id, generation=held.generation)
+        held.recover_answered.set()
+        # Only a fresh task_accepted restarts the hub's acceptance clock.
+        await self.accepts.accept(task_id)
+
+    async def on_task_reassign(self, task_id: str) -> None:
+        held = self.held.get(task_id)
+        log.info("task_reassign", task_id=task_id, held=held is not None)
+        await self.store.drop_results(task_id)
+        if held is not None:
+            held.recover_answered.set()
+            self._cancel(held, REASSIGN)
+
+    async def recover_all(self) -> None:
+        """After each identify: tell the hub about every task we still hold."""
+        for held in list(self.held.values()):
+            last = "running" if held.started else "queued"
+            frame = {
+                "type": "task_recovering",
+                "task_id": held.task.task_id,
+                "description": truncate(held.task.description, LIMITS["description"]),
+                "metadata": held.task.metadata,
+                "last_status": last,
+            }
+            log.info("task_recovering_sent", task_id=held.task.task_id, generation=held.generation)
+            await self.send(frame)
+
+    # -- per task ------------------------------------------------------------
+
+    def _cancel(self, held: Held, reason: str) -> None:
+        if held.cancel_reason is None:
+            held.cancel_reason = reason
+        held.scope.cancel()
+        held.recover_answered.set()
+
+    async def _task_main(self, held: Held) -> None:
+        task = held.task
+        tid = task.task_id
+        tlog = log.bind(task_id=tid)
+        result: DispatchResult | None = None
+        started_at: float | None = None
+        timeout_s = (task.timeout_ms or self.config.default_timeout_ms) / 1000.0
+        try:
+            with held.scope:
+                if held.awaiting_recovery:
+                    await held.recover_answered.wait()
+                async with self._slots:
+                    held.started = True
+                    started_at = trio.current_time()
+                    held.scope.deadline = started_at + timeout_s
+                    await self.store.mark_running(tid)
+                    self.batcher.task_started(tid)
+                    tlog.info("task_started", generation=held.generation, timeout_s=timeout_s)
+                    sender = ProgressSender(self.progress, tid)
+                    result = await self.dispatch(task, sender)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish(held, result, started_at, timeout_s)
+
+    async def _finish(
+        self, held: Held, result: DispatchResult | None, started_at: float | None, timeout_s: float
+    ) -> None:
+        task = held.task
+        tid = task.task_id
+        # Whatever the executor did, nothing it started may outlive the task.
+        procs.kill_marked(held.marker)
+        frame: dict[str, Any] | None
+        reason = held.cancel_reason
+        if result is not None:
+            if result.ok and result.result is not None:
+                frame = complete_frame(tid, held.generation, result.result, result.tokens_used)
+                outcome = "success"
+            else:
+                frame = failed_frame(tid, held.generation, result.error or "failed", result.reason)
+                outcome = "failure"
+        elif reason in (HUB_CANCEL, REASSIGN):
+            frame, outcome = None, reason
+        elif reason == SHUTDOWN:
+            frame = failed_frame(tid, held.generation, "sidecar shut down while the task ran", "sidecar_shutdown")
+            outcome = "shutdown"
+        elif started_at is not None:
+            frame = failed_frame(tid, held.generation, f"timed out after {timeout_s:g} s", "timeout")
+            outcome = "timeout"
+        else:
+            frame = failed_frame(tid, held.generation, "task ended before it started", "internal_error")
+            outcome = "failure"
+        if result is not None and reason == REASSIGN:
+            frame = None
+        with trio.move_on_after(10):
+            await self.store.finish(tid, frame)
+        elapsed = None if started_at is None else round(trio.current_time() - started_at, 3)
+        log.info(
+            "task_finished",
+            task_id=tid,
+            generation=held.generation,
+            outcome=outcome,
+            attempts=None if result is None else result.attempts,
+            elapsed_s=elapsed,
+        )
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.accepts.forget(tid)
+        if held.started:
+            self.batcher.task_finished(tid)
+        if frame is None:
+            self.batcher.forget(tid)
+        self.held.pop(tid, None)
+        if not self.held:
+            self._idle.set()
+        held.done.set()
+        self.outbox.notify()
+
+    async def _fail_unheld(self, task_id: str, generation: int, error: str, reason: str) -> None:
+        """Report a task we will not run (busy, bad frame) through the outbox."""
+        await self.store.finish(task_id, failed_frame(task_id, generation, error, reason))
+        self.outbox.notify()

@@ -1,0 +1,109 @@
+"""Config loading: TOML, the original config.json unchanged, env overrides, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import ConfigError, load_config
+
+# The Node sidecar's config.json, every field it knows (protocol.md).
+ORIGINAL = {
+    "agent_id": "gpu-box-1",
+    "token": "a3f9c2-token",
+    "hub_url": "ws://10.0.0.5:4000/ws",
+    "hub_api_url": "http://10.0.0.5:4000",
+    "repo_dir": "/srv/repo",
+    "wake_command": "openclaw agent --message \"${TASK_DESCRIPTION}\"",
+    "capabilities": ["code", "gpu"],
+    "confirmation_timeout_ms": 45000,
+    "results_dir": "./results",
+    "log_file": "./sidecar.log",
+    "ollama_url": "http://127.0.0.1:11434",
+}
+
+
+def test_original_config_json_accepted_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(ORIGINAL, indent=2))
+    cfg = load_config(path, env={})
+    assert cfg.agent_id == "gpu-box-1"
+    assert cfg.capabilities == ["code", "gpu"]
+    assert cfg.confirmation_timeout_ms == 45000
+    assert cfg.results_dir == str(tmp_path / "results")
+    assert cfg.state_dir == str(tmp_path / "state")
+    assert cfg.capacity == 1 and cfg.queue_length == 0
+
+
+def test_toml_with_sections(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(
+        'agent_id = "a1"\ntoken = "t0k3n"\nhub_url = "ws://127.0.0.1:4000/ws"\ncapacity = 3\n'
+        'state_dir = "/var/lib/sidecar"\n[ollama]\ndefault_model = "llama3"\n'
+        '[prices."my-model"]\ninput_per_mtok = 1.5\noutput_per_mtok = 2\n'
+    )
+    cfg = load_config(path, env={})
+    assert cfg.capacity == 3
+    assert cfg.ollama.default_model == "llama3"
+    assert cfg.prices["my-model"].output_per_mtok == 2.0
+    assert cfg.state_dir == "/var/lib/sidecar"
+
+
+def test_env_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(ORIGINAL))
+    env = {
+        "SIDECAR_HUB_URL": "wss://hub.example/ws",
+        "SIDECAR_TOKEN": "from-env",
+        "SIDECAR_AGENT_ID": "other",
+        "SIDECAR_STATE_DIR": str(tmp_path / "st"),
+    }
+    cfg = load_config(path, env=env)
+    assert (cfg.hub_url, cfg.token, cfg.agent_id, cfg.state_dir) == (
+        "wss://hub.example/ws",
+        "from-env",
+        "other",
+        str(tmp_path / "st"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "problem"),
+    [
+        ({"capacity": "two"}, "capacity", "expected an integer"),
+        ({"capacity": 0}, "capacity", "must be positive"),
+        ({"hub_url": "http://x/ws"}, "hub_url", "ws://"),
+        ({"capabilities": ["ok", 3]}, "capabilities[1]", "expected a string"),
+        ({"ollama": {"idle_timeout_s": "slow"}}, "ollama.idle_timeout_s", "expected a number"),
+        ({"colour": "blue"}, "colour", "unknown key"),
+        ({"token": None}, "token", "is required"),
+        ({"queue_length": -1}, "queue_length", "zero or more"),
+    ],
+)
+def test_bad_config_names_field(tmp_path: Path, patch: dict[str, object], field: str, problem: str) -> None:
+    data = {**ORIGINAL, **patch}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.field == field
+    assert problem in str(info.value)
+    assert f"'{field}'" in str(info.value)
+
+
+def test_cli_bad_config_exits_nonzero_with_field(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**ORIGINAL, "ping_interval_s": -5}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "ping_interval_s" in proc.stderr and "must be positive" in proc.stderr
+    assert ORIGINAL["token"] not in proc.stderr
