@@ -1,0 +1,230 @@
+"""The legacy wake path (protocol.md, "Legacy wake path").
+
+The configured `wake_command` wakes an agent, which confirms by creating
+`results_dir/<task_id>.started` and finishes by writing
+`results_dir/<task_id>.json`.
+
+No injection: the original substituted `${TASK_ID}`, `${TASK_JSON}` and
+`${TASK_DESCRIPTION}` into the shell text (escaping only double quotes), so a
+description holding `$(…)` ran code. Here the template is never edited: the
+values are passed as environment variables TASK_ID, TASK_JSON and
+TASK_DESCRIPTION and `/bin/sh -c <template>` expands `${TASK_ID}` itself. The
+result of a parameter expansion is never parsed again as shell code, so `$(…)`,
+backticks and `;` inside a value stay text. (A template that leaves
+`${TASK_DESCRIPTION}` unquoted still gets field splitting and globbing of the
+value, as any shell variable does, but never command substitution: quote it,
+`"${TASK_DESCRIPTION}"`, to pass it as one word.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..log import get_logger
+from ..messages import Outcome, Task, converter
+from ..output import OutputCapture
+from ..procs import child_env, describe_returncode, kill_marked, marker_for, run_child
+from ..progress import ProgressSender
+from . import ExecContext
+
+log = get_logger(__name__)
+
+# Back-off before each retry of a failing wake command (1 attempt + 3 retries).
+RETRY_DELAYS_S = (5.0, 15.0, 30.0)
+# How often the results directory is looked at.
+POLL_S = 0.2
+# A result file that does not parse is re-read until it stops changing (the
+# agent may still be writing it), up to this many times, this far apart.
+_PARSE_SETTLE_S = 0.5
+_PARSE_ROUNDS = 20
+_ERROR_TAIL = 1000
+
+
+def _env_safe(value: str) -> str:
+    """An environment value cannot hold NUL or lone surrogates."""
+    return value.replace("\0", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _file_safe(task_id: str) -> bool:
+    return task_id not in ("", ".", "..") and "/" not in task_id and "\0" not in task_id
+
+
+def task_json(task: Task) -> str:
+    """The task as JSON for TASK_JSON: the frame as the hub sent it."""
+    data: dict[str, Any] = task.raw or converter.unstructure(task)
+    return json.dumps(data, default=str)
+
+
+class WakeExecutor:
+    """Wakes an agent with `wake_command` and waits for its result file."""
+
+    def __init__(self, ctx: ExecContext) -> None:
+        self.ctx = ctx
+
+    @property
+    def results_dir(self) -> Path:
+        cfg = self.ctx.config
+        return Path(cfg.results_dir) if cfg.results_dir else self.ctx.state_dir / "results"
+
+    async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
+        cfg = self.ctx.config
+        if not cfg.wake_command:
+            return Outcome(
+                ok=False,
+                error="legacy wake task, but this sidecar has no wake_command configured",
+                reason="no_wake_command",
+                transient=False,
+            )
+        if not _file_safe(task.task_id):
+            return Outcome(
+                ok=False,
+                error=f"task_id {task.task_id!r} cannot name a result file",
+                reason="bad_task_id",
+                transient=False,
+            )
+        results = self.results_dir
+        started = results / f"{task.task_id}.started"
+        result = results / f"{task.task_id}.json"
+        marker = marker_for(cfg.agent_id, task.task_id)
+        try:
+            results.mkdir(parents=True, exist_ok=True)
+            error = await self._wake(task, progress, cfg.wake_command, marker)
+            if error is not None:
+                return Outcome(ok=False, error=error, reason="wake_failed", transient=False)
+            timeout_ms = cfg.confirmation_timeout_ms
+            with trio.move_on_after(timeout_ms / 1000):
+                await _poll_until(lambda: started.exists() or result.exists())
+            if not (started.exists() or result.exists()):
+                log.warning("wake_confirmation_timeout", task_id=task.task_id, timeout_ms=timeout_ms)
+                return Outcome(
+                    ok=False,
+                    error=f"woken agent did not create {started.name} within {timeout_ms} ms",
+                    reason="confirmation_timeout",
+                    transient=False,
+                )
+            await progress.emit("status", "agent confirmed; waiting for its result")
+            await _poll_until(result.exists)
+            return await self._read_result(result)
+        except OSError as exc:
+            return Outcome(ok=False, error=f"results directory {results}: {exc}", reason="results_dir_error")
+        finally:
+            # The task ends here: its result files and every process it started
+            # (the woken agent included) go. Synchronous, so no shield needed.
+            for path in (started, result):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("wake_cleanup_failed", path=str(path), error=str(exc))
+            kill_marked(marker)
+
+    async def _wake(self, task: Task, progress: ProgressSender, template: str, marker: str) -> str | None:
+        """Run the wake command with retries; None on success, else the last error."""
+        cfg = self.ctx.config
+        env = child_env(os.environ, marker, secrets=[cfg.token])
+        env["TASK_ID"] = _env_safe(task.task_id)
+        env["TASK_JSON"] = _env_safe(task_json(task))
+        env["TASK_DESCRIPTION"] = _env_safe(task.description)
+        cwd = self.ctx.workdir()
+        if not cwd.is_dir():
+            cwd = self.ctx.state_dir if self.ctx.state_dir.is_dir() else Path("/")
+        attempts = len(RETRY_DELAYS_S) + 1
+        error: str | None = "not run"
+        for attempt in range(1, attempts + 1):
+            await progress.emit("status", f"wake attempt {attempt}/{attempts}")
+            error = await self._attempt(template, cwd, env, marker, progress)
+            if error is None:
+                log.info("wake_ok", task_id=task.task_id, attempt=attempt)
+                await progress.emit("status", f"wake command succeeded; waiting for {task.task_id}.started")
+                return None
+            log.warning("wake_attempt_failed", task_id=task.task_id, attempt=attempt, error=error)
+            if attempt < attempts:
+                delay = RETRY_DELAYS_S[attempt - 1]
+                await progress.emit(
+                    "status", f"wake attempt {attempt}/{attempts} failed ({error}); retrying in {delay:g} s"
+                )
+                await trio.sleep(delay)
+        await progress.emit("error", f"wake command failed {attempts} times: {error}")
+        return f"wake command failed after {attempts} attempts: {error}"
+
+    async def _attempt(
+        self, template: str, cwd: Path, env: dict[str, str], marker: str, progress: ProgressSender
+    ) -> str | None:
+        cfg = self.ctx.config
+        err = OutputCapture(4 * _ERROR_TAIL, None)
+
+        async def on_stdout(block: str) -> None:
+            await progress.emit("stdout", block[-8192:])
+
+        async def on_stderr(block: str) -> None:
+            err.write(block)
+            await progress.emit("stderr", block[-8192:])
+
+        try:
+            with trio.move_on_after(cfg.wake_attempt_timeout_s) as scope:
+                res = await run_child(
+                    ["/bin/sh", "-c", template],
+                    cwd=cwd,
+                    env=env,
+                    marker=marker,
+                    on_stdout=on_stdout,
+                    on_stderr=on_stderr,
+                    grace_s=cfg.kill_grace_s,
+                    batch_lines=True,
+                    # The command may leave the woken agent running: it is
+                    # killed at task end (see __call__), not when the command exits.
+                    kill_leftovers=False,
+                )
+        except OSError as exc:
+            return f"could not start /bin/sh: {exc}"
+        if scope.cancelled_caught:
+            return f"timed out after {cfg.wake_attempt_timeout_s:g} s"
+        if res.returncode != 0:
+            tail = err.tail_text(_ERROR_TAIL).strip()
+            return describe_returncode(res.returncode) + (f": {tail}" if tail else "")
+        return None
+
+    async def _read_result(self, path: Path) -> Outcome:
+        """Parse the agent's result file, waiting out a write still in progress."""
+        previous: bytes | None = None
+        problem = "empty file"
+        for _ in range(_PARSE_ROUNDS):
+            data = await trio.Path(path).read_bytes()
+            try:
+                obj = json.loads(data)
+            except (ValueError, RecursionError) as exc:
+                problem = str(exc)
+            else:
+                if isinstance(obj, dict):
+                    return _outcome_of(obj)
+                problem = f"expected a JSON object, got {type(obj).__name__}"
+                break
+            if data == previous:
+                break
+            previous = data
+            await trio.sleep(_PARSE_SETTLE_S)
+        log.warning("wake_result_unparsable", path=str(path), error=problem)
+        return Outcome(ok=False, error=f"result_parse_error: {problem}", reason="result_parse_error")
+
+
+async def _poll_until(check: Callable[[], bool]) -> None:
+    """Look at the file system every POLL_S until `check()` holds."""
+    while True:
+        if check():
+            return
+        await trio.sleep(POLL_S)
+
+
+def _outcome_of(obj: dict[str, Any]) -> Outcome:
+    output = obj.get("output")
+    text = output if isinstance(output, str) else ("" if output is None else json.dumps(output))
+    if obj.get("status") == "success":
+        return Outcome(ok=True, output=text, result=obj, model_used=str(obj.get("model_used") or "none"))
+    reason = obj.get("reason") or obj.get("error") or "unknown"
+    error = obj.get("error") or obj.get("reason") or f"woken agent reported status {obj.get('status')!r}"
+    return Outcome(ok=False, output=text, error=str(error), reason=str(reason), transient=False)

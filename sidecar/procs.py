@@ -1,0 +1,474 @@
+"""The one place that runs a child process.
+
+Every child gets its own session (so its own process group), `stdin` from
+/dev/null unless bytes are given, each output pipe drained in its own task,
+and an environment marker (`SIDECAR_TASK_MARKER`) that all its descendants
+inherit. When the child is cancelled the whole group gets `first_signal`, then
+SIGKILL `grace_s` later. Whatever happens, once the direct child is gone the
+group is SIGKILLed once more and every process still carrying the marker is
+killed too: that is what catches grandchildren that ignored SIGTERM after the
+shell died, and those that started a session of their own (`setsid`), which a
+group kill never reaches. See design.md, "Known pitfalls".
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import contextvars
+import fcntl
+import hashlib
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
+from pathlib import Path
+
+import attrs
+import trio
+
+from .log import get_logger
+
+log = get_logger(__name__)
+
+MARKER_VAR = "SIDECAR_TASK_MARKER"
+# A line longer than this (in characters) without a newline is passed on in pieces.
+MAX_LINE_CHARS = 64 * 1024
+# Bytes asked of the pipe per read. The pipe itself is enlarged to this size
+# where the kernel allows, so one wake-up moves up to 1 MiB instead of 64 KiB.
+READ_SIZE = 1024 * 1024
+# After cleanup, how long we wait for SIGKILLed processes to be gone (not zombies).
+_REAP_WAIT_S = 2.0
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+LineCallback = Callable[[str], Awaitable[None]]
+
+
+@attrs.frozen
+class ChildResult:
+    """How a child ended.
+
+    `returncode` follows Popen: negative for death by a signal. `signalled`: we
+    sent `first_signal` (only on cancellation); `killed`: we sent SIGKILL after
+    the grace period. `drain_timed_out`: a pipe was still open `drain_grace_s`
+    after the direct child exited (a descendant held it). `strays_killed`: how
+    many processes the final sweep (group + marker) had to kill.
+    """
+
+    returncode: int
+    signalled: bool
+    killed: bool
+    duration_s: float
+    drain_timed_out: bool = False
+    strays_killed: int = 0
+
+
+# --------------------------------------------------------------------------
+# Markers, environments, signals
+
+
+def task_marker(agent_id: str, task_id: str) -> str:
+    """A deterministic per-task marker, safe as an environment value.
+
+    Hashed so that any task id (even one holding NUL or newlines) gives a short
+    printable value; deterministic so that after a crash the supervisor can
+    recompute it, and prefixed per agent (`agent_marker_prefix`) so that a
+    start-up sweep touches only this agent's leftovers.
+    """
+    digest = hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return agent_marker_prefix(agent_id) + digest[:20]
+
+
+# The marker of the task being run in this context. The supervisor, which
+# stores each task's marker to sweep after a crash, sets it in the task's own
+# Trio task (contextvars are inherited by child tasks); executors read it
+# through `marker_for`, so both agree without widening the executor interface.
+CURRENT_MARKER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "sidecar_task_marker", default=None
+)
+
+
+def marker_for(agent_id: str, task_id: str) -> str:
+    """The marker for this task: the supervisor's if it set one, else `task_marker`."""
+    marker = CURRENT_MARKER.get()
+    if marker and "\0" not in marker:
+        return marker
+    return task_marker(agent_id, task_id)
+
+
+def agent_marker_prefix(agent_id: str) -> str:
+    """The prefix every `task_marker` of this agent starts with."""
+    return "sc-" + hashlib.sha256(agent_id.encode("utf-8", "surrogatepass")).hexdigest()[:12] + "-"
+
+
+def child_env(
+    base: Mapping[str, str],
+    marker: str,
+    *,
+    drop: Iterable[str] = (),
+    secrets: Iterable[str] = (),
+) -> dict[str, str]:
+    """The environment for a child: `base` minus anything secret, plus the marker.
+
+    Removed: every `SIDECAR_*` variable (the hub token travels as
+    SIDECAR_TOKEN), every name in `drop`, and every variable whose value equals
+    a secret or, for secrets of 8 characters or more, contains one (e.g.
+    `AUTH=Bearer <token>`).
+    """
+    dropped = set(drop)
+    secret_list = [s for s in secrets if s]
+    env: dict[str, str] = {}
+    for key, value in base.items():
+        if key.startswith("SIDECAR_") or key in dropped:
+            continue
+        if any(value == s or (len(s) >= 8 and s in value) for s in secret_list):
+            continue
+        env[key] = value
+    env[MARKER_VAR] = marker
+    return env
+
+
+def describe_returncode(returncode: int) -> str:
+    """'exit code N', or 'killed by signal NAME' for a Popen-style negative code."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return f"killed by signal {name}"
+    return f"exit code {returncode}"
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
+    """Send `sig` to process group `pgid`; False if there was no one to signal. Never raises."""
+    if pgid <= 1:
+        return False
+    try:
+        os.killpg(pgid, sig)
+    except OSError:  # ProcessLookupError: group empty; PermissionError: not ours
+        return False
+    return True
+
+
+def _proc_pids() -> list[int]:
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    me = os.getpid()
+    return [int(n) for n in names if n.isdigit() and int(n) != me]
+
+
+def _read_proc(pid: int, name: str) -> bytes | None:
+    try:
+        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY)
+    except OSError:  # gone, or not ours
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _stat_fields(pid: int) -> tuple[str, int] | None:
+    """(state, pgrp) of a process, from /proc/<pid>/stat."""
+    raw = _read_proc(pid, "stat")
+    if not raw:
+        return None
+    rest = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return rest[0].decode("ascii", "replace"), int(rest[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in group `pgid`."""
+    out = []
+    for pid in _proc_pids():
+        fields = _stat_fields(pid)
+        if fields is not None and fields[1] == pgid and fields[0] not in ("Z", "X"):
+            out.append(pid)
+    return out
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is left in group `pgid`."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return bool(group_members(pgid))
+
+
+def find_marked(marker: str, *, prefix: bool = False) -> list[int]:
+    """Pids (not ours) whose environment carries `SIDECAR_TASK_MARKER=<marker>`.
+
+    With `prefix=True`, any marker starting with `marker` matches. Zombies have
+    an empty environment and so never match. Processes we may not read (other
+    users) or that vanish mid-scan are skipped.
+    """
+    needle = b"\0" + f"{MARKER_VAR}={marker}".encode()
+    if not prefix:
+        needle += b"\0"
+    found = []
+    for pid in _proc_pids():
+        data = _read_proc(pid, "environ")
+        if data and needle in b"\0" + data + (b"" if data.endswith(b"\0") else b"\0"):
+            found.append(pid)
+    return found
+
+
+def kill_marked(marker: str, sig: int = signal.SIGKILL, *, prefix: bool = False) -> int:
+    """Signal every process carrying the marker; return how many were signalled.
+
+    Repeats the scan (a few rounds at most) so that a process forked between
+    the scan and the kill is caught too.
+    """
+    total = 0
+    for _ in range(5):
+        pids = find_marked(marker, prefix=prefix)
+        hit = 0
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                hit += 1
+            except OSError:
+                pass
+        total += hit
+        if hit == 0 or sig != signal.SIGKILL:
+            break
+    return total
+
+
+# --------------------------------------------------------------------------
+# Running a child
+
+
+@attrs.define
+class _KillState:
+    first_signal: int
+    grace_s: float
+    signalled: bool = False
+    killed: bool = False
+
+
+async def _deliver_cancel(state: _KillState, proc: trio.Process) -> None:
+    # Runs shielded inside run_process while the direct child is alive, and is
+    # cancelled as soon as it exits. Must not raise: kill_group never does.
+    state.signalled = True
+    kill_group(proc.pid, state.first_signal)
+    await trio.sleep(state.grace_s)
+    state.killed = True
+    kill_group(proc.pid, signal.SIGKILL)
+
+
+def _enlarge_pipe(stream: trio.abc.ReceiveStream) -> None:
+    fileno = getattr(stream, "fileno", None)
+    if fileno is None:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fileno(), _F_SETPIPE_SZ, READ_SIZE)
+
+
+async def _pump(stream: trio.abc.ReceiveStream, callback: LineCallback | None, batch_lines: bool) -> None:
+    """Read `stream` to EOF, decoding UTF-8 and passing lines to `callback`."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    async with stream:
+        _enlarge_pipe(stream)
+        while True:
+            data = await stream.receive_some(READ_SIZE)
+            if callback is None:
+                if not data:
+                    return
+                continue
+            text = decoder.decode(data, final=not data)
+            if pending:
+                text = pending + text
+                pending = ""
+            if not data:  # EOF: flush whatever is left, newline or not
+                if text:
+                    if batch_lines:
+                        await callback(text)
+                    else:
+                        for line in text.split("\n"):
+                            if line:
+                                await callback(line)
+                return
+            if batch_lines:
+                cut = text.rfind("\n") + 1
+                if cut:
+                    await callback(text[:cut])
+                    text = text[cut:]
+                if len(text) >= MAX_LINE_CHARS:
+                    await callback(text)
+                    text = ""
+                pending = text
+            else:
+                lines = text.split("\n")
+                pending = lines.pop()
+                for line in lines:
+                    while len(line) > MAX_LINE_CHARS:
+                        await callback(line[:MAX_LINE_CHARS])
+                        line = line[MAX_LINE_CHARS:]
+                    await callback(line)
+                while len(pending) >= MAX_LINE_CHARS:
+                    await callback(pending[:MAX_LINE_CHARS])
+                    pending = pending[MAX_LINE_CHARS:]
+
+
+def _sweep(pgid: int | None, marker: str) -> int:
+    """SIGKILL the group and every marked process; return how many were signalled."""
+    n = 0
+    if pgid is not None and group_alive(pgid):
+        n += int(kill_group(pgid, signal.SIGKILL))
+    return n + kill_marked(marker, signal.SIGKILL)
+
+
+async def _final_cleanup(pgid: int | None, marker: str) -> int:
+    """Shielded and bounded: kill leftovers, then wait (briefly) until they are gone.
+
+    The common case (nothing left) costs one killpg(0) and one /proc scan.
+    """
+    strays = 0
+    with trio.CancelScope(shield=True), trio.move_on_after(_REAP_WAIT_S) as scope:
+        strays = _sweep(pgid, marker)
+        delay = 0.001
+        while strays and ((pgid is not None and group_alive(pgid)) or find_marked(marker)):
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            _sweep(pgid, marker)
+    if scope.cancelled_caught:
+        log.warning("child_leftovers_alive", pgid=pgid, marker=marker)
+    return strays
+
+
+def _unwrap(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception worth raising out of our private nursery."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if len(real) == 1:
+        return real[0]
+    if not real and leaves:
+        return leaves[0]
+    return eg
+
+
+async def run_child(
+    argv: list[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    marker: str,
+    on_stdout: LineCallback | None,
+    on_stderr: LineCallback | None = None,
+    stdin: bytes | None = None,
+    grace_s: float = 5.0,
+    first_signal: int = signal.SIGTERM,
+    drain_grace_s: float | None = None,
+    batch_lines: bool = False,
+    kill_leftovers: bool = True,
+) -> ChildResult:
+    """Run `argv` to completion, streaming its output; kill it all on cancellation.
+
+    Callbacks get one line at a time without its "\\n" (a line longer than
+    MAX_LINE_CHARS comes in pieces); with `batch_lines=True` they get blocks of
+    one or more whole lines, newlines included, which is far cheaper for bulk
+    output. A callback of None discards that stream (still drained).
+
+    `env` is used as given plus the marker (build it with `child_env`). On
+    cancellation: `first_signal` to the group, SIGKILL `grace_s` later, child
+    reaped, output still read meanwhile (so a CLI's last words after SIGINT are
+    seen), then `trio.Cancelled` propagates. After the direct child exits,
+    pipes are drained for at most `drain_grace_s` (default `grace_s`). Raises
+    OSError if the child cannot be started (e.g. missing cwd or binary).
+
+    `kill_leftovers=False` spares descendants after a normal exit (the wake
+    path: the command starts an agent that outlives it; the caller must then
+    `kill_marked` at task end). On cancellation or error they are killed anyway.
+    """
+    if drain_grace_s is None:
+        drain_grace_s = grace_s
+    full_env = dict(env)
+    full_env[MARKER_VAR] = marker
+    state = _KillState(first_signal=first_signal, grace_s=grace_s)
+    # Readers are shielded from outer cancellation so that output written while
+    # the child winds down is still read; their deadline is set once the direct
+    # child has exited.
+    drain_scope = trio.CancelScope(shield=True)
+    pgid: int | None = None
+    returncode: int | None = None
+    t0 = trio.current_time()
+
+    async def run_it(task_status: trio.TaskStatus[trio.Process]) -> None:
+        nonlocal returncode
+        try:
+            done = await trio.run_process(
+                argv,
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+                cwd=cwd,
+                env=full_env,
+                start_new_session=True,
+                deliver_cancel=partial(_deliver_cancel, state),
+                task_status=task_status,
+            )
+            returncode = done.returncode
+        finally:
+            drain_scope.deadline = min(drain_scope.deadline, trio.current_time() + drain_grace_s)
+
+    async def drain(stdout: trio.abc.ReceiveStream, stderr: trio.abc.ReceiveStream) -> None:
+        with drain_scope:
+            async with trio.open_nursery() as readers:
+                readers.start_soon(_pump, stdout, on_stdout, batch_lines)
+                readers.start_soon(_pump, stderr, on_stderr, batch_lines)
+
+    strays = 0
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                proc: trio.Process = await nursery.start(run_it)
+                pgid = proc.pid
+                assert proc.stdout is not None and proc.stderr is not None
+                nursery.start_soon(drain, proc.stdout, proc.stderr)
+        except BaseExceptionGroup as eg:
+            raise _unwrap(eg) from None
+    except BaseException:
+        await _final_cleanup(pgid, marker)
+        raise
+    if kill_leftovers:
+        strays = await _final_cleanup(pgid, marker)
+    if drain_scope.cancelled_caught:
+        log.warning("child_drain_timed_out", pgid=pgid, marker=marker)
+    assert returncode is not None
+    return ChildResult(
+        returncode=returncode,
+        signalled=state.signalled,
+        killed=state.killed,
+        duration_s=trio.current_time() - t0,
+        drain_timed_out=drain_scope.cancelled_caught,
+        strays_killed=strays,
+    )
