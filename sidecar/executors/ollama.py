@@ -1,0 +1,252 @@
+"""Ollama executor: one streaming `POST /api/chat`, relayed chunk by chunk.
+
+Every content chunk becomes a `token` progress event. Only a final line with
+`done: true` makes a success: a stream that just ends is truncated (the
+official client raises nothing there, so we check it ourselves). Every
+failure says which one it was, in `error` for people and `reason` for code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from ..log import get_logger
+from ..messages import Outcome, Task
+from ..progress import ProgressSender
+from ..prompt import build_prompt
+from . import ExecContext
+
+log = get_logger(__name__)
+
+DEFAULT_URL = "http://localhost:11434"
+_ERROR_BODY_CAP = 64 * 1024  # bytes of a non-200 body we read to find its error
+
+
+def resolve_url(endpoint: str | None, configured: str | None) -> str:
+    """Base URL of the Ollama server: the hub's choice, else config, else the default.
+
+    The hub sends `selected_endpoint` as `host:port`; a full URL is taken as is.
+    """
+    for value in (endpoint, configured):
+        if value and value.strip():
+            value = value.strip().rstrip("/")
+            return value if "://" in value else "http://" + value
+    return DEFAULT_URL
+
+
+class _Failure(Exception):
+    """A failed run, carried to `__call__` which turns it into an Outcome."""
+
+    def __init__(self, reason: str, error: str, transient: bool) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+        self.transient = transient
+
+
+def _error_from_body(body: bytes) -> str:
+    """The `error` of Ollama's `{"error": …}` body, else the body text itself."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text[:500] or "(empty body)"
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        return str(obj["error"])
+    return text[:500]
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class OllamaExecutor:
+    """Runs LLM tasks against an Ollama server through the shared HTTP client."""
+
+    def __init__(self, ctx: ExecContext) -> None:
+        self._ctx = ctx
+        self._http = ctx.http
+        cfg = ctx.config.ollama
+        # httpx's read timeout applies to each socket read: "no bytes for N s".
+        # It runs on Trio's clock, so it honours MockClock in tests.
+        self._timeout = httpx.Timeout(
+            connect=cfg.connect_timeout_s,
+            read=cfg.idle_timeout_s,
+            write=cfg.idle_timeout_s,
+            pool=cfg.connect_timeout_s,
+        )
+
+    def target(self, task: Task) -> tuple[str, str]:
+        """(base URL, model) this task goes to."""
+        rd = task.routing_decision
+        url = resolve_url(rd.selected_endpoint if rd else None, self._ctx.config.ollama_url)
+        model = (rd.selected_model if rd else None) or self._ctx.config.ollama.default_model
+        return url, model
+
+    def request_body(self, task: Task, model: str) -> dict[str, Any]:
+        return {"model": model, "messages": build_prompt(task).messages(), "stream": True}
+
+    async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
+        url, model = self.target(task)
+        body = self.request_body(task, model)
+        parts: list[str] = []
+        try:
+            tokens_in, tokens_out = await self._stream(url, model, body, parts, progress)
+        except _Failure as f:
+            log.warning("ollama_failed", task_id=task.task_id, url=url, model=model, reason=f.reason)
+            return Outcome(
+                ok=False,
+                output="".join(parts),
+                error=f.error,
+                reason=f.reason,
+                transient=f.transient,
+                model_used=model,
+            )
+        return Outcome(
+            ok=True,
+            output="".join(parts),
+            model_used=model,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+        )
+
+    async def _stream(
+        self,
+        url: str,
+        model: str,
+        body: dict[str, Any],
+        parts: list[str],
+        progress: ProgressSender,
+    ) -> tuple[int, int]:
+        """Stream one chat; append content to `parts`; return (tokens_in, tokens_out).
+
+        `async with client.stream(...)` closes the connection at once when the
+        caller's scope is cancelled; Cancelled then propagates untouched.
+        """
+        where = f"Ollama at {url}"
+        try:
+            async with self._http.stream(
+                "POST", url + "/api/chat", json=body, timeout=self._timeout
+            ) as response:
+                if response.status_code != 200:
+                    raw = b""
+                    async for data in response.aiter_bytes():
+                        raw += data
+                        if len(raw) >= _ERROR_BODY_CAP:
+                            break
+                    status = response.status_code
+                    # 4xx (e.g. model not found) will fail again; 5xx, 408, 429 may not.
+                    transient = status >= 500 or status in (408, 429)
+                    raise _Failure(
+                        f"ollama_http_{status}",
+                        f"{where} answered HTTP {status}: {_error_from_body(raw)}",
+                        transient,
+                    )
+                return await self._relay(response, model, where, parts, progress)
+        except _Failure:
+            raise
+        except httpx.ConnectTimeout as exc:
+            raise _Failure("ollama_unreachable", f"cannot reach {where}: connect timed out", True) from exc
+        except httpx.ConnectError as exc:
+            raise _Failure("ollama_unreachable", f"cannot reach {where}: {_describe(exc)}", True) from exc
+        except httpx.ReadTimeout as exc:
+            idle = self._ctx.config.ollama.idle_timeout_s
+            raise _Failure(
+                "ollama_idle_timeout", f"{where} sent nothing for {idle:g} s (idle timeout)", True
+            ) from exc
+        except httpx.TimeoutException as exc:  # write or pool timeout
+            raise _Failure("ollama_timeout", f"{where} timed out: {type(exc).__name__}", True) from exc
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as exc:
+            raise _Failure(
+                "ollama_connection_lost",
+                f"connection to {where} lost mid-stream: {_describe(exc)}",
+                True,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise _Failure("ollama_transport", f"{where}: {_describe(exc)}", True) from exc
+
+    async def _relay(
+        self,
+        response: httpx.Response,
+        model: str,
+        where: str,
+        parts: list[str],
+        progress: ProgressSender,
+    ) -> tuple[int, int]:
+        """Split the NDJSON body ourselves (cheaper than `aiter_lines`) and relay it.
+
+        The per-line fast path is one `json.loads` and two lookups; anything
+        unusual (error line, bare final line, junk) goes to `_slow_line`.
+        """
+        loads = json.loads
+        emit = progress.emit
+        append = parts.append
+        count = 0
+        tail = b""
+        ended = False
+        final: dict[str, Any] | None = None
+        chunks = response.aiter_bytes().__aiter__()
+        while final is None and not ended:
+            try:
+                data = await chunks.__anext__()
+            except StopAsyncIteration:
+                # A last line without its newline still counts.
+                ended = True
+                lines = [tail] if tail.strip() else []
+            else:
+                lines = (tail + data).split(b"\n") if tail else data.split(b"\n")
+                tail = lines.pop()
+            for line in lines:
+                try:
+                    obj = loads(line)
+                    content = obj["message"]["content"]
+                except (ValueError, KeyError, TypeError):
+                    obj, content = _slow_line(line, where)
+                    if obj is None:
+                        continue
+                if content:
+                    if content.__class__ is not str:
+                        raise _Failure(
+                            "ollama_bad_json", f"non-text content from {where}: {line[:200]!r}", False
+                        )
+                    append(content)
+                    count += 1
+                    await emit("token", content, tokens_so_far=count, model=model)
+                if obj.get("done") is True:
+                    final = obj
+                    break
+        if final is None:
+            raise _Failure(
+                "ollama_truncated",
+                f"truncated stream: {where} ended the response after {count} chunks without done:true",
+                True,
+            )
+        return _int(final.get("prompt_eval_count")), _int(final.get("eval_count"))
+
+
+def _slow_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str]:
+    """A line the fast path could not take: blank (skipped), error, bare final, or junk."""
+    if not line.strip():
+        return None, ""
+    shown = line[:200].decode("utf-8", "replace")
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        raise _Failure("ollama_bad_json", f"malformed JSON line from {where}: {shown!r}", False) from None
+    if not isinstance(obj, dict):
+        raise _Failure("ollama_bad_json", f"JSON line from {where} is not an object: {shown!r}", False)
+    if "error" in obj:
+        raise _Failure("ollama_error", f"{where} reported an error mid-stream: {obj['error']}", True)
+    msg = obj.get("message")
+    if msg is None and obj.get("done") is True:
+        return obj, ""
+    if not isinstance(msg, dict) or not isinstance(msg.get("content", ""), str):
+        raise _Failure("ollama_bad_json", f"unexpected line from {where}: {shown!r}", False)
+    return obj, msg.get("content", "")
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
