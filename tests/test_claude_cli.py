@@ -57,7 +57,7 @@ class Run:
 
     @property
     def marker(self) -> str:
-        return procs.task_marker(self.config.agent_id, "t-1")
+        return procs.marker_for(self.config.agent_id, "t-1")
 
     def of(self, kind: str) -> list[ProgressEvent]:
         return [e for e in self.events if e.event_type == kind]
@@ -285,7 +285,7 @@ async def test_cli_killed_mid_tool_leaves_nothing_behind(
     out = run.outcome
     assert out is not None and not out.ok
     assert out.reason == "claude_no_result" and out.transient is True
-    assert "signal 9" in (out.error or "")
+    assert "SIGKILL" in (out.error or "")
     assert procs.find_marked(run.marker) == []
     assert _state(tool) in ("Z", "X")
 

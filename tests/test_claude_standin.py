@@ -97,7 +97,7 @@ def harness(make_config: Callable[..., Config], standin: str, tmp_path: Path) ->
 
 
 def marked_alive(config: Config, task_id: str = "t-1") -> list[int]:
-    return procs.find_marked(procs.task_marker(config.agent_id, task_id))
+    return procs.find_marked(procs.marker_for(config.agent_id, task_id))
 
 
 # ---------------------------------------------------------------------------
@@ -183,7 +183,7 @@ async def test_nonzero_exit_without_output_carries_stderr(harness: MakeHarness) 
     out = await h.run()
     assert not out.ok
     assert "unknown option '--bogus'" in (out.error or "")
-    assert "exited with code 1" in (out.error or "")
+    assert "exit code 1" in (out.error or "")
     assert out.transient is False  # the CLI never started: retrying cannot help
     assert out.exit_code == 1
 
@@ -296,7 +296,7 @@ async def test_env_passes_through_and_secrets_are_dropped(harness: MakeHarness, 
     env = json.loads(dump.read_text())
     assert env["ANTHROPIC_BASE_URL"] == "http://h:1"
     assert "LEAKY" not in env and "SIDECAR_TOKEN" not in env
-    assert env[procs.MARKER_VAR] == procs.task_marker(h.config.agent_id, "t-1")
+    assert env[procs.MARKER_VAR] == procs.marker_for(h.config.agent_id, "t-1")
 
 
 @pytest.mark.parametrize("binary", ["/nonexistent/dir/claude", "definitely-not-a-claude-binary-xyz"])
@@ -365,13 +365,19 @@ async def _run_until_token_then_cancel(h: Harness) -> tuple[Outcome | None, floa
     return outcome, elapsed
 
 
-async def test_hang_after_last_line_cancelled_with_sigint(harness: MakeHarness, tmp_path: Path) -> None:
+async def test_hang_after_last_line_cancelled_with_sigint(
+    harness: MakeHarness, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="sidecar.executors.claude")
     cut = tmp_path / "cut.jsonl"
     cut.write_text("".join(json.dumps(o) + "\n" for o in lines("success") if o.get("type") != "result"))
     h = harness("--standin-replay", str(cut), "--standin-hang", "--standin-orphan", str(tmp_path / "orphan"))
     outcome, elapsed = await _run_until_token_then_cancel(h)
     assert outcome is None  # Cancelled propagated
     assert elapsed < 4.0  # SIGINT ended it, not SIGKILL after the 5 s grace
+    # SIGINT came first: the stand-in answers it, as the CLI does, with a final result.
+    cancelled = [r for r in caplog.records if r.getMessage() == "claude_cancelled"]
+    assert cancelled and cancelled[0].fields["result_seen"] is True  # type: ignore[attr-defined]
     assert marked_alive(h.config) == []
     orphan = int((tmp_path / "orphan").read_text())
     assert not _alive(orphan)
@@ -409,3 +415,14 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
+
+
+async def test_supervisor_marker_is_used(harness: MakeHarness) -> None:
+    h = harness("--standin-replay", str(REC / "success.jsonl"))
+    token = procs.CURRENT_MARKER.set("supervisor-marker-42")
+    try:
+        out = await h.run()
+    finally:
+        procs.CURRENT_MARKER.reset(token)
+    assert out.ok
+    assert h.recorded()["marker"] == "supervisor-marker-42"

@@ -164,7 +164,9 @@ class ClaudeExecutor:
     async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
         cfg = self._ctx.config
         tlog = log.bind(task_id=task.task_id)
-        marker = procs.task_marker(cfg.agent_id, task.task_id)
+        # The supervisor's per-task marker when it set one (it sweeps that at task
+        # end and after a crash), else one derived from agent and task ids.
+        marker = procs.marker_for(cfg.agent_id, task.task_id)
         env = self.child_environment(marker)
         binary = resolve_binary(cfg.claude.binary, env.get("PATH"))
         if binary is None:
@@ -307,11 +309,7 @@ class ClaudeExecutor:
         model = run.model or "claude"
         stderr = "\n".join(run.stderr_tail).strip()
         if res is None:
-            if returncode < 0:
-                why = f"was killed by signal {-returncode}"
-            else:
-                why = f"exited with code {returncode}"
-            error = f"Claude Code CLI {why} without a result line"
+            error = f"Claude Code CLI ended ({procs.describe_returncode(returncode)}) without a result line"
             if stderr:
                 error += f": {stderr[-1500:]}"
             # A CLI that printed nothing JSON refused its arguments or setup
