@@ -1,0 +1,581 @@
+"""The progress batcher: coalescing, windows, budget, keep-alive, bounded memory.
+
+All time is virtual (MockClock with autojump): `trio.sleep` here advances the
+mock clock, it does not wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.batcher import Batcher
+from sidecar.messages import ProgressEvent
+
+
+class RecordingSink:
+    """An in-memory sink that records frames with the (virtual) time they were sent."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.times: list[float] = []
+        self.up = True
+        self.fail_sends = False  # can_send() True but the send fails (socket died)
+        self.can_send_calls = 0
+        self.send_calls = 0
+
+    def can_send(self) -> bool:
+        self.can_send_calls += 1
+        return self.up
+
+    async def send_progress(self, frame: dict[str, Any]) -> bool:
+        self.send_calls += 1
+        await trio.lowlevel.checkpoint()
+        if not self.up or self.fail_sends:
+            return False
+        self.frames.append(frame)
+        self.times.append(trio.current_time())
+        return True
+
+    def of(self, task_id: str) -> list[dict[str, Any]]:
+        return [f["execution_event"] for f in self.frames if f["task_id"] == task_id]
+
+    def times_of(self, task_id: str) -> list[float]:
+        return [t for f, t in zip(self.frames, self.times, strict=True) if f["task_id"] == task_id]
+
+
+def ev(task_id: str, text: str, event_type: str = "stdout", **kw: Any) -> ProgressEvent:
+    return ProgressEvent(task_id, event_type, text, timestamp=kw.pop("timestamp", 0), **kw)
+
+
+@asynccontextmanager
+async def running(
+    b: Batcher, sink: RecordingSink, size: int = 256
+) -> AsyncIterator[trio.MemorySendChannel[ProgressEvent]]:
+    send, recv = trio.open_memory_channel[ProgressEvent](size)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, recv, sink)
+        yield send
+        nursery.cancel_scope.cancel()
+
+
+def max_in_span(times: list[float], span: float = 60.0) -> int:
+    """The largest number of times inside any closed interval of length `span`."""
+    best = j = 0
+    for i, t in enumerate(times):
+        while times[j] < t - span:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def utf8(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+async def test_coalesces_consecutive_events_per_task_and_type(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher()
+    sink = RecordingSink()
+    send, recv = trio.open_memory_channel[ProgressEvent](64)
+    for e in [
+        ev("A", "a", tokens_so_far=1, model="m1"),
+        ev("B", "x", "token", tokens_so_far=5),
+        ev("A", "b", tokens_so_far=2, timestamp=7),
+        ev("A", "c", "stderr"),
+        ev("B", "y", "token", tokens_so_far=6, model="m2"),
+        ev("A", "d"),
+    ]:
+        send.send_nowait(e)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.run, recv, sink)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    a = sink.of("A")
+    assert [(e["event_type"], e["text"], e["seq"]) for e in a] == [
+        ("stdout", "ab", 1),
+        ("stderr", "c", 2),
+        ("stdout", "d", 3),
+    ]
+    assert a[0]["tokens_so_far"] == 2 and a[0]["model"] == "m1" and a[0]["timestamp"] == 7
+    bb = sink.of("B")
+    assert [(e["event_type"], e["text"], e["tokens_so_far"], e["model"]) for e in bb] == [
+        ("token", "xy", 6, "m2")
+    ]
+    assert all(set(f) == {"type", "task_id", "execution_event"} for f in sink.frames)
+    assert all(f["type"] == "task_progress" for f in sink.frames)
+    assert "dropped_events" not in a[0]
+    assert b.stats.events_coalesced == 2 and b.stats.frames_sent == 4
+
+
+async def test_one_frame_per_task_per_window_and_seq_plus_one(autojump_clock: trio.abc.Clock) -> None:
+    # A large budget, so that the window is what limits the frame rate.
+    b = Batcher(window_s=0.1, budget_per_min=60_000)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+
+        async def produce(tid: str) -> None:
+            for i in range(400):
+                await send.send(ev(tid, f"{i},", "stdout" if (i // 50) % 2 else "stderr"))
+                await trio.sleep(0.013)
+
+        async with trio.open_nursery() as n:
+            for tid in "ABC":
+                n.start_soon(produce, tid)
+        await trio.sleep(5)
+    for tid in "ABC":
+        times = sink.times_of(tid)
+        assert len(times) > 30
+        assert all(t2 - t1 >= 0.1 - 1e-9 for t1, t2 in itertools.pairwise(times))
+        assert [e["seq"] for e in sink.of(tid)] == list(range(1, len(times) + 1))
+        text = "".join(e["text"] for e in sink.of(tid))
+        assert text.rstrip(",").split(",") == [str(i) for i in range(400)]
+    assert b.stats.events_dropped == 0
+
+
+async def test_budget_never_exceeded_in_any_60s_span(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(budget_per_min=40)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+
+        async def produce(tid: str) -> None:
+            for i in range(6000):  # 5 virtual minutes of 20 events a second
+                await send.send(ev(tid, f"line {i}\n"))
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as n:
+            for tid in "ABCDE":
+                n.start_soon(produce, tid)
+    assert max_in_span(sink.times) <= 40
+    # ... while still using most of it (35 a minute sustained, plus the burst).
+    assert len(sink.times) >= 5 + 35 * 5 - 2
+    for tid in "ABCDE":
+        assert [e["seq"] for e in sink.of(tid)] == list(range(1, len(sink.of(tid)) + 1))
+
+
+async def test_rate_limited_pauses_then_resumes(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher()
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+
+        async def produce() -> None:
+            for i in range(2000):
+                await send.send(ev("A", f"{i} "))
+                await trio.sleep(0.1)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(produce)
+            await trio.sleep(20)
+            t0 = trio.current_time()
+            before = len(sink.times)
+            b.on_rate_limited(30.0)
+            await trio.sleep(100)
+            n.cancel_scope.cancel()
+    assert before > 5
+    assert not [t for t in sink.times if t0 < t < t0 + 30]
+    after = [t for t in sink.times if t >= t0 + 30]
+    assert after and after[0] < t0 + 33
+    assert b.stats.rate_limited == 1
+
+
+async def test_rate_limited_empties_the_burst(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(budget_per_min=40)  # burst 5
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        await trio.sleep(100)  # idle: the bucket is full
+        t0 = trio.current_time()
+        b.on_rate_limited(1.0)
+        for tid in "ABCDEF":
+            await send.send(ev(tid, "x"))
+        await trio.sleep(3)
+        assert sink.frames == []  # paused 1 s, then no token for 1 / (17.5 / 60 s) = 3.4 s
+        await trio.sleep(1)
+        assert len(sink.frames) == 1 and sink.times[0] == pytest.approx(t0 + 60 / 17.5, abs=0.01)
+
+
+async def test_warning_halves_rate_for_a_while(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(budget_per_min=40, penalty_s=60)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+
+        async def produce() -> None:
+            for i in range(10_000):
+                await send.send(ev("A", f"{i} "))
+                await trio.sleep(0.1)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(produce)
+            await trio.sleep(120)
+            t0 = trio.current_time()
+            b.on_rate_limit_warning()
+            assert b.rate_factor == 0.5
+            await trio.sleep(200)
+            n.cancel_scope.cancel()
+    normal = [t for t in sink.times if t0 - 60 <= t < t0]
+    halved = [t for t in sink.times if t0 <= t < t0 + 60]
+    later = [t for t in sink.times if t0 + 120 <= t < t0 + 180]
+    assert len(normal) >= 34
+    assert 15 <= len(halved) <= 20
+    assert len(later) >= 34  # the penalty wore off
+    assert b.rate_factor == 1.0
+
+
+async def test_keepalive_for_a_silent_task(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(keepalive_s=120.0)
+    sink = RecordingSink()
+    async with running(b, sink):
+        t0 = trio.current_time()
+        b.task_started("quiet")
+        await trio.sleep(119)
+        assert sink.frames == []
+        await trio.sleep(2)
+        assert len(sink.frames) == 1
+        e = sink.of("quiet")[0]
+        assert (e["event_type"], e["text"], e["seq"]) == ("status", "still running (120 s)", 1)
+        assert sink.times[0] == pytest.approx(t0 + 120, abs=0.11)
+        await trio.sleep(120)
+        assert [e["text"] for e in sink.of("quiet")] == ["still running (120 s)", "still running (240 s)"]
+        b.task_finished("quiet")
+        await trio.sleep(600)
+    assert len(sink.frames) == 2
+    assert b.stats.keepalives_sent == 2
+    assert b.tracked_tasks() == []
+
+
+async def test_keepalive_clock_restarts_on_real_progress(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(keepalive_s=120.0)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        b.task_started("T")
+        await trio.sleep(100)
+        await send.send(ev("T", "hello"))
+        await trio.sleep(119)
+        assert [e["text"] for e in sink.of("T")] == ["hello"]
+        await trio.sleep(2)
+        assert [e["text"] for e in sink.of("T")] == ["hello", "still running (220 s)"]
+
+
+async def test_flood_beyond_caps_is_dropped_and_counted(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(max_text_bytes=100, max_segments=4)
+    sink = RecordingSink()
+    sink.up = False
+    total = 0
+    async with running(b, sink) as send:
+        for i in range(1000):
+            text = f"<{i}>"
+            total += len(text)
+            await send.send(ev("A", text, ("stdout", "stdout", "stderr")[i % 3]))
+        await trio.sleep(1)
+        assert sink.send_calls == 0
+        assert b.pending_bytes <= 4 * 100
+        sink.up = True
+        b.notify_sink_ready()
+        await trio.sleep(30)
+    frames = sink.of("A")
+    assert len(frames) == 4
+    assert frames[0]["dropped_events"] > 900 and frames[0]["dropped_bytes"] > 0
+    assert all("dropped_events" not in e for e in frames[1:])
+    sent = sum(len(e["text"]) for e in frames)
+    assert sent + frames[0]["dropped_bytes"] == total
+    assert b.stats.bytes_dropped == frames[0]["dropped_bytes"]
+    assert b.stats.events_dropped == frames[0]["dropped_events"]
+    # What survived is the newest data.
+    assert frames[-1]["text"].endswith("<999>")
+
+
+async def test_big_event_keeps_its_newest_bytes_on_a_utf8_boundary(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(max_text_bytes=10)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        sink.up = False
+        await send.send(ev("A", "abc" + "é" * 10))  # 3 + 20 bytes
+        await trio.sleep(1)
+        sink.up = True
+        await trio.sleep(1)
+    (e,) = sink.of("A")
+    assert e["text"] == "é" * 5
+    assert (e["dropped_events"], e["dropped_bytes"]) == (0, 13)
+
+
+async def test_memory_bounded_for_a_million_events(autojump_clock: trio.abc.Clock) -> None:
+    caps = dict(max_text_bytes=4096, max_segments=8)
+    b = Batcher(**caps)
+    sink = RecordingSink()
+    sink.up = False  # the worst case: nothing leaves
+    bound = 4 * caps["max_text_bytes"] * caps["max_segments"]
+    types = ("token", "token", "token", "stdout", "stderr")
+    async with running(b, sink, size=1024) as send:
+        for i in range(1_000_000):
+            e = ev("ABCD"[i % 4], "xyzé"[: i % 5] + "0123456789"[: i % 11], types[(i // 4) % 5])
+            try:  # fill the channel without a scheduling round per event (keeps the test fast)
+                send.send_nowait(e)
+            except trio.WouldBlock:
+                await send.send(e)
+            if i % 50_000 == 0:
+                assert b.pending_bytes <= bound
+                held = sum(utf8(seg.text()) for state in b._tasks.values() for seg in state.segments)
+                assert held == b.pending_bytes
+        await trio.sleep(1)
+    assert b.stats.events_in == 1_000_000
+    assert b.stats.peak_pending_bytes <= bound
+    assert b.stats.events_dropped > 900_000
+    assert len(b.tracked_tasks()) == 4
+    assert all(len(st.segments) <= caps["max_segments"] for st in b._tasks.values())
+
+
+async def test_executor_never_waits_on_a_stalled_sink(autojump_clock: trio.abc.Clock) -> None:
+    class StalledSink(RecordingSink):
+        async def send_progress(self, frame: dict[str, Any]) -> bool:
+            self.send_calls += 1
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    b = Batcher()
+    sink = StalledSink()
+    async with running(b, sink, size=16) as send:
+        t0 = trio.current_time()
+        with trio.fail_after(0.01):  # virtual: any wait for the clock would trip it
+            for i in range(20_000):
+                await send.send(ev("A", f"{i}\n"))
+        assert trio.current_time() == t0
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.send_calls == 1
+        assert b.stats.events_in == 20_000
+
+
+async def test_disconnected_sink_no_sends_no_spin_then_resumes(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(max_text_bytes=1000, sink_poll_s=0.5)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        b.task_started("A")
+        await send.send(ev("A", "before "))
+        await trio.sleep(1)
+        assert [e["text"] for e in sink.of("A")] == ["before "]
+        sink.up = False
+        polls = sink.can_send_calls
+        for i in range(300):
+            await send.send(ev("A", f"{i:04d}"))
+            await trio.sleep(0.1)
+        assert sink.send_calls == 1
+        assert b.pending_bytes <= 1000
+        # 30 s of outage at one poll per 0.5 s (a few more around the data).
+        assert sink.can_send_calls - polls <= 70
+        sink.up = True
+        await trio.sleep(2)
+    frames = sink.of("A")
+    assert [e["seq"] for e in frames] == [1, 2]
+    # The newest data survives, cut on an event boundary (small events are dropped
+    # in chunks of a few, so that event counts stay exact).
+    given = "".join(f"{i:04d}" for i in range(300))
+    kept, dropped = frames[1]["text"], frames[1]["dropped_bytes"]
+    assert given.endswith(kept) and 1000 - 2 * 64 <= len(kept) <= 1000
+    assert dropped == 1200 - len(kept) and frames[1]["dropped_events"] == dropped // 4
+
+
+async def test_failed_send_is_retried_with_same_seq(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(budget_per_min=6000, sink_poll_s=0.5)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        sink.fail_sends = True
+        await send.send(ev("A", "one "))
+        await trio.sleep(0.05)
+        await send.send(ev("A", "two"))
+        await trio.sleep(3)
+        assert sink.frames == []
+        assert 2 <= sink.send_calls <= 7  # retried once per sink_poll_s, not every window
+        sink.fail_sends = False
+        await trio.sleep(3)
+    assert [(e["text"], e["seq"]) for e in sink.of("A")] == [("one two", 1)]
+    assert b.stats.send_failures == sink.send_calls - 1
+
+
+async def test_task_finished_flushes_then_forgets(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(budget_per_min=16, burst=1)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        b.task_started("T")
+        for kind in ("stdout", "stderr", "stdout", "stderr"):
+            await send.send(ev("T", kind, kind))
+        b.task_finished("T")
+        await trio.sleep(0.01)
+        assert b.tracked_tasks() == ["T"]
+        await trio.sleep(20)  # 1 token a 4 s: all four frames go out
+        assert [e["text"] for e in sink.of("T")] == ["stdout", "stderr", "stdout", "stderr"]
+        assert b.tracked_tasks() == []
+        # A late event (the executor's last line still queued) continues the seq.
+        await send.send(ev("T", "late"))
+        await trio.sleep(10)
+        assert [e["seq"] for e in sink.of("T")] == [1, 2, 3, 4, 5]
+        assert b.tracked_tasks() == []
+
+
+async def test_finished_task_data_expires_when_it_cannot_go_out(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(finish_grace_s=30)
+    sink = RecordingSink()
+    sink.up = False
+    async with running(b, sink) as send:
+        b.task_started("T")
+        await send.send(ev("T", "12345"))
+        b.task_finished("T")
+        await trio.sleep(29)
+        assert b.tracked_tasks() == ["T"]
+        await trio.sleep(2)
+        assert b.tracked_tasks() == []
+        assert (b.stats.events_dropped, b.stats.bytes_dropped) == (1, 5)
+        sink.up = True
+        await trio.sleep(5)
+    assert sink.frames == []
+
+
+async def test_many_tasks_leave_no_state(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(budget_per_min=60_000)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        for i in range(2000):
+            tid = f"t{i}"
+            b.task_started(tid)
+            await send.send(ev(tid, "x"))
+            await trio.sleep(0.2)
+            b.task_finished(tid)
+        await trio.sleep(5)
+    assert b.tracked_tasks() == [] and b.pending_bytes == 0
+    assert len(sink.frames) == 2000
+    assert len(b._retired) <= 1024
+
+
+async def test_forget_drops_state_and_late_events(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher()
+    sink = RecordingSink()
+    sink.up = False
+    async with running(b, sink) as send:
+        b.task_started("R")
+        await send.send(ev("R", "abc"))
+        await trio.sleep(0.5)
+        b.forget("R")
+        assert b.tracked_tasks() == [] and b.pending_bytes == 0
+        await send.send(ev("R", "late"))
+        sink.up = True
+        await trio.sleep(200)
+    assert sink.frames == []
+    assert (b.stats.events_dropped, b.stats.bytes_dropped) == (2, 7)
+
+
+async def test_fair_round_robin_across_tasks(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(budget_per_min=40)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+
+        async def produce(tid: str, per_s: int) -> None:
+            for i in range(per_s * 180):
+                await send.send(ev(tid, f"{i} "))
+                await trio.sleep(1 / per_s)
+
+        for tid in ("noisy", "mid", "slow"):
+            b.task_started(tid)
+        async with trio.open_nursery() as n:
+            n.start_soon(produce, "noisy", 100)
+            n.start_soon(produce, "mid", 10)
+            n.start_soon(produce, "slow", 2)
+    counts = {tid: len(sink.of(tid)) for tid in ("noisy", "mid", "slow")}
+    assert max(counts.values()) - min(counts.values()) <= 1, counts
+    order = [f["task_id"] for f in sink.frames[10:40]]
+    for i in range(0, 27, 3):
+        assert len(set(order[i : i + 3])) == 3, order
+
+
+async def test_flush_waits_for_pending_and_run_ends_when_channel_closes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    b = Batcher(budget_per_min=16, burst=1)
+    sink = RecordingSink()
+    send, recv = trio.open_memory_channel[ProgressEvent](16)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run, recv, sink)
+        for kind in ("stdout", "stderr", "stdout"):
+            await send.send(ev("T", kind, kind))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not await b.flush(1.0)  # one token every 4 s
+        t0 = trio.current_time()
+        assert await b.flush(60.0)
+        assert 6 < trio.current_time() - t0 < 10
+        await send.send(ev("T", "last"))
+        await send.aclose()
+        # run() returns by itself once the channel is closed and flushed.
+    assert [e["text"] for e in sink.of("T")] == ["stdout", "stderr", "stdout", "last"]
+
+
+async def test_flush_gives_up_when_the_sink_is_down(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher()
+    sink = RecordingSink()
+    sink.up = False
+    async with running(b, sink) as send:
+        await send.send(ev("T", "x"))
+        await trio.testing.wait_all_tasks_blocked()
+        t0 = trio.current_time()
+        assert not await b.flush(2.0)
+        assert trio.current_time() - t0 == pytest.approx(2.0)
+
+
+# -- property: nothing is lost silently -----------------------------------------------
+
+_event = st.tuples(
+    st.sampled_from("AB"),
+    st.sampled_from(["stdout", "stderr", "token"]),
+    st.text(alphabet=st.sampled_from("ab\n é€😀"), max_size=40),
+    st.sampled_from([0.0, 0.0, 0.0, 0.01, 0.3, 2.0]),  # pause after the event
+    st.sampled_from(["up", "up", "up", "down", "fail"]),  # sink state after it
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=st.lists(_event, max_size=120), seed=st.integers(0, 2**16))
+def test_property_every_kept_byte_arrives_in_order_and_drops_are_counted(
+    events: list[tuple[str, str, str, float, str]], seed: int
+) -> None:
+    rng = random.Random(seed)
+
+    async def main() -> RecordingSink:
+        b = Batcher(
+            budget_per_min=rng.choice([4, 40, 6000]),
+            max_text_bytes=rng.choice([8, 32, 1000]),
+            max_segments=rng.choice([2, 3, 16]),
+            keepalive_s=1e9,
+            finish_grace_s=1e9,
+        )
+        sink = RecordingSink()
+        send, recv = trio.open_memory_channel[ProgressEvent](rng.choice([1, 8, 1000]))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.run, recv, sink)
+            for tid, kind, text, pause, state in events:
+                await send.send(ev(tid, text, kind))
+                sink.up = state != "down"
+                sink.fail_sends = state == "fail"
+                if pause:
+                    await trio.sleep(pause)
+            sink.up, sink.fail_sends = True, False
+            await send.aclose()
+        return sink
+
+    sink = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    for tid in "AB":
+        sent = sink.of(tid)
+        assert [e["seq"] for e in sent] == list(range(1, len(sent) + 1))
+        given_text = "".join(text for t, _, text, _, _ in events if t == tid)
+        sent_text = "".join(e["text"] for e in sent)
+        dropped = sum(e.get("dropped_bytes", 0) for e in sent)
+        assert utf8(sent_text) + dropped == utf8(given_text)
+        it = iter(given_text)  # sent text is given text with pieces cut out, order kept
+        assert all(ch in it for ch in sent_text)
+        # Each frame's text is one run of one event type, in that type's order.
+        for kind in ("stdout", "stderr", "token"):
+            of_kind = "".join(text for t, k, text, _, _ in events if t == tid and k == kind)
+            it = iter(of_kind)
+            assert all(ch in it for e in sent if e["event_type"] == kind for ch in e["text"])
