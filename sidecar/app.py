@@ -10,12 +10,14 @@ flush progress and results while the hub is reachable (bounded), exit.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import trio
 
+from . import reports
 from .batcher import Batcher
 from .config import Config
 from .cost import CostModel
@@ -103,7 +105,15 @@ class Sidecar:
     # -- LinkHandler -----------------------------------------------------------
 
     async def on_identified(self, link: HubLink) -> None:
+        """Per session: recover held tasks, then report Ollama and host resources."""
+        self.batcher.notify_sink_ready()
         await self.supervisor.recover_all()
+        if self.config.ollama_url:
+            await link.send({"type": "ollama_report", "ollama_url": self.config.ollama_url})
+        await trio.sleep(reports.FIRST_REPORT_DELAY_S)
+        while True:
+            await link.send(await reports.resource_report())
+            await trio.sleep(reports.REPORT_INTERVAL_S)
 
     async def on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame["type"]
@@ -200,26 +210,45 @@ def _task_id(frame: dict[str, Any]) -> str:
     return tid
 
 
-async def run_sidecar(config: Config, *, install_signals: bool = True) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+@asynccontextmanager
+async def open_sidecar(config: Config) -> AsyncIterator[Sidecar]:
+    """Run a sidecar for the duration of the block; leaving it shuts it down gracefully."""
     register_secret(config.token)
     state_dir = config.resolved_state_dir()
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     store = await Store.open(state_dir / "sidecar.db")
-    log.info("starting", agent_id=config.agent_id, hub_url=config.hub_url, state_dir=str(state_dir),
-             capacity=config.capacity, queue_length=config.queue_length)
+    log.info(
+        "starting",
+        agent_id=config.agent_id,
+        hub_url=config.hub_url,
+        state_dir=str(state_dir),
+        capacity=config.capacity,
+        queue_length=config.queue_length,
+    )
+    reports.prime_cpu_percent()
     try:
         async with httpx.AsyncClient(timeout=None) as http:
+            if config.ollama_url:
+                await reports.probe_ollama(http, config.ollama_url)
             sidecar = Sidecar(config, store, http)
             async with trio.open_nursery() as nursery:
-                if install_signals:
-                    nursery.start_soon(_watch_signals, sidecar)
-                await sidecar.run()
-                nursery.cancel_scope.cancel()
+                await nursery.start(sidecar.run)
+                try:
+                    yield sidecar
+                finally:
+                    if not sidecar.stopped.is_set():
+                        with trio.CancelScope(shield=True):
+                            await sidecar.shutdown()
     finally:
         with trio.CancelScope(shield=True):
             await store.close()
-    log.info("stopped")
+        log.info("stopped")
+
+
+async def run_sidecar(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+    async with open_sidecar(config) as sidecar:
+        await _watch_signals(sidecar)
     return 0
 
 
@@ -227,5 +256,4 @@ async def _watch_signals(sidecar: Sidecar) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal", signal=signal.Signals(signum).name)
-            await sidecar.shutdown()
             return

@@ -31,8 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"trio-sidecar {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="auto", choices=["auto", "json", "kv"],
-                   help="auto: key=value on a terminal, JSON lines otherwise")
+    p.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "kv"],
+        help="auto: key=value on a terminal, JSON lines otherwise",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(

@@ -93,16 +93,18 @@ class Outbox:
         if item is None:
             return
         kind = frame.get("type")
-        if kind == "task_ack" and frame.get("task_id") == item.task_id and frame.get("status") in _RESULT_ACKS:
+        if (
+            kind == "task_ack"
+            and frame.get("task_id") == item.task_id
+            and frame.get("status") in _RESULT_ACKS
+        ):
             log.info("result_acked", task_id=item.task_id, generation=item.generation, status=frame["status"])
             self.delivered += 1
             self._answered.set()
         elif kind == "error":
             err = str(frame.get("error", ""))
             mtype = frame.get("message_type")
-            if err.startswith(_REFUSALS) or (
-                err == "validation_failed" and mtype == item.frame.get("type")
-            ):
+            if err.startswith(_REFUSALS) or (err == "validation_failed" and mtype == item.frame.get("type")):
                 log.warning(
                     "result_refused",
                     task_id=item.task_id,
@@ -161,7 +163,9 @@ class AcceptTracker:
             await self.link.wait_ready()
             now = trio.current_time()
             for task_id, sent_at in list(self._pending.items()):
-                if task_id in self._pending and (now - sent_at >= self.resend_after_s or self._was_limited(sent_at)):
+                if task_id in self._pending and (
+                    now - sent_at >= self.resend_after_s or self._was_limited(sent_at)
+                ):
                     self._pending[task_id] = trio.current_time()
                     log.info("accept_resent", task_id=task_id)
                     await self.link.send({"type": "task_accepted", "task_id": task_id})

@@ -329,7 +329,12 @@ class HubLink:
 
 def _retry_after_s(frame: dict[str, Any]) -> float:
     value = frame.get("retry_after_ms")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         return 1.0
     return min(float(value) / 1000.0, 600.0)
 

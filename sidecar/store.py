@@ -95,7 +95,8 @@ class Store:
         async with self._lock:
             # Shielded: a cancelled caller must not leave a half-done transaction.
             with trio.CancelScope(shield=True):
-                return await trio.to_thread.run_sync(fn, self._db)
+                result = await trio.to_thread.run_sync(fn, self._db)
+        return result
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
@@ -125,7 +126,9 @@ class Store:
         await self._run(_put)
 
     async def set_generation(self, task_id: str, generation: int) -> None:
-        await self._run(lambda db: db.execute("UPDATE tasks SET generation=? WHERE task_id=?", (generation, task_id)))
+        await self._run(
+            lambda db: db.execute("UPDATE tasks SET generation=? WHERE task_id=?", (generation, task_id))
+        )
 
     async def mark_running(self, task_id: str) -> None:
         await self._run(lambda db: db.execute("UPDATE tasks SET state=? WHERE task_id=?", (RUNNING, task_id)))

@@ -9,9 +9,8 @@ outbox) in a shielded scope before the task's slot is freed.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -42,7 +41,7 @@ DispatchFn = Callable[[Task, ProgressSender], Awaitable[DispatchResult]]
 HUB_CANCEL, REASSIGN, SHUTDOWN = "hub_cancel", "reassign", "shutdown"
 
 
-class BatcherHooks:
+class BatcherHooks(Protocol):
     """What the supervisor needs of the batcher (kept small for tests)."""
 
     def task_started(self, task_id: str) -> None: ...
@@ -175,7 +174,7 @@ class Supervisor:
                 tid, gen, f"sidecar busy: {len(self.held)} tasks held, limit {limit}", "sidecar_busy"
             )
             return
-        marker = f"{tid[:40]}.{uuid.uuid4().hex[:12]}"
+        marker = procs.task_marker(self.config.agent_id, tid)
         await self.store.put_task(tid, gen, task.raw, marker)
         held = Held(task, gen, marker)
         self._hold(held)
@@ -253,6 +252,9 @@ class Supervisor:
                     self.batcher.task_started(tid)
                     tlog.info("task_started", generation=held.generation, timeout_s=timeout_s)
                     sender = ProgressSender(self.progress, tid)
+                    # Every child of this task carries the marker the store knows,
+                    # so a restart after kill -9 can find and kill them.
+                    procs.CURRENT_MARKER.set(held.marker)
                     result = await self.dispatch(task, sender)
         finally:
             with trio.CancelScope(shield=True):
@@ -277,7 +279,9 @@ class Supervisor:
         elif reason in (HUB_CANCEL, REASSIGN):
             frame, outcome = None, reason
         elif reason == SHUTDOWN:
-            frame = failed_frame(tid, held.generation, "sidecar shut down while the task ran", "sidecar_shutdown")
+            frame = failed_frame(
+                tid, held.generation, "sidecar shut down while the task ran", "sidecar_shutdown"
+            )
             outcome = "shutdown"
         elif started_at is not None:
             frame = failed_frame(tid, held.generation, f"timed out after {timeout_s:g} s", "timeout")

@@ -18,7 +18,7 @@ ORIGINAL = {
     "hub_url": "ws://10.0.0.5:4000/ws",
     "hub_api_url": "http://10.0.0.5:4000",
     "repo_dir": "/srv/repo",
-    "wake_command": "openclaw agent --message \"${TASK_DESCRIPTION}\"",
+    "wake_command": 'openclaw agent --message "${TASK_DESCRIPTION}"',
     "capabilities": ["code", "gpu"],
     "confirmation_timeout_ms": 45000,
     "results_dir": "./results",
