@@ -369,6 +369,22 @@ class Batcher:
     def has_pending(self) -> bool:
         return any(st.segments or st.inflight is not None for st in self._tasks.values())
 
+    def task_pending(self, task_id: str) -> bool:
+        st = self._tasks.get(task_id)
+        return st is not None and (bool(st.segments) or st.inflight is not None)
+
+    async def wait_task_flushed(self, task_id: str, deadline_s: float) -> bool:
+        """Wait (at most `deadline_s`) until `task_id` has no pending progress.
+
+        The outbox calls this before sending a task's result, so the hub sees a
+        task's progress before its end whenever the budget allows.
+        """
+        with trio.move_on_after(deadline_s):
+            while self.task_pending(task_id):
+                await self._lot.park()
+            return True
+        return False
+
     # -- running ------------------------------------------------------------------
 
     async def run(
@@ -437,7 +453,7 @@ class Batcher:
             now = trio.current_time()
             self._housekeeping(now)
             self._lot.unpark_all()
-            if self._closed and not self._tasks:
+            if self._closed and not self.has_pending():
                 return
             sink_ok = sink.can_send()
             due = self._earliest_due(now)
