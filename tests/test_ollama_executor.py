@@ -102,6 +102,39 @@ async def test_success_streams_tokens_and_counts(srv: OllamaServer, run: Callabl
     assert out.tokens_out == 4
 
 
+async def test_many_chunks_through_a_small_channel_arrive_in_order(
+    srv: OllamaServer, make_config: MakeConfig, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Chunks queue without waiting while there is room and wait when the channel
+    is full: nothing is lost or reordered either way."""
+    srv.scripts["qwen3:8b"] = Script(chunks=5000, flush_every=64)
+    executor = OllamaExecutor(ExecContext(make_config(), http, tmp_path))
+    send, recv = open_progress(4)
+    seen: list[int | None] = []
+    async with trio.open_nursery() as nursery:
+
+        async def slow_drain() -> None:
+            async for ev in recv:
+                seen.append(ev.tokens_so_far)
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(slow_drain)
+        async with send:
+            out = await executor(make_task(host_port(srv.url)), ProgressSender(send, "t-1"))
+    assert out.ok and out.tokens_out == 5000
+    assert seen == list(range(1, 5001))
+
+
+async def test_progress_channel_gone_does_not_fail_the_task(
+    srv: OllamaServer, make_config: MakeConfig, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    executor = OllamaExecutor(ExecContext(make_config(), http, tmp_path))
+    send, recv = open_progress(1)
+    recv.close()  # the batcher is gone (shutdown)
+    out = await executor(make_task(host_port(srv.url)), ProgressSender(send, "t-1"))
+    assert out.ok and out.output == "Echo: say something nice"
+
+
 async def test_request_body_shape(srv: OllamaServer, run: Callable[..., Run]) -> None:
     task = make_task(
         host_port(srv.url),
@@ -253,7 +286,7 @@ async def test_connection_is_reused_after_success(srv: OllamaServer, run: Callab
     r = run()
     for _ in range(3):
         assert (await r(make_task(host_port(srv.url)))).ok
-    assert len(srv.chat_requests) == 3
+    assert [req.connection for req in srv.chat_requests] == [1, 1, 1]  # kept alive, one TCP connection
 
 
 @pytest.mark.parametrize(

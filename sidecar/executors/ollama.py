@@ -9,12 +9,14 @@ failure says which one it was, in `error` for people and `reason` for code.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import trio
 
 from ..log import get_logger
-from ..messages import Outcome, Task
+from ..messages import Outcome, ProgressEvent, Task
 from ..progress import ProgressSender
 from ..prompt import build_prompt
 from . import ExecContext
@@ -23,6 +25,8 @@ log = get_logger(__name__)
 
 DEFAULT_URL = "http://localhost:11434"
 _ERROR_BODY_CAP = 64 * 1024  # bytes of a non-200 body we read to find its error
+_json_decode = json.JSONDecoder().decode
+_HEADERS = {"Accept": "application/x-ndjson", "Accept-Encoding": "identity"}
 
 
 def resolve_url(endpoint: str | None, configured: str | None) -> str:
@@ -129,7 +133,7 @@ class OllamaExecutor:
         where = f"Ollama at {url}"
         try:
             async with self._http.stream(
-                "POST", url + "/api/chat", json=body, timeout=self._timeout
+                "POST", url + "/api/chat", json=body, headers=_HEADERS, timeout=self._timeout
             ) as response:
                 if response.status_code != 200:
                     raw = b""
@@ -165,7 +169,7 @@ class OllamaExecutor:
                 f"connection to {where} lost mid-stream: {_describe(exc)}",
                 True,
             ) from exc
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # any other transport or decoding trouble
             raise _Failure("ollama_transport", f"{where}: {_describe(exc)}", True) from exc
 
     async def _relay(
@@ -178,17 +182,20 @@ class OllamaExecutor:
     ) -> tuple[int, int]:
         """Split the NDJSON body ourselves (cheaper than `aiter_lines`) and relay it.
 
-        The per-line fast path is one `json.loads` and two lookups; anything
+        The per-line fast path is one JSON decode and two lookups; anything
         unusual (error line, bare final line, junk) goes to `_slow_line`.
         """
-        loads = json.loads
+        decode = _json_decode
         emit = progress.emit
+        try_emit = _nowait_emitter(progress, model)
         append = parts.append
         count = 0
         tail = b""
         ended = False
         final: dict[str, Any] | None = None
-        chunks = response.aiter_bytes().__aiter__()
+        # We ask for no compression; raw bytes then skip httpx's decoder layer.
+        encoded = response.headers.get("content-encoding", "identity") != "identity"
+        chunks = (response.aiter_bytes() if encoded else response.aiter_raw()).__aiter__()
         while final is None and not ended:
             try:
                 data = await chunks.__anext__()
@@ -201,7 +208,7 @@ class OllamaExecutor:
                 tail = lines.pop()
             for line in lines:
                 try:
-                    obj = loads(line)
+                    obj = decode(line.decode())  # str in: skips json.loads' encoding sniffing
                     content = obj["message"]["content"]
                 except (ValueError, KeyError, TypeError):
                     obj, content = _slow_line(line, where)
@@ -214,10 +221,13 @@ class OllamaExecutor:
                         )
                     append(content)
                     count += 1
-                    await emit("token", content, tokens_so_far=count, model=model)
+                    if not try_emit(content, count):
+                        await emit("token", content, tokens_so_far=count, model=model)
                 if obj.get("done") is True:
                     final = obj
                     break
+        if final is not None and not ended:
+            await _finish_body(chunks)
         if final is None:
             raise _Failure(
                 "ollama_truncated",
@@ -225,6 +235,53 @@ class OllamaExecutor:
                 True,
             )
         return _int(final.get("prompt_eval_count")), _int(final.get("eval_count"))
+
+
+async def _finish_body(chunks: AsyncIterator[bytes]) -> None:
+    """Read the few bytes after the done line (the chunked terminator), so the
+    connection goes back to the pool instead of being closed. A server that
+    keeps talking after done gets its connection closed instead."""
+    for _ in range(4):
+        try:
+            await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+
+
+def _nowait_emitter(progress: ProgressSender, model: str) -> Callable[[str, int], bool]:
+    """A synchronous `token` emit: True if queued (or dropped because the channel
+    is closed, as `emit` does), False when the channel is full and the caller
+    must `await progress.emit(...)` to wait for room.
+
+    Why: `await emit` is a full Trio checkpoint per chunk, one scheduler pass
+    each, which halves relay throughput (bench/ollama_relay.py). Without it the
+    task still checkpoints at every socket read (~64 KiB of chunks at most),
+    and still waits whenever the channel is full. Uses `progress.emit_nowait`
+    when ProgressSender has one; until then reaches its channel directly.
+    """
+    public = getattr(progress, "emit_nowait", None)
+    if public is not None:
+
+        def via_public(text: str, count: int) -> bool:
+            return bool(public("token", text, tokens_so_far=count, model=model))
+
+        return via_public
+    channel = getattr(progress, "_channel", None)
+    if not isinstance(channel, trio.MemorySendChannel):
+        return lambda text, count: False  # an unknown sender: always await emit
+    send_nowait = channel.send_nowait
+    task_id = progress.task_id
+
+    def via_channel(text: str, count: int) -> bool:
+        try:
+            send_nowait(ProgressEvent(task_id, "token", text, tokens_so_far=count, model=model))
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the batcher is gone: progress is best-effort, as in ProgressSender.emit
+        return True
+
+    return via_channel
 
 
 def _slow_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str]:

@@ -115,6 +115,7 @@ class Request:
     path: str
     headers: dict[str, str]
     body: bytes
+    connection: int = 0  # which TCP connection (1, 2, …) carried it
     chunks_sent: int = 0
     client_gone: trio.Event = attrs.field(factory=trio.Event)
     finished: trio.Event = attrs.field(factory=trio.Event)
@@ -164,6 +165,7 @@ class OllamaServer:
         self.scripts: dict[str, Script] = {}
         self.default = Script()
         self.requests: list[Request] = []
+        self.connections = 0  # TCP connections accepted so far
         self.url = ""
         self.port = 0
 
@@ -183,11 +185,14 @@ class OllamaServer:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         conn = _Conn(stream)
+        self.connections += 1
+        conn_id = self.connections
         try:
             while True:
                 req = await conn.read_request()
                 if req is None:
                     return
+                req.connection = conn_id
                 self.requests.append(req)
                 try:
                     keep = await self._route(conn, req)
@@ -302,6 +307,7 @@ class OllamaServer:
         end = b'},"done":false}\n'
         buf = bytearray()
         flush_every = max(1, script.flush_every)
+        created = _created_at().encode()
         for i, piece in enumerate(pieces):
             event = _event_at(script, i)
             if event is not None:
@@ -314,12 +320,14 @@ class OllamaServer:
                     await conn.send_raw(bytes(buf))
                     buf.clear()
                 await trio.sleep(script.delay_s)
-            line = head + _created_at().encode() + mid + piece + end
+                created = _created_at().encode()
+            line = head + created + mid + piece + end
             buf += b"%x\r\n" % len(line) + line + b"\r\n"
             req.chunks_sent = i + 1
             if req.chunks_sent % flush_every == 0:
                 await conn.send_raw(bytes(buf))
                 buf.clear()
+                created = _created_at().encode()  # fresh per write, as Ollama stamps each line
         event = _event_at(script, len(pieces))
         if event is not None:
             if buf:
