@@ -231,25 +231,26 @@ def find_marked(marker: str, *, prefix: bool = False) -> list[int]:
 
 
 def kill_marked(marker: str, sig: int = signal.SIGKILL, *, prefix: bool = False) -> int:
-    """Signal every process carrying the marker; return how many were signalled.
+    """Signal every process carrying the marker; return how many distinct ones.
 
-    Repeats the scan (a few rounds at most) so that a process forked between
-    the scan and the kill is caught too.
+    Rescans (a few rounds at most) while new pids turn up, so that a process
+    forked between a scan and the kill is caught too. A process already
+    signalled may still show up while it dies; it is not counted twice.
     """
-    total = 0
+    signalled: set[int] = set()
     for _ in range(5):
-        pids = find_marked(marker, prefix=prefix)
-        hit = 0
-        for pid in pids:
+        fresh = [pid for pid in find_marked(marker, prefix=prefix) if pid not in signalled]
+        if not fresh:
+            break
+        for pid in fresh:
             try:
                 os.kill(pid, sig)
-                hit += 1
+                signalled.add(pid)
             except OSError:
                 pass
-        total += hit
-        if hit == 0 or sig != signal.SIGKILL:
+        if sig != signal.SIGKILL:
             break
-    return total
+    return len(signalled)
 
 
 # --------------------------------------------------------------------------

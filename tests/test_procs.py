@@ -1,0 +1,383 @@
+"""The process helper: streaming, cancellation, leftovers, markers, environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from sidecar import procs
+from sidecar.procs import (
+    MARKER_VAR,
+    MAX_LINE_CHARS,
+    child_env,
+    find_marked,
+    group_alive,
+    kill_group,
+    kill_marked,
+    run_child,
+    task_marker,
+)
+from tests.fakes.proc_helpers import alive, kill_quietly, wait_dead
+
+SH = "/bin/sh"
+
+
+def marker() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+class Lines:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.seen: dict[str, trio.Event] = {}
+        self.first = trio.Event()
+
+    def event_for(self, text: str) -> trio.Event:
+        return self.seen.setdefault(text, trio.Event())
+
+    async def __call__(self, line: str) -> None:
+        self.items.append(line)
+        self.event_for(line).set()
+        self.first.set()
+
+
+async def run_sh(script: str, tmp_path: Path, **kw: object) -> tuple[procs.ChildResult, Lines, Lines]:
+    out, err = Lines(), Lines()
+    with trio.fail_after(20):
+        res = await run_child(
+            [SH, "-c", script],
+            cwd=tmp_path,
+            env=dict(os.environ),
+            marker=kw.pop("marker", None) or marker(),  # type: ignore[arg-type]
+            on_stdout=out,
+            on_stderr=err,
+            **kw,  # type: ignore[arg-type]
+        )
+    return res, out, err
+
+
+# --------------------------------------------------------------------------
+# Streaming and exit codes
+
+
+async def test_streams_lines_separately_and_reports_exit_code(tmp_path: Path) -> None:
+    res, out, err = await run_sh("echo one; echo two >&2; printf 'three\\nfour'; exit 7", tmp_path)
+    assert out.items == ["one", "three", "four"]
+    assert err.items == ["two"]
+    assert res.returncode == 7
+    assert not res.signalled and not res.killed and not res.drain_timed_out
+
+
+async def test_batch_mode_passes_whole_lines_with_newlines(tmp_path: Path) -> None:
+    res, out, _ = await run_sh("printf 'a\\nb\\nc'", tmp_path, batch_lines=True)
+    assert res.returncode == 0
+    assert "".join(out.items) == "a\nb\nc"
+    # Every block but the last ends on a line boundary.
+    assert all(block.endswith("\n") for block in out.items[:-1])
+
+
+async def test_stdin_is_devnull_by_default_and_bytes_are_fed_then_closed(tmp_path: Path) -> None:
+    # `cat` would wait forever on an inherited or open stdin.
+    res, out, _ = await run_sh("cat; echo end", tmp_path)
+    assert out.items == ["end"]
+    res, out, _ = await run_sh("cat; echo end", tmp_path, stdin=b"fed\n")
+    assert out.items == ["fed", "end"]
+    assert res.returncode == 0
+
+
+async def test_invalid_utf8_is_replaced_and_split_characters_survive(tmp_path: Path) -> None:
+    # \xe2\x82\xac is the euro sign, written in two pieces with a pause between.
+    script = "printf 'bad \\377\\n'; printf '\\342\\202'; sleep 0.05; printf '\\254\\n'"
+    _, out, _ = await run_sh(script, tmp_path)
+    assert out.items == ["bad \ufffd", "\u20ac"]
+
+
+async def test_very_long_line_is_chunked_not_accumulated(tmp_path: Path) -> None:
+    size = 3 * MAX_LINE_CHARS + 123
+    _, out, _ = await run_sh(f"head -c {size} /dev/zero | tr '\\0' a; echo; echo after", tmp_path)
+    assert all(len(piece) <= MAX_LINE_CHARS for piece in out.items)
+    assert out.items[-1] == "after"
+    assert sum(len(p) for p in out.items[:-1]) == size
+    assert set("".join(out.items[:-1])) == {"a"}
+
+
+async def test_missing_cwd_raises_oserror(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        await run_sh("true", tmp_path / "nope")
+
+
+async def test_callback_error_propagates_unwrapped_and_child_dies(tmp_path: Path) -> None:
+    pid_holder: list[int] = []
+
+    async def boom(line: str) -> None:
+        pid_holder.append(int(line))
+        raise ValueError("callback failed")
+
+    with trio.fail_after(20), pytest.raises(ValueError, match="callback failed"):
+        await run_child(
+            [SH, "-c", "echo $$; exec sleep 1000"],
+            cwd=tmp_path,
+            env=dict(os.environ),
+            marker=marker(),
+            on_stdout=boom,
+            grace_s=0.5,
+        )
+    assert await wait_dead(pid_holder[0])
+
+
+# --------------------------------------------------------------------------
+# Cancellation
+
+
+async def test_cancel_sends_term_then_kill_after_grace_to_whole_group(tmp_path: Path) -> None:
+    # The shell traps TERM (prints and carries on); its grandchild ignores TERM.
+    script = (
+        "trap 'echo got-term' TERM; "
+        "(trap '' TERM; exec sleep 1000) & echo gc $!; echo ready; "
+        "while :; do wait; done"
+    )
+    out = Lines()
+    grace = 0.5
+    ready = out.event_for("ready")
+    cancelled_at = returned_at = 0.0
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def runner() -> None:
+                nonlocal returned_at
+                with scope:
+                    await run_child(
+                        [SH, "-c", script],
+                        cwd=tmp_path,
+                        env=dict(os.environ),
+                        marker=marker(),
+                        on_stdout=out,
+                        grace_s=grace,
+                    )
+                returned_at = trio.current_time()
+                assert scope.cancelled_caught  # Cancelled propagated out of run_child
+
+            nursery.start_soon(runner)
+            await ready.wait()
+            cancelled_at = trio.current_time()
+            scope.cancel()
+    gc_pid = int(next(line for line in out.items if line.startswith("gc ")).split()[1])
+    # SIGTERM was delivered and output was still read while the child wound down.
+    assert "got-term" in out.items
+    # Neither process exits on TERM, so only the SIGKILL grace_s later ends them.
+    elapsed = returned_at - cancelled_at
+    assert grace <= elapsed < grace + 3.0
+    assert await wait_dead(gc_pid, limit_s=2)
+
+
+async def test_cancel_uses_first_signal(tmp_path: Path) -> None:
+    out = Lines()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def runner() -> None:
+                with scope:
+                    await run_child(
+                        [
+                            SH,
+                            "-c",
+                            "trap 'echo got-int; exit 0' INT; echo ready; while :; do sleep 0.01; done",
+                        ],
+                        cwd=tmp_path,
+                        env=dict(os.environ),
+                        marker=marker(),
+                        on_stdout=out,
+                        first_signal=signal.SIGINT,
+                        grace_s=10,
+                    )
+
+            nursery.start_soon(runner)
+            await out.event_for("ready").wait()
+            scope.cancel()
+    assert "got-int" in out.items
+
+
+async def test_grandchild_ignoring_term_dies_even_when_shell_exits_on_term(tmp_path: Path) -> None:
+    # Pitfall 1: the shell dies on SIGTERM at once, so run_process stops
+    # delivering cancel before its SIGKILL; the group must be killed afterwards.
+    out = Lines()
+    script = "(trap '' TERM; exec sleep 1000) >/dev/null 2>&1 & echo $!; wait"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def runner() -> None:
+                with scope:
+                    await run_child(
+                        [SH, "-c", script],
+                        cwd=tmp_path,
+                        env=dict(os.environ),
+                        marker=marker(),
+                        on_stdout=out,
+                        grace_s=30,
+                    )
+
+            nursery.start_soon(runner)
+            await out.first.wait()
+            gc_pid = int(out.items[0])
+            assert alive(gc_pid)
+            scope.cancel()
+    assert await wait_dead(gc_pid, limit_s=2)
+
+
+# --------------------------------------------------------------------------
+# Leftovers after a normal exit
+
+
+async def test_grandchild_holding_stdout_does_not_block_the_drain(tmp_path: Path) -> None:
+    script = "sleep 1000 & echo $!; echo parent-done"
+    t0 = trio.current_time()
+    res, out, _ = await run_sh(script, tmp_path, drain_grace_s=0.3)
+    assert trio.current_time() - t0 < 5
+    assert out.items[1] == "parent-done"
+    assert res.returncode == 0
+    assert res.drain_timed_out
+    assert res.strays_killed >= 1
+    assert await wait_dead(int(out.items[0]), limit_s=2)
+
+
+async def test_background_child_is_killed_when_the_task_ends(tmp_path: Path) -> None:
+    res, out, _ = await run_sh("sleep 1000 >/dev/null 2>&1 & echo $!", tmp_path)
+    assert not res.drain_timed_out
+    assert res.strays_killed >= 1
+    assert await wait_dead(int(out.items[0]), limit_s=2)
+
+
+async def test_setsid_grandchild_is_found_and_killed_through_the_marker(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    m = marker()
+    # setsid -f: a new session, so neither our group kill nor its parent reach it.
+    script = (
+        f"setsid -f {SH} -c 'echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; exec sleep 1000' "
+        ">/dev/null 2>&1 </dev/null; "
+        f"while [ ! -s {pidfile} ]; do sleep 0.01; done"
+    )
+    res, _, _ = await run_sh(script, tmp_path, marker=m, kill_leftovers=False)
+    pid = int(pidfile.read_text())
+    try:
+        assert alive(pid)
+        assert os.getsid(pid) == pid != os.getsid(0)  # escaped our session and group
+        assert pid in find_marked(m)
+        assert pid not in find_marked(m + "x")
+        assert kill_marked(m) >= 1
+        assert await wait_dead(pid, limit_s=2)
+        assert find_marked(m) == []
+    finally:
+        kill_quietly(pid)
+    assert res.returncode == 0
+
+
+async def test_run_child_sweeps_setsid_grandchild_by_default(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    script = (
+        f"setsid -f {SH} -c 'echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; exec sleep 1000' "
+        ">/dev/null 2>&1 </dev/null; "
+        f"while [ ! -s {pidfile} ]; do sleep 0.01; done"
+    )
+    res, _, _ = await run_sh(script, tmp_path)
+    pid = int(pidfile.read_text())
+    try:
+        assert res.strays_killed >= 1
+        assert await wait_dead(pid, limit_s=2)
+    finally:
+        kill_quietly(pid)
+
+
+async def test_kill_marked_spares_other_markers_and_supports_prefix(tmp_path: Path) -> None:
+    base = marker()
+    pids: list[int] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            for suffix in ("-a", "-b"):
+                env = {**os.environ, MARKER_VAR: base + suffix}
+                proc = await trio.lowlevel.open_process(["sleep", "1000"], env=env, start_new_session=True)
+                pids.append(proc.pid)
+                nursery.start_soon(proc.wait)
+            # /proc/<pid>/environ reads empty until exec has fully set up the
+            # new image, which can lag behind open_process returning.
+            for _ in range(2000):
+                if sorted(find_marked(base, prefix=True)) == sorted(pids):
+                    break
+                await trio.sleep(0.001)
+            assert sorted(find_marked(base, prefix=True)) == sorted(pids)
+            assert kill_marked(base + "-a") == 1
+            assert await wait_dead(pids[0], limit_s=2)
+            assert alive(pids[1])
+            assert kill_marked(base, prefix=True) == 1
+    finally:
+        for pid in pids:
+            kill_quietly(pid)
+    assert not alive(pids[1])
+
+
+async def test_group_helpers_tolerate_missing_groups(tmp_path: Path) -> None:
+    proc = await trio.lowlevel.open_process(["sleep", "1000"], start_new_session=True)
+    try:
+        assert group_alive(proc.pid)
+        assert kill_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        assert not group_alive(proc.pid)
+        assert kill_group(proc.pid, signal.SIGKILL) is False
+        assert kill_group(0) is False and kill_group(1) is False
+    finally:
+        kill_quietly(proc.pid)
+
+
+# --------------------------------------------------------------------------
+# Environment
+
+
+def test_child_env_drops_token_and_secrets_and_adds_marker() -> None:
+    base = {
+        "PATH": "/usr/bin",
+        "SIDECAR_TOKEN": "tok-very-secret",
+        "SIDECAR_HUB_URL": "ws://x",
+        "COPY_OF_TOKEN": "tok-very-secret",
+        "AUTH_HEADER": "Bearer tok-very-secret",
+        "SHORT": "ab",
+        "DROP_ME": "1",
+        MARKER_VAR: "old",
+    }
+    env = child_env(base, "m-1", drop=["DROP_ME"], secrets=["tok-very-secret", "ab"])
+    assert env == {"PATH": "/usr/bin", MARKER_VAR: "m-1"}
+
+
+def test_task_marker_is_deterministic_safe_and_agent_prefixed() -> None:
+    a = task_marker("agent", "task\0with nul\n")
+    assert a == task_marker("agent", "task\0with nul\n")
+    assert a != task_marker("agent", "other")
+    assert a.startswith(procs.agent_marker_prefix("agent"))
+    assert a.isascii() and "\0" not in a
+
+
+async def test_marker_for_prefers_the_supervisor_marker() -> None:
+    assert procs.marker_for("a", "t") == task_marker("a", "t")
+    token = procs.CURRENT_MARKER.set("sup-marker")
+    try:
+        assert procs.marker_for("a", "t") == "sup-marker"
+    finally:
+        procs.CURRENT_MARKER.reset(token)
+
+
+async def test_token_is_absent_from_the_child_environment(tmp_path: Path) -> None:
+    m = marker()
+    base = {**os.environ, "SIDECAR_TOKEN": "hub-token-xyz", "OTHER": "hub-token-xyz"}
+    out = Lines()
+    with trio.fail_after(20):
+        await run_child(
+            ["env"], cwd=tmp_path, env=child_env(base, m, secrets=["hub-token-xyz"]), marker=m, on_stdout=out
+        )
+    assert f"{MARKER_VAR}={m}" in out.items
+    assert not any("hub-token-xyz" in line for line in out.items)

@@ -1,0 +1,225 @@
+"""The shell executor and the bounded output capture."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import trio
+
+from sidecar import procs
+from sidecar.executors.shell import NO_COMMAND, PROGRESS_TEXT_MAX, ShellExecutor
+from sidecar.messages import parse_task
+from sidecar.output import OutputCapture
+from tests.fakes.proc_helpers import RecordingProgress, make_ctx, wait_dead
+
+
+def shell_task(command: object = None, task_id: str = "t1") -> object:
+    metadata = {} if command is None else {"shell_command": command}
+    return parse_task({"type": "task_assign", "task_id": task_id, "metadata": metadata})
+
+
+@pytest.fixture
+def executor(make_config, tmp_path: Path) -> ShellExecutor:  # type: ignore[no-untyped-def]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    return ShellExecutor(make_ctx(make_config(repo_dir=str(repo), output_cap_bytes=4096, kill_grace_s=0.5)))
+
+
+async def run(
+    executor: ShellExecutor, command: object, task_id: str = "t1"
+) -> tuple[object, RecordingProgress]:
+    progress = RecordingProgress(task_id)
+    with trio.fail_after(30):
+        outcome = await executor(shell_task(command, task_id), progress)  # type: ignore[arg-type]
+    return outcome, progress
+
+
+# --------------------------------------------------------------------------
+# Results
+
+
+async def test_success_streams_both_streams_and_logs_everything(executor: ShellExecutor) -> None:
+    outcome, progress = await run(executor, "echo hello; echo warn >&2; pwd")
+    assert outcome.ok and outcome.exit_code == 0 and outcome.model_used == "none"  # type: ignore[attr-defined]
+    repo = executor.ctx.workdir()
+    assert outcome.output == f"hello\n{repo}\n"  # type: ignore[attr-defined]
+    assert not outcome.output_truncated  # type: ignore[attr-defined]
+    assert progress.joined("stdout") == f"hello\n{repo}\n"
+    assert progress.joined("stderr") == "warn\n"
+    log = executor.ctx.log_path("t1").read_text()
+    assert "run: /bin/sh -c 'echo hello; echo warn >&2; pwd'" in log
+    assert "hello\n" in log and "warn\n" in log and "=== exit code 0" in log
+
+
+async def test_log_is_appended_per_attempt(executor: ShellExecutor) -> None:
+    await run(executor, "echo first")
+    await run(executor, "echo second")
+    log = executor.ctx.log_path("t1").read_text()
+    assert log.count("=== ") == 4
+    assert log.index("first") < log.index("second")
+
+
+async def test_nonzero_exit_is_a_transient_failure_quoting_stderr(executor: ShellExecutor) -> None:
+    outcome, _ = await run(executor, "echo partial; echo 'it broke' >&2; exit 3")
+    assert not outcome.ok  # type: ignore[attr-defined]
+    assert outcome.error == "exit code 3: it broke"  # type: ignore[attr-defined]
+    assert outcome.reason == "exit_code" and outcome.transient  # type: ignore[attr-defined]
+    assert outcome.exit_code == 3 and outcome.output == "partial\n"  # type: ignore[attr-defined]
+
+
+async def test_death_by_signal_is_named(executor: ShellExecutor) -> None:
+    outcome, _ = await run(executor, "kill -9 $$")
+    assert outcome.error == "killed by signal SIGKILL"  # type: ignore[attr-defined]
+    assert outcome.exit_code == -9  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("command", [None, "", "   ", 42])
+async def test_missing_command_fails_at_once_not_transient(executor: ShellExecutor, command: object) -> None:
+    outcome, progress = await run(executor, command)
+    assert not outcome.ok and not outcome.transient  # type: ignore[attr-defined]
+    assert outcome.error == NO_COMMAND == "sidecar task has no metadata.shell_command"  # type: ignore[attr-defined]
+    assert outcome.reason == "no_command"  # type: ignore[attr-defined]
+    assert progress.events == []
+
+
+async def test_missing_workdir_is_a_clear_permanent_failure(make_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ex = ShellExecutor(make_ctx(make_config(repo_dir=str(tmp_path / "gone"))))
+    outcome, _ = await run(ex, "true")
+    assert not outcome.ok and not outcome.transient  # type: ignore[attr-defined]
+    assert outcome.reason == "no_workdir" and "gone" in outcome.error  # type: ignore[attr-defined]
+
+
+async def test_token_is_not_in_the_child_environment(
+    executor: ShellExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIDECAR_TOKEN", executor.ctx.config.token)
+    monkeypatch.setenv("SOME_COPY", executor.ctx.config.token)
+    outcome, _ = await run(executor, "env")
+    assert executor.ctx.config.token not in outcome.output  # type: ignore[attr-defined]
+    marker = procs.task_marker(executor.ctx.config.agent_id, "t1")
+    assert f"{procs.MARKER_VAR}={marker}\n" in outcome.output  # type: ignore[attr-defined]
+
+
+async def test_supervisor_marker_is_used_when_set(executor: ShellExecutor) -> None:
+    token = procs.CURRENT_MARKER.set("from-supervisor")
+    try:
+        outcome, _ = await run(executor, 'printf %s "$SIDECAR_TASK_MARKER"')
+    finally:
+        procs.CURRENT_MARKER.reset(token)
+    assert outcome.output == "from-supervisor"  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------
+# Big output
+
+
+async def test_huge_output_keeps_memory_bounded_and_caps_the_result(executor: ShellExecutor) -> None:
+    total = 64 * 1024 * 1024
+    # 16-byte lines "0000000000line\n"-ish: many lines, then a recognisable end.
+    command = f"yes 0123456789abcde | head -c {total}; echo THE-END"
+    tracemalloc.start()
+    try:
+        outcome, progress = await run(executor, command)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert outcome.ok and outcome.output_truncated  # type: ignore[attr-defined]
+    out: str = outcome.output  # type: ignore[attr-defined]
+    assert out.startswith("0123456789abcde\n0123456789abcde\n")
+    assert out.endswith("0123456789abcde\nTHE-END\n")
+    omitted = total + len("THE-END\n") - 4096
+    assert f"\n…[{omitted} bytes omitted]…\n" in out
+    assert len(out.encode()) <= 4096 + 64
+    # The full text is in the log (plus the header and footer lines).
+    log_size = executor.ctx.log_path("t1").stat().st_size
+    assert total + 8 < log_size < total + 8 + 1024
+    # Every progress event is clipped; memory stayed far below what was printed.
+    assert all(len(text) <= PROGRESS_TEXT_MAX + 40 for text in progress.texts("stdout"))
+    assert peak < 16 * 1024 * 1024, peak
+
+
+async def test_very_long_line_without_newline(executor: ShellExecutor) -> None:
+    size = 5 * 1024 * 1024
+    outcome, progress = await run(executor, f"head -c {size} /dev/zero | tr '\\0' x")
+    out: str = outcome.output  # type: ignore[attr-defined]
+    assert outcome.ok and outcome.output_truncated  # type: ignore[attr-defined]
+    assert out.startswith("x" * 2048) and out.endswith("x" * 2048)
+    assert progress.texts("stdout")
+    assert all(len(text) <= PROGRESS_TEXT_MAX + 40 for text in progress.texts("stdout"))
+    assert executor.ctx.log_path("t1").stat().st_size > size
+
+
+# --------------------------------------------------------------------------
+# Cancellation
+
+
+async def test_cancel_kills_the_group_and_propagates(executor: ShellExecutor) -> None:
+    task = shell_task("trap '' TERM; sleep 1000 & echo $!; wait")
+    seen = trio.Event()
+
+    class Watch(RecordingProgress):
+        async def emit(self, event_type: str, text: str, **kw: object) -> None:
+            await super().emit(event_type, text)
+            seen.set()
+
+    progress = Watch("t1")
+    with trio.fail_after(20):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(executor, task, progress)
+                await seen.wait()
+                scope.cancel()
+    assert scope.cancelled_caught
+    pid = int(progress.texts("stdout")[0])
+    assert await wait_dead(pid, limit_s=2)
+    assert "=== cancelled" in executor.ctx.log_path("t1").read_text()
+
+
+# --------------------------------------------------------------------------
+# OutputCapture
+
+
+def test_capture_small_output_is_kept_whole(tmp_path: Path) -> None:
+    with OutputCapture(10, tmp_path / "logs" / "a.log") as cap:
+        cap.write("héllo")
+        cap.write("!", keep=False)
+        assert not cap.truncated and cap.text() == "héllo"
+    assert (tmp_path / "logs" / "a.log").read_text() == "héllo!"
+
+
+def test_capture_keeps_head_and_tail_with_a_count(tmp_path: Path) -> None:
+    cap = OutputCapture(10, tmp_path / "b.log")
+    for chunk in ("abc", "defgh", "ijklmnop", "qrstuvwxyz"):
+        cap.write(chunk)
+    cap.close()
+    cap.close()  # idempotent
+    assert cap.truncated and cap.omitted_bytes == 16
+    assert cap.text() == "abcde\n…[16 bytes omitted]…\nvwxyz"
+    assert (tmp_path / "b.log").read_text() == "abcdefghijklmnopqrstuvwxyz"
+
+
+def test_capture_memory_is_bounded_by_the_cap(tmp_path: Path) -> None:
+    cap = OutputCapture(1000, None)
+    block = "y" * 100_000
+    for _ in range(50):
+        cap.write(block)
+    assert len(cap._head) + len(cap._tail) == 1000
+    assert cap.total_bytes == 5_000_000
+
+
+def test_capture_does_not_break_multibyte_characters_at_the_cut(tmp_path: Path) -> None:
+    cap = OutputCapture(7, None)
+    cap.write("€€€€€€")  # 3 bytes each
+    text = cap.text()
+    assert "\ufffd" not in text
+    assert text.startswith("€") and text.endswith("€")
+
+
+async def test_log_file_is_closed_even_on_cancel(executor: ShellExecutor) -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    with trio.move_on_after(0.2):
+        await executor(shell_task("sleep 1000"), RecordingProgress("t1"))  # type: ignore[arg-type]
+    assert set(os.listdir("/proc/self/fd")) == before
