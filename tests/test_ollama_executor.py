@@ -228,6 +228,32 @@ async def test_connection_refused(run: Callable[..., Run]) -> None:
     assert (out.error or "").startswith(f"cannot reach Ollama at http://127.0.0.1:{port}: ")
 
 
+async def test_connect_timeout(run: Callable[..., Run], autojump_clock: trio.abc.Clock) -> None:
+    """A listener whose accept queue is full drops new SYNs: connect hangs until
+    `connect_timeout_s` (on the mock clock: no real waiting)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for s in fillers:
+                s.setblocking(False)
+                try:
+                    s.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+            start = trio.current_time()
+            out = await run(ollama={"connect_timeout_s": 10})(make_task(f"127.0.0.1:{port}"))
+            elapsed = trio.current_time() - start
+        finally:
+            for s in fillers:
+                s.close()
+    assert (out.ok, out.reason, out.transient) == (False, "ollama_unreachable", True)
+    assert out.error == f"cannot reach Ollama at http://127.0.0.1:{port}: connect timed out"
+    assert 10 <= elapsed < 11
+
+
 async def test_idle_timeout(
     srv: OllamaServer, run: Callable[..., Run], autojump_clock: trio.abc.Clock
 ) -> None:

@@ -119,13 +119,15 @@ async def test_tags_version_and_root() -> None:
         listed = await client.list()
         async with httpx.AsyncClient() as http:
             version = (await http.get(srv.url + "/api/version")).json()
-            root = await http.get(srv.url + "/")
+            head = await http.head(srv.url + "/")
+            root = await http.get(srv.url + "/")  # same connection: HEAD left no stray body
             missing = await http.get(srv.url + "/api/nothing")
     assert [m.model for m in listed.models] == ["qwen3:8b", "phi4:14b"]
     assert isinstance(version["version"], str)
     assert root.text == "Ollama is running"
+    assert head.status_code == 200 and head.content == b""
     assert missing.status_code == 404
-    assert [r.path for r in srv.requests] == ["/api/tags", "/api/version", "/", "/api/nothing"]
+    assert [r.path for r in srv.requests] == ["/api/tags", "/api/version", "/", "/", "/api/nothing"]
 
 
 async def test_concurrent_streams() -> None:

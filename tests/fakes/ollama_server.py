@@ -17,8 +17,10 @@ gets is a `Script`, chosen by model name:
   chaos suite, demos) can choose too: `qwen3:8b!stall_after=3!delay_s=0.1`.
   The part before the first `!` must be a known model (else 404).
 
-Every request is recorded in `server.requests` (`Request`: method, path,
-headers, body, json), with events tests can wait on (`client_gone`, `finished`).
+`"stream": false` honours only `status` and the reply; the misbehaviours
+apply to streamed chats. Every request is recorded in `server.requests`
+(`Request`: method, path, headers, body, json, which TCP connection), with
+events tests can wait on (`client_gone`, `finished`).
 
     async with open_ollama_server() as srv:
         client = ollama.AsyncClient(host=srv.url)
@@ -193,6 +195,7 @@ class OllamaServer:
                 if req is None:
                     return
                 req.connection = conn_id
+                conn.head_only = req.method == "HEAD"
                 self.requests.append(req)
                 try:
                     keep = await self._route(conn, req)
@@ -414,6 +417,7 @@ class _Conn:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buffer = bytearray()
+        self.head_only = False  # answering HEAD: headers without the body
 
     async def _fill(self) -> None:
         data = await self.stream.receive_some(65536)
@@ -461,7 +465,7 @@ class _Conn:
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype}\r\n"
             f"Date: {_http_date()}\r\nContent-Length: {len(body)}\r\n\r\n"
         )
-        await self.send_raw(head.encode() + body)
+        await self.send_raw(head.encode() + (b"" if self.head_only else body))
         return True
 
     def reset(self) -> None:
