@@ -299,14 +299,9 @@ async def _pump(stream: trio.abc.ReceiveStream, callback: LineCallback | None, b
             if pending:
                 text = pending + text
                 pending = ""
-            if not data:  # EOF: flush whatever is left, newline or not
+            if not data:  # EOF: what is left holds no newline (and fits MAX_LINE_CHARS)
                 if text:
-                    if batch_lines:
-                        await callback(text)
-                    else:
-                        for line in text.split("\n"):
-                            if line:
-                                await callback(line)
+                    await callback(text)
                 return
             if batch_lines:
                 cut = text.rfind("\n") + 1

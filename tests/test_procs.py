@@ -66,8 +66,8 @@ async def run_sh(script: str, tmp_path: Path, **kw: object) -> tuple[procs.Child
 
 
 async def test_streams_lines_separately_and_reports_exit_code(tmp_path: Path) -> None:
-    res, out, err = await run_sh("echo one; echo two >&2; printf 'three\\nfour'; exit 7", tmp_path)
-    assert out.items == ["one", "three", "four"]
+    res, out, err = await run_sh("echo one; echo two >&2; printf 'three\\n\\nfour'; exit 7", tmp_path)
+    assert out.items == ["one", "three", "", "four"]
     assert err.items == ["two"]
     assert res.returncode == 7
     assert not res.signalled and not res.killed and not res.drain_timed_out
