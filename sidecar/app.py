@@ -37,6 +37,9 @@ from .supervisor import Supervisor
 
 log = get_logger("sidecar.app")
 
+# How long a result waits for its task's pending progress to reach the hub first.
+RESULT_PROGRESS_WAIT_S = 2.0
+
 # Chat traffic for interactive agents: ignored quietly (protocol.md).
 _IGNORED = frozenset(
     {
@@ -76,13 +79,13 @@ class Sidecar:
         self.config = config
         self.store = store
         self.link = HubLink(config, self)
-        self.outbox = Outbox(store, self.link)
         self.accepts = AcceptTracker(self.link)
         self.batcher = Batcher(
             window_s=config.progress_window_s,
             budget_per_min=config.progress_budget_per_min,
             keepalive_s=config.keepalive_s,
         )
+        self.outbox = Outbox(store, self.link, before_send=self._flush_task_progress)
         self.progress_send, self.progress_receive = open_progress()
         ctx = ExecContext(config=config, http=http, state_dir=config.resolved_state_dir())
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
@@ -101,6 +104,10 @@ class Sidecar:
 
     def busy(self) -> bool:
         return self.supervisor.busy()
+
+    async def _flush_task_progress(self, task_id: str) -> None:
+        if self.link.can_send():
+            await self.batcher.wait_task_flushed(task_id, RESULT_PROGRESS_WAIT_S)
 
     # -- LinkHandler -----------------------------------------------------------
 

@@ -11,6 +11,7 @@ the hub answers `task_ack` `accepted`.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -28,9 +29,18 @@ _REFUSALS = ("task_complete_failed", "task_fail_failed")
 class Outbox:
     """Sends stored results one at a time until each is acknowledged."""
 
-    def __init__(self, store: Store, link: HubLink, *, answer_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        link: HubLink,
+        *,
+        answer_timeout_s: float = 30.0,
+        before_send: Callable[[str], Awaitable[object]] | None = None,
+    ) -> None:
         self.store = store
         self.link = link
+        # Called with the task_id before a result's first send (progress flush).
+        self.before_send = before_send
         self.answer_timeout_s = answer_timeout_s
         self.depth = 0
         self.delivered = 0
@@ -50,21 +60,24 @@ class Outbox:
             items = await self.store.outbox()
             self.depth = len(items)
             if not items:
-                self._empty.set()
                 self._changed = trio.Event()
                 # Re-check after creating the event: a notify in between is kept.
                 if not await self.store.outbox():
                     await self._changed.wait()
                 continue
-            self._empty = trio.Event()
             await self._deliver(items[0])
 
     async def wait_empty(self) -> None:
-        await self._empty.wait()
+        """Wait until every stored result has been answered by the hub."""
+        while self._inflight is not None or await self.store.outbox():
+            self._empty = trio.Event()
+            await self._empty.wait()
 
     async def _deliver(self, item: OutboxItem) -> None:
         self._inflight = item
         self._answered = trio.Event()
+        if self.before_send is not None:
+            await self.before_send(item.task_id)
         try:
             while not self._answered.is_set():
                 await self.link.wait_ready()
@@ -87,6 +100,7 @@ class Outbox:
             await self.store.retire(item.id)
         finally:
             self._inflight = None
+            self._empty.set()  # wakes wait_empty to re-check
 
     def on_frame(self, frame: dict[str, Any]) -> None:
         item = self._inflight

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 import cattrs
+import cattrs.gen
 from cattrs.errors import (
     AttributeValidationNote,
     ClassValidationError,
@@ -159,6 +160,20 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(int, _strict_int)
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(float, _strict_float)
+
+    # attrs classes only from JSON objects: cattrs would otherwise read a list
+    # (or a string) as an object whose every field is missing.
+    def _objects_only(cls: type) -> Any:
+        inner: Any = cattrs.gen.make_dict_structure_fn(cls, conv)
+
+        def structure(value: Any, _type: Any) -> Any:
+            if not isinstance(value, dict):
+                raise TypeError(f"expected an object, got {type(value).__name__}")
+            return inner(value, _type)
+
+        return structure
+
+    conv.register_structure_hook_factory(attrs.has, _objects_only)
     conv.register_structure_hook_func(lambda t: t == dict[str, Any], _strict_dict)
     conv.register_structure_hook_func(lambda t: t == list[Any], _strict_list)
     return conv

@@ -37,6 +37,30 @@ class ProgressSender:
             pass
 
 
+    def emit_nowait(
+        self,
+        event_type: str,
+        text: str,
+        *,
+        tokens_so_far: int | None = None,
+        model: str | None = None,
+    ) -> bool:
+        """Queue one event without a checkpoint; False if the channel is full.
+
+        For hot loops (a token per NDJSON line): yielding to the scheduler per
+        event costs more than the event. The caller must still checkpoint
+        regularly (it does, on every socket read) and fall back to `emit`.
+        """
+        event = ProgressEvent(self.task_id, event_type, text, tokens_so_far=tokens_so_far, model=model)
+        try:
+            self._channel.send_nowait(event)
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return True
+
+
 def open_progress(
     size: int = DEFAULT_CHANNEL_SIZE,
 ) -> tuple[trio.MemorySendChannel[ProgressEvent], trio.MemoryReceiveChannel[ProgressEvent]]:

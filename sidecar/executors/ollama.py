@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
-import trio
 
 from ..log import get_logger
-from ..messages import Outcome, ProgressEvent, Task
+from ..messages import Outcome, Task
 from ..progress import ProgressSender
 from ..prompt import build_prompt
 from . import ExecContext
@@ -249,39 +248,20 @@ async def _finish_body(chunks: AsyncIterator[bytes]) -> None:
 
 
 def _nowait_emitter(progress: ProgressSender, model: str) -> Callable[[str, int], bool]:
-    """A synchronous `token` emit: True if queued (or dropped because the channel
-    is closed, as `emit` does), False when the channel is full and the caller
-    must `await progress.emit(...)` to wait for room.
+    """A synchronous `token` emit: True if queued, False when the channel is full
+    and the caller must `await progress.emit(...)` to wait for room.
 
     Why: `await emit` is a full Trio checkpoint per chunk, one scheduler pass
     each, which halves relay throughput (bench/ollama_relay.py). Without it the
     task still checkpoints at every socket read (~64 KiB of chunks at most),
-    and still waits whenever the channel is full. Uses `progress.emit_nowait`
-    when ProgressSender has one; until then reaches its channel directly.
+    and still waits whenever the channel is full.
     """
-    public = getattr(progress, "emit_nowait", None)
-    if public is not None:
+    emit_nowait = progress.emit_nowait
 
-        def via_public(text: str, count: int) -> bool:
-            return bool(public("token", text, tokens_so_far=count, model=model))
+    def emit(text: str, count: int) -> bool:
+        return emit_nowait("token", text, tokens_so_far=count, model=model)
 
-        return via_public
-    channel = getattr(progress, "_channel", None)
-    if not isinstance(channel, trio.MemorySendChannel):
-        return lambda text, count: False  # an unknown sender: always await emit
-    send_nowait = channel.send_nowait
-    task_id = progress.task_id
-
-    def via_channel(text: str, count: int) -> bool:
-        try:
-            send_nowait(ProgressEvent(task_id, "token", text, tokens_so_far=count, model=model))
-        except trio.WouldBlock:
-            return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the batcher is gone: progress is best-effort, as in ProgressSender.emit
-        return True
-
-    return via_channel
+    return emit
 
 
 def _slow_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str]:

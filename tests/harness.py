@@ -1,0 +1,134 @@
+"""Drive the real `sidecar run` process against a dev hub, as a user would.
+
+`SidecarProcess` writes a config file, starts `python -m sidecar run` with JSON
+logs to a file, and offers what the end-to-end tests need: wait for a log
+event, stop with a signal, kill -9, restart on the same state dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+TOKEN = "e2e-secret-token-42"
+AGENT = "agent-1"
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` is a live (non-zombie) process."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def read_pids(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    return [int(x) for x in path.read_text().split() if x.strip().isdigit()]
+
+
+class SidecarProcess:
+    def __init__(self, root: Path, hub_url: str, *, fmt: str = "toml", **overrides: Any) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_dir = root / "state"
+        self.log_path = root / "sidecar.log"
+        self.config: dict[str, Any] = {
+            "agent_id": AGENT,
+            "token": TOKEN,
+            "hub_url": hub_url,
+            "state_dir": str(self.state_dir),
+            "kill_grace_s": 2.0,
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 1.0,
+        }
+        self.config.update(overrides)
+        self.fmt = fmt
+        self.proc: trio.Process | None = None
+        self.starts = 0
+
+    def write_config(self) -> Path:
+        if self.fmt == "json":
+            path = self.root / "config.json"
+            path.write_text(json.dumps(self.config, indent=2))
+        else:
+            path = self.root / "sidecar.toml"
+            lines = []
+            for key, value in self.config.items():
+                lines.append(f"{key} = {json.dumps(value)}")
+            path.write_text("\n".join(lines) + "\n")
+        return path
+
+    async def start(self) -> None:
+        path = self.write_config()
+        self.starts += 1
+        log = self.log_path.open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        self.proc = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                "run",
+                "--config",
+                str(path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:  # noqa: ASYNC109
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        with trio.fail_after(timeout):
+            code = await self.proc.wait()
+        return code
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        if not self.log_path.exists():
+            return out
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and (name is None or obj.get("event") == name):
+                out.append(obj)
+        return out
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def cleanup(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            with trio.move_on_after(10):
+                await self.proc.wait()

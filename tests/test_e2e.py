@@ -1,0 +1,361 @@
+"""End to end: the real `sidecar run` process against the dev hub.
+
+Real sockets, real processes, a real SQLite file. The dev hub enforces the real
+hub's validation and rate limits, and records every violation, so each test
+also asserts that the sidecar never sent a frame the real hub would refuse.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import trio
+
+from sidecar.devhub import DevHub, open_dev_hub
+
+from .harness import AGENT, TOKEN, SidecarProcess, alive, read_pids
+
+SHELL = {"target_type": "sidecar"}
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[DevHub]:
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as h:
+        yield h
+
+
+@pytest.fixture
+async def sidecar(tmp_path: Path, hub: DevHub) -> AsyncIterator[SidecarProcess]:
+    sc = SidecarProcess(tmp_path / "sc", hub.ws_url)
+    try:
+        yield sc
+    finally:
+        await sc.cleanup()
+
+
+def no_violations(hub: DevHub) -> None:
+    assert [(v.kind, v.detail) for v in hub.violations] == []
+    assert hub.internal_errors == []
+
+
+def stubborn_script(tmp_path: Path) -> str:
+    """A child that ignores SIGTERM, forks a grandchild that does too, and records both pids."""
+    pids, terms = tmp_path / "pids", tmp_path / "terms"
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        def on_term(*_):
+            with open({str(terms)!r}, "a") as f:
+                f.write(f"{{os.getpid()}} {{time.time()}}\\n")
+        signal.signal(signal.SIGTERM, on_term)
+        os.fork()
+        with open({str(pids)!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        print("running", os.getpid(), flush=True)
+        while True:
+            time.sleep(0.05)
+        """
+    )
+    script = tmp_path / "stubborn.py"
+    script.write_text(code)
+    return f"{sys.executable} {script}"
+
+
+async def test_shell_task_streams_and_completes_with_original_config_json(
+    tmp_path: Path, hub: DevHub
+) -> None:
+    sc = SidecarProcess(tmp_path / "sc", hub.ws_url, fmt="json")
+    try:
+        await sc.start()
+        await hub.wait_until(lambda: hub.connected(AGENT), timeout=20)
+        tid = hub.submit(
+            description="stream",
+            metadata={"shell_command": "for i in 1 2 3 4 5; do echo line-$i; echo err-$i >&2; done"},
+            routing_decision=SHELL,
+        )
+        rec = await hub.wait_until(lambda: hub.task(tid) if hub.task(tid).status == "completed" else None, 20)
+        result = rec.result
+        assert result is not None
+        assert result["status"] == "success" and result["exit_code"] == 0
+        assert [f"line-{i}" for i in range(1, 6)] == [
+            x for x in result["output"].split() if x.startswith("line")
+        ]
+        assert result["model_used"] == "none" and result["tokens_in"] == 0
+        assert isinstance(result["execution_ms"], int)
+        assert rec.ack_statuses[-1] == "complete"
+        # task_accepted came before the result, and the assign→accept order held.
+        kinds = [f.type for f in hub.frames(AGENT) if f.type and f.type.startswith("task_")]
+        assert kinds.index("task_accepted") < kinds.index("task_complete")
+        # Progress: every line arrives (no drops at this size, though the rate budget
+        # may deliver the tail after the result), and seq rises by one per frame.
+        await hub.wait_until(
+            lambda: (
+                "line-5" in "".join(e["text"] for e in rec.progress_events if e["event_type"] == "stdout")
+                and "err-5" in "".join(e["text"] for e in rec.progress_events if e["event_type"] == "stderr")
+            ),
+            30,
+        )
+        events = rec.progress_events
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        streamed = "".join(e["text"] for e in events if e["event_type"] == "stdout")
+        assert all(f"line-{i}" in streamed for i in range(1, 6))
+        # Full output in the task's log file under the state dir.
+        logs = list((sc.state_dir / "logs").glob("*.log"))
+        assert logs and "line-5" in logs[0].read_text()
+        no_violations(hub)
+        assert await sc.stop() == 0
+    finally:
+        await sc.cleanup()
+    assert TOKEN not in sc.log_text()
+
+
+async def test_failure_is_retried_once_then_reported(hub: DevHub, sidecar: SidecarProcess) -> None:
+    await sidecar.start()
+    tid = hub.submit(
+        metadata={"shell_command": "echo nope >&2; exit 7"}, routing_decision=SHELL, max_retries=0
+    )
+    rec = await hub.wait_until(lambda: hub.task(tid) if hub.task(tid).failures else None, 30)
+    failure = rec.failures[0]
+    assert failure["reason"] == "exit_code"
+    assert "exit code 7" in failure["error"] and "nope" in failure["error"]
+    assert "2 attempts" in failure["error"]
+    assert rec.status == "dead_letter"
+    no_violations(hub)
+
+
+async def test_timeout_kills_whole_group_with_sigkill_after_grace(
+    tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    await sidecar.start()
+    cmd = stubborn_script(tmp_path)
+    tid = hub.submit(
+        metadata={"shell_command": cmd, "timeout_ms": 1500}, routing_decision=SHELL, max_retries=0
+    )
+    await _wait_for(lambda: len(read_pids(tmp_path / "pids")) == 2)
+    pids = read_pids(tmp_path / "pids")
+    assert all(alive(p) for p in pids)
+    rec = await hub.wait_until(lambda: hub.task(tid) if hub.task(tid).failures else None, 30)
+    assert rec.failures[0]["reason"] == "timeout"
+    # Both got SIGTERM (and ignored it); SIGKILL followed the 2 s grace.
+    terms = [line.split() for line in (tmp_path / "terms").read_text().splitlines()]
+    assert sorted(int(p) for p, _ in terms) == sorted(pids)
+    assert not any(alive(p) for p in pids)
+    # Measured: the failure was reported about kill_grace_s after SIGTERM.
+    term_at = min(float(t) for _, t in terms)
+    finished = [e for e in sidecar.events("task_finished") if e.get("task_id") == tid]
+    assert finished and finished[0]["outcome"] == "timeout"
+    end_wall = _wall(finished[0]["ts"])
+    assert 1.5 <= end_wall - term_at <= 5.0, end_wall - term_at
+    no_violations(hub)
+
+
+async def test_hub_cancel_kills_task_and_sends_no_result(
+    tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    await sidecar.start()
+    pidfile = tmp_path / "p"
+    tid = hub.submit(
+        metadata={"shell_command": f"echo $$ > {pidfile}; exec sleep 60"}, routing_decision=SHELL
+    )
+    await _wait_for(lambda: hub.task(tid).status == "accepted" and read_pids(pidfile))
+    pid = read_pids(pidfile)[0]
+    assert hub.cancel(tid)
+    await hub.wait_until(lambda: any(e.get("task_id") == tid for e in sidecar.events("task_finished")), 30)
+    assert not alive(pid)
+    assert [f.type for f in hub.frames(AGENT) if f.type in ("task_complete", "task_failed")] == []
+    # The sidecar is free again: a next task runs.
+    tid2 = hub.submit(metadata={"shell_command": "echo after"}, routing_decision=SHELL)
+    await hub.wait_until(lambda: hub.task(tid2).status == "completed", 30)
+    no_violations(hub)
+
+
+async def test_hub_restart_mid_task_result_delivered_after(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        port = hub.port
+        sc = SidecarProcess(tmp_path / "sc", hub.ws_url)
+        try:
+            await sc.start()
+            tid = hub.submit(
+                metadata={
+                    "shell_command": f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done-after-restart"
+                },
+                routing_decision=SHELL,
+            )
+            await hub.wait_until(lambda: hub.task(tid).status == "accepted", 30)
+            state = hub.state
+            gate_hub = hub
+        except BaseException:
+            await sc.cleanup()
+            raise
+    # The hub is gone. The task finishes while it is down; the result must wait on disk.
+    try:
+        assert not gate_hub.connected(AGENT)
+        gate.touch()
+        await _wait_for(lambda: any(e.get("task_id") == tid for e in sc.events("task_finished")))
+        async with open_dev_hub(tokens={AGENT: TOKEN}, port=port, state=state.restarted()) as hub2:
+            rec = await hub2.wait_until(
+                lambda: hub2.task(tid) if hub2.task(tid).status == "completed" else None, 30
+            )
+            assert rec.result is not None and "done-after-restart" in rec.result["output"]
+            no_violations(hub2)
+    finally:
+        await sc.cleanup()
+
+
+async def test_kill9_and_restart_recovers_task_and_kills_orphans(
+    tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    await sidecar.start()
+    pidfile = tmp_path / "pids"
+    marker = tmp_path / "second-run"
+    # First run: records its pid and sleeps. The re-run after recovery finishes at once.
+    cmd = (
+        f"if [ -e {marker} ]; then echo recovered-run; exit 0; fi;"
+        f" echo $$ >> {pidfile}; touch {marker}; sleep 60"
+    )
+    tid = hub.submit(metadata={"shell_command": cmd, "timeout_ms": 120_000}, routing_decision=SHELL)
+    await _wait_for(lambda: hub.task(tid).status == "accepted" and read_pids(pidfile))
+    orphan = read_pids(pidfile)[0]
+    await sidecar.kill9()
+    assert alive(orphan)  # kill -9 of the sidecar leaves the child: the restart must deal with it
+    await sidecar.start()
+    rec = await hub.wait_until(lambda: hub.task(tid) if hub.task(tid).status == "completed" else None, 30)
+    assert not alive(orphan)
+    assert rec.result is not None and "recovered-run" in rec.result["output"]
+    assert any(f.type == "task_recovering" for f in hub.frames(AGENT))
+    no_violations(hub)
+
+
+async def test_sigterm_shutdown_cancels_tasks_reports_and_exits_zero(
+    tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    await sidecar.start()
+    pidfile = tmp_path / "p"
+    tid = hub.submit(
+        metadata={"shell_command": f"echo $$ > {pidfile}; exec sleep 60"}, routing_decision=SHELL
+    )
+    await _wait_for(lambda: hub.task(tid).status == "accepted" and read_pids(pidfile))
+    code = await sidecar.stop(signal.SIGTERM, timeout=20)
+    assert code == 0
+    assert not alive(read_pids(pidfile)[0])
+    failed = [f.frame for f in hub.frames(AGENT, type="task_failed")]
+    assert failed and failed[0]["reason"] == "sidecar_shutdown"
+    assert "retried" in hub.task(tid).ack_statuses
+    assert not psutil.pid_exists(sidecar.pid) or not alive(sidecar.pid)
+    no_violations(hub)
+
+
+async def test_busy_sidecar_answers_sidecar_busy_and_queue_holds_one(tmp_path: Path) -> None:
+    async with open_dev_hub(tokens={AGENT: TOKEN}, concurrency=3) as hub:
+        sc = SidecarProcess(tmp_path / "sc", hub.ws_url, capacity=1, queue_length=1)
+        try:
+            await sc.start()
+            gate = tmp_path / "gate"
+            slow = {"shell_command": f"while [ ! -e {gate} ]; do sleep 0.05; done; echo slow"}
+            t1 = hub.submit(metadata=slow, routing_decision=SHELL)
+            await hub.wait_until(lambda: hub.task(t1).status == "accepted", 30)
+            t2 = hub.submit(metadata={"shell_command": "echo queued"}, routing_decision=SHELL)
+            await hub.wait_until(lambda: hub.task(t2).status == "accepted", 30)
+            t3 = hub.submit(metadata={"shell_command": "echo refused"}, routing_decision=SHELL, max_retries=0)
+            rec3 = await hub.wait_until(lambda: hub.task(t3) if hub.task(t3).failures else None, 30)
+            assert rec3.failures[0]["reason"] == "sidecar_busy"
+            assert hub.task(t2).status == "accepted"  # stored and waiting for the slot
+            gate.touch()
+            await hub.wait_until(lambda: hub.task(t1).status == hub.task(t2).status == "completed", 30)
+            no_violations(hub)
+        finally:
+            await sc.cleanup()
+
+
+async def test_duplicate_assign_is_reacknowledged_not_run_twice(
+    tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    await sidecar.start()
+    runs = tmp_path / "runs"
+    gate = tmp_path / "gate"
+    cmd = f"echo run >> {runs}; while [ ! -e {gate} ]; do sleep 0.05; done"
+    tid = hub.submit(metadata={"shell_command": cmd}, routing_decision=SHELL)
+    await hub.wait_until(lambda: hub.task(tid).status == "accepted", 30)
+    assign = next(f.frame for f in hub.sent(AGENT, type="task_assign"))
+    assert assign is not None
+    await hub.send_frame(AGENT, assign)
+    await hub.wait_until(lambda: len(hub.frames(AGENT, type="task_accepted")) == 2, 30)
+    gate.touch()
+    await hub.wait_until(lambda: hub.task(tid).status == "completed", 30)
+    assert runs.read_text().split() == ["run"]
+    no_violations(hub)
+
+
+BAD_FRAMES: list[Any] = [
+    "this is not json",
+    "[1, 2, 3]",
+    '{"no_type": true}',
+    '{"type": 42}',
+    '{"type": "no_such_type", "x": 1}',
+    '{"type": "task_assign"}',
+    '{"type": "task_assign", "task_id": 17}',
+    '{"type": "task_cancelled"}',
+    '{"type": "task_ack", "task_id": null, "status": 5}',
+    '{"type": "rate_limited", "retry_after_ms": "soon"}',
+    '{"type": "task_continue", "task_id": "nope", "generation": "x"}',
+    '{"type": "' + "x" * 5000 + '"}',
+    "{" * 100_000,
+    '{"type": "task_assign", "task_id": "x", "routing_decision": [[[[[[[[[[]]]]]]]]]]}',
+]
+
+
+async def test_bad_frames_never_crash_and_next_task_runs(hub: DevHub, sidecar: SidecarProcess) -> None:
+    sidecar.config["max_frame_bytes"] = 256 * 1024
+    await sidecar.start()
+    await hub.wait_until(lambda: hub.connected(AGENT), 30)
+    with trio.fail_after(30):
+        for raw in BAD_FRAMES:
+            await hub.send_raw(AGENT, raw)
+    # A task_assign with a task_id but wrong field types fails that task, naming the field.
+    await hub.send_frame(
+        AGENT, {"type": "task_assign", "task_id": "bad-1", "generation": 0, "metadata": "not-an-object"}
+    )
+
+    def failed_for(tid: str) -> dict[str, Any] | None:
+        return next(
+            (f.frame for f in hub.frames(AGENT, type="task_failed") if f.frame and f.frame["task_id"] == tid),
+            None,
+        )
+
+    failed = await hub.wait_until(lambda: failed_for("bad-1"), 30)
+    assert "metadata" in failed["error"] and failed["reason"] == "invalid_task"
+    nested = await hub.wait_until(lambda: failed_for("x"), 30)
+    assert "routing_decision" in nested["error"]
+    # An oversized frame closes the socket (1009); the sidecar reconnects.
+    await hub.send_raw(AGENT, '{"type":"message","body":"' + "y" * 400_000 + '"}')
+    await hub.wait_until(lambda: hub.connected(AGENT), 30)
+    tid = hub.submit(metadata={"shell_command": "echo still-serving"}, routing_decision=SHELL)
+    rec = await hub.wait_until(lambda: hub.task(tid) if hub.task(tid).status == "completed" else None, 30)
+    assert rec.result is not None and "still-serving" in rec.result["output"]
+    assert sidecar.proc is not None and sidecar.proc.returncode is None
+    assert sidecar.events("bad_frame")
+    no_violations(hub)
+
+
+def _wall(ts: str) -> float:
+    import datetime
+
+    return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+
+
+async def _wait_for(pred: Any, timeout: float = 30) -> None:  # noqa: ASYNC109
+    """Wait for a condition the hub cannot signal (files, processes, a hub that is down).
+
+    Re-checked on a short period: this only orders the test, it measures nothing.
+    """
+    with trio.fail_after(timeout):
+        while not pred():  # noqa: ASYNC110 - files and processes offer no event to wait on
+            await trio.sleep(0.05)
