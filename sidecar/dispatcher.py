@@ -19,7 +19,7 @@ import trio
 
 from .cost import CostModel
 from .executors import Executor
-from .log import get_logger
+from .log import bind_context, get_logger
 from .messages import LIMITS, Outcome, Task, truncate
 from .progress import ProgressSender
 
@@ -179,6 +179,7 @@ class Dispatcher:
         outcomes: list[Outcome] = []
         while True:
             attempt = len(outcomes) + 1
+            bind_context(attempt=attempt)
             outcome = await self._attempt(executor, task, progress, kind)
             outcomes.append(outcome)
             if outcome.ok or not self._retryable(outcome) or attempt > policy.max_retries:

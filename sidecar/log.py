@@ -6,6 +6,7 @@ Registered secrets (the hub token) are replaced by `***` in every line.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
@@ -13,6 +14,27 @@ import time
 from typing import Any, TextIO
 
 _SECRETS: set[str] = set()
+
+# Fields added to every event logged from the current trio task (and from tasks
+# it starts afterwards): the supervisor binds task_id and generation for a
+# task's whole life, the dispatcher binds the attempt. A callable value is
+# called at log time (the generation can change while a task runs).
+_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "sidecar_log_context", default=None
+)
+
+
+def bind_context(**fields: Any) -> None:
+    """Add `fields` to every log event of the current trio task from now on."""
+    _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
+
+
+def context_fields() -> dict[str, Any]:
+    """The current task's bound fields, callables resolved."""
+    bound = _CONTEXT.get()
+    if not bound:
+        return {}
+    return {k: (v() if callable(v) else v) for k, v in bound.items()}
 
 
 def register_secret(value: str) -> None:
@@ -75,7 +97,8 @@ class Logger:
 
     def _log(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
         if self._logger.isEnabledFor(level):
-            self._logger.log(level, event, exc_info=exc_info, extra={"fields": {**self._bound, **fields}})
+            merged = {**context_fields(), **self._bound, **fields}
+            self._logger.log(level, event, exc_info=exc_info, extra={"fields": merged})
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, False, fields)

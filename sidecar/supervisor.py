@@ -19,7 +19,7 @@ from . import procs
 from .config import Config
 from .delivery import AcceptTracker, Outbox
 from .dispatcher import DispatchResult
-from .log import get_logger
+from .log import bind_context, get_logger
 from .messages import (
     LIMITS,
     FrameError,
@@ -237,6 +237,8 @@ class Supervisor:
         task = held.task
         tid = task.task_id
         tlog = log.bind(task_id=tid)
+        # Every event logged while this task runs (executors included) carries these.
+        bind_context(task_id=tid, generation=lambda: held.generation)
         result: DispatchResult | None = None
         started_at: float | None = None
         timeout_s = (task.timeout_ms or self.config.default_timeout_ms) / 1000.0
