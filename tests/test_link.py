@@ -1,0 +1,188 @@
+"""The hub link and delivery under a virtual clock: auth back-off, reconnect backoff
+with jitter, 1008 cooldowns, pong time-outs, rate limits and result resends.
+
+The dev hub and the sidecar run in one Trio run on real loopback sockets with a
+MockClock that jumps only after 10 ms of real idleness, so socket I/O is never
+mistaken for idleness while minutes of backoff pass in milliseconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from sidecar.app import open_sidecar
+from sidecar.config import Config
+from sidecar.devhub import DevHub, RateLimits, TierLimit, open_dev_hub
+from sidecar.link import HubLink
+from sidecar.messages import FrameError
+
+AGENT, TOKEN = "agent-1", "link-test-token-9"
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+class Recorder:
+    """A LinkHandler that records what the link hands it."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.identified = 0
+        self.disconnects = 0
+        self._changed = trio.Event()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, predicate: Any) -> Any:
+        while not (value := predicate()):
+            await self._changed.wait()
+        return value
+
+    async def on_identified(self, link: HubLink) -> None:
+        self.identified += 1
+        self._wake()
+
+    async def on_frame(self, frame: dict[str, Any]) -> None:
+        self.frames.append(frame)
+        self._wake()
+
+    def on_disconnected(self) -> None:
+        self.disconnects += 1
+
+    def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
+        pass
+
+
+@asynccontextmanager
+async def running_link(config: Config) -> AsyncIterator[tuple[HubLink, Recorder]]:
+    rec = Recorder()
+    link = HubLink(config, rec)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.run)
+        yield link, rec
+        link.close()
+        nursery.cancel_scope.cancel()
+
+
+def identify_times(hub: DevHub) -> list[float]:
+    return [f.at for f in hub.frames(AGENT, type="identify")]
+
+
+async def test_wrong_token_is_logged_clearly_and_retried_slowly(
+    clock: trio.testing.MockClock, make_config: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with open_dev_hub(tokens={AGENT: "the-right-one"}) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, auth_backoff_s=300.0)
+        async with running_link(cfg):
+            await hub.wait_until(lambda: len(identify_times(hub)) >= 3, timeout=2000)
+        times = identify_times(hub)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(gap >= 300 for gap in gaps), gaps
+    refusals = [r for r in caplog.records if r.getMessage() == "auth_refused"]
+    assert refusals and refusals[0].fields["error"] == "invalid_token"  # type: ignore[attr-defined]
+    assert "token" in refusals[0].fields["hint"]  # type: ignore[attr-defined]
+    assert TOKEN not in caplog.text
+
+
+async def test_reconnect_backoff_doubles_with_jitter_to_cap(
+    clock: trio.testing.MockClock, make_config: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    # A port with nothing listening: every connect fails at once.
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cfg = make_config(hub_url=f"ws://127.0.0.1:{port}/ws", backoff_initial_s=1.0, backoff_max_s=16.0)
+    async with running_link(cfg):
+        await trio.sleep(200)
+    delays = [r.fields["delay_s"] for r in caplog.records if r.getMessage() == "reconnect_wait"]  # type: ignore[attr-defined]
+    assert len(delays) >= 8
+    for i, delay in enumerate(delays[:8]):
+        base = min(1.0 * 2**i, 16.0)
+        assert base / 2 <= delay <= base, (i, delay)
+    assert len(set(delays[4:8])) > 1  # jitter: capped delays still differ
+
+
+async def test_cooldown_close_is_honoured(clock: trio.testing.MockClock, make_config: Any) -> None:
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        hub.state.cooldowns.record_disconnect(AGENT, trio.current_time())  # as after 10 validation failures
+        start = trio.current_time()
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, backoff_initial_s=0.1)
+        async with running_link(cfg) as (_link, rec):
+            await rec.wait(lambda: rec.identified)
+            identified_at = trio.current_time()
+        refused = [f for f in hub.frames(AGENT, type="identify") if f.verdict == "cooldown"]
+    assert len(refused) == 1  # no tight loop against the cooldown
+    assert identified_at - start >= 30
+    assert rec.identified == 1
+
+
+async def test_pong_timeout_declares_link_dead_and_reconnects(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, ping_interval_s=30.0, pong_timeout_s=10.0)
+        async with running_link(cfg) as (_link, rec):
+            await rec.wait(lambda: rec.identified == 1)
+            hub.stall(AGENT)
+            stalled_at = trio.current_time()
+            with trio.fail_after(300):
+                await rec.wait(lambda: rec.identified == 2)
+            reconnected_at = trio.current_time()
+    assert rec.disconnects == 1
+    # The last ping before the stall may be up to 30 s old: dead within 30 + 10 s.
+    assert 10 <= reconnected_at - stalled_at <= 30 + 10 + 5
+
+
+async def test_rate_limited_pauses_normal_frames(clock: trio.testing.MockClock, make_config: Any) -> None:
+    limits = RateLimits(normal=TierLimit(2, 6))  # 2 frames, then one every 10 s
+    async with open_dev_hub(tokens={AGENT: TOKEN}, limits=limits) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN)
+        async with running_link(cfg) as (link, rec):
+            await rec.wait(lambda: rec.identified == 1)
+            for _ in range(3):
+                assert await link.send({"type": "task_progress", "task_id": "t"})
+            limited = await rec.wait(
+                lambda: next((f for f in rec.frames if f["type"] == "rate_limited"), None)
+            )
+            assert link.paused_until > trio.current_time()
+            before = trio.current_time()
+            await link.wait_ready()
+            assert trio.current_time() - before >= limited["retry_after_ms"] / 1000 - 0.01
+
+
+async def test_result_dropped_by_rate_limit_is_resent_until_acked(
+    clock: trio.testing.MockClock, make_config: Any, tmp_path: Path
+) -> None:
+    # A tight bucket: accept + some progress exhaust it, so the result is dropped once.
+    limits = RateLimits(normal=TierLimit(3, 6))
+    async with open_dev_hub(tokens={AGENT: TOKEN}, limits=limits) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, progress_budget_per_min=4)
+        async with open_sidecar(cfg):
+            tid = hub.submit(
+                metadata={"shell_command": "for i in 1 2 3 4 5 6; do echo $i; done"},
+                routing_decision={"target_type": "sidecar"},
+            )
+            rec = await hub.wait_until(
+                lambda: hub.task(tid) if hub.task(tid).status == "completed" else None, 600
+            )
+    completes = hub.frames(AGENT, type="task_complete")
+    assert rec.ack_statuses[-1] == "complete"
+    assert completes[-1].verdict == "ok"
+    # Every dropped result was sent again; nothing other than rate limits was refused.
+    assert all(v.kind == "rate_limited" for v in hub.violations)
