@@ -40,6 +40,9 @@ log = get_logger("sidecar.app")
 # How long a result waits for its task's pending progress to reach the hub first.
 RESULT_PROGRESS_WAIT_S = 2.0
 
+# Frames we send that an older hub may not know; dropped after one refusal.
+OPTIONAL_TYPES = frozenset({"resource_report", "ollama_report"})
+
 # Chat traffic for interactive agents: ignored quietly (protocol.md).
 _IGNORED = frozenset(
     {
@@ -100,6 +103,7 @@ class Sidecar:
             self.link.send,
         )
         self.bad_frames = 0
+        self.refused_types: set[str] = set()
         self.stopped = trio.Event()
 
     def busy(self) -> bool:
@@ -116,11 +120,20 @@ class Sidecar:
         self.batcher.notify_sink_ready()
         await self.supervisor.recover_all()
         if self.config.ollama_url:
-            await link.send({"type": "ollama_report", "ollama_url": self.config.ollama_url})
+            await self._send_optional(link, {"type": "ollama_report", "ollama_url": self.config.ollama_url})
         await trio.sleep(reports.FIRST_REPORT_DELAY_S)
         while True:
-            await link.send(await reports.resource_report())
+            await self._send_optional(link, await reports.resource_report())
             await trio.sleep(reports.REPORT_INTERVAL_S)
+
+    async def _send_optional(self, link: HubLink, frame: dict[str, Any]) -> None:
+        """Send a frame an older hub may not know, unless it already refused the type.
+
+        Validation failures count towards the hub's 10-a-minute disconnect, so a
+        type refused once is not sent again by this process.
+        """
+        if frame["type"] not in self.refused_types:
+            await link.send(frame)
 
     async def on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame["type"]
@@ -150,6 +163,9 @@ class Sidecar:
             self.accepts.on_frame(frame)
             self.outbox.on_frame(frame)
         elif kind == "error":
+            mtype = frame.get("message_type")
+            if frame.get("error") == "validation_failed" and mtype in OPTIONAL_TYPES:
+                self.refused_types.add(str(mtype))
             log.warning(
                 "hub_error",
                 error=str(frame.get("error"))[:300],
