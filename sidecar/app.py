@@ -31,6 +31,7 @@ from .executors.wake import WakeExecutor
 from .link import HubLink
 from .log import get_logger, register_secret
 from .messages import FrameError
+from .metrics import SidecarMetrics
 from .progress import open_progress
 from .store import Store
 from .supervisor import Supervisor
@@ -92,10 +93,11 @@ class Sidecar:
         self.progress_send, self.progress_receive = open_progress()
         ctx = ExecContext(config=config, http=http, state_dir=config.resolved_state_dir())
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
+        self.metrics = SidecarMetrics(self)
         self.supervisor = Supervisor(
             config,
             store,
-            self.dispatcher.run,
+            self.metrics.instrument(self.dispatcher.run),
             self.progress_send,
             self.batcher,
             self.outbox,
@@ -203,6 +205,8 @@ class Sidecar:
             nursery.start_soon(self.outbox.run)
             nursery.start_soon(self.accepts.run)
             nursery.start_soon(self.link.run)
+            if self.config.metrics_listen:
+                await nursery.start(self.metrics.serve, self.config.metrics_listen)
             task_status.started()
             await self.stopped.wait()
             nursery.cancel_scope.cancel()

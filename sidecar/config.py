@@ -94,6 +94,8 @@ class Config:
     keepalive_s: float = 120.0
     shutdown_grace_s: float = 10.0
     wake_attempt_timeout_s: float = 60.0
+    # Local /healthz and /metrics endpoint, "host:port" (off when unset).
+    metrics_listen: str | None = None
     ollama: OllamaConfig = attrs.field(factory=OllamaConfig)
     claude: ClaudeConfig = attrs.field(factory=ClaudeConfig)
     prices: dict[str, PriceOverride] = attrs.field(factory=dict)
@@ -141,6 +143,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(key, f"must be positive, got {getattr(cfg, key)!r}")
     if cfg.queue_length < 0:
         raise ConfigError("queue_length", f"must be zero or more, got {cfg.queue_length!r}")
+    if cfg.metrics_listen is not None:
+        host, sep, port = cfg.metrics_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError("metrics_listen", f"must be host:port, got {cfg.metrics_listen!r}")
     if cfg.ollama_url is not None:
         o = urlparse(cfg.ollama_url if "://" in cfg.ollama_url else "http://" + cfg.ollama_url)
         if o.scheme not in ("http", "https") or not o.hostname:

@@ -1,0 +1,263 @@
+"""Local observability endpoint: `/healthz` (JSON) and `/metrics` (Prometheus text).
+
+Off by default; `metrics_listen = "127.0.0.1:9464"` in the config turns it on.
+Each sidecar has its own `CollectorRegistry` (never the process-global one),
+so several sidecars in one process (tests) do not mix their figures.
+
+Two kinds of figures:
+- recorded when a task ends, by wrapping the dispatcher (`instrument`): tasks by
+  outcome and executor, task duration, tokens and cost by model;
+- read at scrape time from the live objects (`_LiveCollector`): connection
+  state, reconnects, rate-limit hits, progress batcher counters, outbox depth,
+  tasks held.
+
+Served by hypercorn's Trio worker (raw ASGI, no framework) inside the
+sidecar's nursery, so it lives and dies with the sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .dispatcher import DispatchResult, UnknownTargetError, target_of
+from .log import get_logger
+from .messages import Task
+from .progress import ProgressSender
+
+if TYPE_CHECKING:
+    from .app import Sidecar
+
+log = get_logger("sidecar.metrics")
+
+DispatchFn = Callable[[Task, ProgressSender], Awaitable[DispatchResult]]
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+# Task durations range from a shell `echo` (ms) to a long Claude session (tens of minutes).
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _LiveCollector:
+    """Figures owned by other objects, read when Prometheus scrapes."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sc = sidecar
+
+    def collect(self) -> Iterator[Metric]:
+        sc = self._sc
+        link, stats = sc.link, sc.batcher.stats
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        yield gauge(
+            "sidecar_hub_connected", "1 while the WebSocket to the hub is open", float(link.connected)
+        )
+        yield gauge(
+            "sidecar_hub_identified", "1 while the hub has accepted our identify", float(link.identified)
+        )
+        age = last_pong_age(sc)
+        yield gauge(
+            "sidecar_hub_last_pong_age_seconds",
+            "Seconds since the hub last answered (pong or identified); NaN before the first",
+            math.nan if age is None else age,
+        )
+        yield counter("sidecar_hub_reconnects", "Reconnect attempts to the hub", link.reconnects)
+        yield counter(
+            "sidecar_rate_limited", "Frames the hub dropped with rate_limited", link.rate_limited_hits
+        )
+        yield counter(
+            "sidecar_rate_limit_warnings", "rate_limit_warning frames from the hub", stats.rate_limit_warnings
+        )
+        yield counter("sidecar_progress_events", "Progress events produced by executors", stats.events_in)
+        yield counter(
+            "sidecar_progress_events_coalesced",
+            "Progress events merged into a pending frame",
+            stats.events_coalesced,
+        )
+        yield counter(
+            "sidecar_progress_events_dropped", "Progress events whose text was lost", stats.events_dropped
+        )
+        yield counter("sidecar_progress_frames_sent", "task_progress frames sent", stats.frames_sent)
+        yield counter(
+            "sidecar_progress_keepalives_sent", "Keep-alive task_progress frames sent", stats.keepalives_sent
+        )
+        yield counter(
+            "sidecar_progress_send_failures",
+            "task_progress frames that could not be sent",
+            stats.send_failures,
+        )
+        yield gauge(
+            "sidecar_outbox_depth", "Results stored and not yet acknowledged by the hub", sc.outbox.depth
+        )
+        yield counter("sidecar_results_delivered", "Results the hub acknowledged", sc.outbox.delivered)
+        yield counter("sidecar_results_refused", "Results the hub refused (stale)", sc.outbox.refused)
+        yield gauge("sidecar_tasks_held", "Tasks held (running or queued)", len(sc.supervisor.held))
+        yield gauge("sidecar_task_slots", "Tasks that may run at once (capacity)", sc.config.capacity)
+
+
+def last_pong_age(sidecar: Sidecar) -> float | None:
+    at = sidecar.link.last_pong_at
+    return None if at is None else max(0.0, trio.current_time() - at)
+
+
+class SidecarMetrics:
+    """The sidecar's metrics registry, its task hooks, and the HTTP endpoint."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.tasks = Counter(
+            "sidecar_tasks",
+            "Tasks finished, by outcome (success, failure, timeout, cancelled) and executor",
+            ["outcome", "executor"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "sidecar_task_duration_seconds",
+            "Task run time from start to result, all attempts included",
+            ["executor"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "sidecar_tokens",
+            "LLM tokens used by successful tasks, by model and direction (in, out)",
+            ["model", "direction"],
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "sidecar_cost_usd",
+            "Estimated cost in USD of successful tasks, by model",
+            ["model"],
+            registry=self.registry,
+        )
+        self.registry.register(_LiveCollector(sidecar))
+        self.bound_url: str | None = None
+
+    # -- task hooks ------------------------------------------------------------
+
+    def instrument(self, dispatch: DispatchFn) -> DispatchFn:
+        """Wrap the dispatcher so every task's end is counted."""
+
+        async def run(task: Task, progress: ProgressSender) -> DispatchResult:
+            started = trio.current_time()
+            # The supervisor sets the task's time limit on its scope before dispatching.
+            deadline = trio.current_effective_deadline()
+            result: DispatchResult | None = None
+            try:
+                result = await dispatch(task, progress)
+                return result
+            finally:
+                elapsed = trio.current_time() - started
+                if result is not None:
+                    self.record(result, elapsed)
+                else:
+                    timed_out = trio.current_time() >= deadline
+                    self.record_unfinished(task, "timeout" if timed_out else "cancelled", elapsed)
+
+        return run
+
+    def record(self, result: DispatchResult, elapsed_s: float) -> None:
+        self.tasks.labels("success" if result.ok else "failure", result.executor).inc()
+        self.duration.labels(result.executor).observe(elapsed_s)
+        r = result.result
+        if not result.ok or r is None:
+            return
+        model = str(r.get("model_used") or "none")
+        if model == "none":
+            return
+        for direction in ("in", "out"):
+            n = r.get(f"tokens_{direction}")
+            if isinstance(n, int) and n > 0:
+                self.tokens.labels(model, direction).inc(n)
+        cost = r.get("estimated_cost_usd")
+        if isinstance(cost, (int, float)) and cost > 0:
+            self.cost.labels(model).inc(float(cost))
+
+    def record_unfinished(self, task: Task, outcome: str, elapsed_s: float) -> None:
+        try:
+            executor = target_of(task)
+        except UnknownTargetError:
+            executor = "none"
+        self.tasks.labels(outcome, executor).inc()
+        self.duration.labels(executor).observe(elapsed_s)
+
+    # -- HTTP ------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        sc = self.sidecar
+        age = last_pong_age(sc)
+        doc = {
+            "status": "ok" if sc.link.identified else "unavailable",
+            "agent_id": sc.config.agent_id,
+            "connected": sc.link.connected,
+            "identified": sc.link.identified,
+            "last_pong_age_s": None if age is None else round(age, 3),
+            "tasks_held": len(sc.supervisor.held),
+            "outbox_depth": sc.outbox.depth,
+        }
+        return (200 if sc.link.identified else 503), doc
+
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope.get("path", "")
+        if scope.get("method") not in ("GET", "HEAD"):
+            status, ctype, body = 405, "text/plain; charset=utf-8", b"method not allowed\n"
+        elif path == "/metrics":
+            status, ctype, body = 200, CONTENT_TYPE_LATEST, self.render()
+        elif path == "/healthz":
+            status, doc = self.health()
+            ctype, body = "application/json", json.dumps(doc).encode() + b"\n"
+        else:
+            status, ctype, body = 404, "text/plain; charset=utf-8", b"not found: try /healthz or /metrics\n"
+        headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else body})
+
+    async def serve(
+        self, listen: str, *, task_status: trio.TaskStatus[str | None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled. A bind failure is logged, not fatal: the sidecar still works."""
+        cfg = hypercorn.config.Config()
+        cfg.bind = [listen]
+        cfg.accesslog = None
+        cfg.errorlog = logging.getLogger("hypercorn.error")
+        cfg.graceful_timeout = 0.5
+        async with trio.open_nursery() as nursery:
+            try:
+                binds: list[str] = await nursery.start(hypercorn.trio.serve, self, cfg)
+            except (OSError, BaseExceptionGroup) as exc:
+                if isinstance(exc, BaseExceptionGroup) and exc.split(OSError)[1] is not None:
+                    raise
+                log.error("metrics_bind_failed", listen=listen, error=str(exc))
+                task_status.started(None)
+                return
+            self.bound_url = binds[0]
+            log.info("metrics_listening", url=self.bound_url)
+            task_status.started(self.bound_url)
