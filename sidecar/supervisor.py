@@ -148,6 +148,13 @@ class Supervisor:
             return
         tid, gen = task.task_id, task.generation
         held = self.held.get(tid)
+        if held is not None and held.cancel_reason is not None:
+            # A run of this task is being torn down (reassigned, cancelled): the
+            # new assignment starts afresh once that run's end is written.
+            log.info("assign_after_teardown", task_id=tid, generation=gen, ending=held.cancel_reason)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._assign_when_done, held, frame)
+            return
         if held is not None:
             if gen == held.generation:
                 log.info("duplicate_assign", task_id=tid, generation=gen, action="re-acknowledged")
@@ -156,6 +163,8 @@ class Supervisor:
                 log.info("assign_new_generation", task_id=tid, old=held.generation, generation=gen)
                 held.generation = gen
                 await self.store.set_generation(tid, gen)
+                # The hub gave it to us again: that answers a pending recovery too.
+                held.recover_answered.set()
                 await self.accepts.accept(tid)
             else:
                 log.warning("stale_assign_ignored", task_id=tid, generation=gen, held=held.generation)
@@ -181,6 +190,10 @@ class Supervisor:
         queued = len(self.held) > self.config.capacity
         log.info("task_accepted", task_id=tid, generation=gen, queued=queued)
         await self.accepts.accept(tid)
+
+    async def _assign_when_done(self, held: Held, frame: dict[str, Any]) -> None:
+        await held.done.wait()
+        await self.on_task_assign(frame)
 
     def on_task_cancelled(self, task_id: str) -> None:
         held = self.held.get(task_id)

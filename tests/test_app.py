@@ -46,3 +46,32 @@ async def test_reports_sent_per_session_and_stopped_after_a_refusal(
             later = [f for f in hub.frames(AGENT, type="resource_report") if f.at > refused_at + 1]
             assert later == []
         assert [v for v in hub.violations if v.kind != "rate_limited"] == []
+
+
+async def test_reassign_then_new_assign_of_same_task_runs_it_again(make_config: Any, tmp_path: Any) -> None:
+    """Regression: a task_assign (new generation) arriving while a reassigned run of
+    the same task is still being torn down was "adopted" by the dying run and lost."""
+    runs = tmp_path / "runs"
+    cmd = f'echo run >> {runs}; if [ "$(wc -l < {runs})" -ge 2 ]; then echo second; exit 0; fi; exec sleep 60'
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, kill_grace_s=1.0)
+        async with open_sidecar(cfg):
+            tid = hub.submit(metadata={"shell_command": cmd}, routing_decision={"target_type": "sidecar"})
+            await hub.wait_until(lambda: hub.task(tid).status == "accepted", timeout=30)
+            with trio.fail_after(30):
+                while not runs.exists():  # noqa: ASYNC110 - a file offers no event
+                    await trio.sleep(0.01)
+            # The hub took the task back and gives it out again under a new generation:
+            # task_reassign, then at once a task_assign for the same task.
+            rec = hub.task(tid)
+            rec.generation += 2
+            assign = {**rec.assigns[-1], "generation": rec.generation}
+            await hub.send_frame(AGENT, {"type": "task_reassign", "task_id": tid})
+            await hub.send_frame(AGENT, assign)
+            done = await hub.wait_until(
+                lambda: hub.task(tid) if hub.task(tid).status == "completed" else None, 30
+            )
+    assert done.result is not None and "second" in done.result["output"]
+    assert runs.read_text().split() == ["run", "run"]
+    complete = hub.frames(AGENT, type="task_complete")[-1].frame
+    assert complete is not None and complete["generation"] == rec.generation
