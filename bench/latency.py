@@ -1,0 +1,211 @@
+"""Assign → accept and assign → complete latency of the real `sidecar run` process.
+
+    .venv/bin/python bench/latency.py [--tasks 1000] [--warmup 20] [--command true]
+
+A dev hub runs in this process on 127.0.0.1 with its rate limits switched
+OFF (`limits=None`: 1,000 sequential tasks would exceed the real hub's 60
+normal-tier frames a minute; limits are not what this measures). A real
+`python -m sidecar run` subprocess (log level `info`, JSON lines to a file)
+connects to it. Tasks are sequential: the next one is submitted once the hub
+has received the previous one's `task_complete`.
+
+All times are taken on the hub side, in this process, from the hub's own frame
+records (trio clock): `task_assign` handed to the socket → `task_accepted`
+received, and → `task_complete` received. They include the dev hub's own
+work (hypercorn, JSON, validation) on both legs, on the same 2 cores.
+
+Also printed: CPU seconds the sidecar and this process (the hub) spent per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from sidecar.devhub import DevHub, open_dev_hub
+
+TOKEN = "bench-token-123456"
+AGENT = "bench-agent"
+
+
+class Sidecar:
+    """A `sidecar run` subprocess with a TOML config of our own."""
+
+    def __init__(self, root: Path, hub_url: str, *, log_level: str = "info", **overrides: Any) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.log_path = root / "sidecar.log"
+        self.log_level = log_level
+        self.config: dict[str, Any] = {
+            "agent_id": AGENT,
+            "token": TOKEN,
+            "hub_url": hub_url,
+            "state_dir": str(root / "state"),
+            "kill_grace_s": 2.0,
+            "backoff_initial_s": 0.2,
+            "backoff_max_s": 1.0,
+            **overrides,
+        }
+        self.proc: trio.Process | None = None
+
+    async def start(self, extra_argv: list[str] | None = None) -> None:
+        path = self.root / "sidecar.toml"
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.config.items()))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        argv = [sys.executable, *(extra_argv or []), "-m", "sidecar", "--log-format", "json"]
+        argv += ["--log-level", self.log_level, "run", "--config", str(path)]
+        with self.log_path.open("ab") as log:
+            self.proc = await trio.lowlevel.open_process(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        with trio.fail_after(30):
+            return await self.proc.wait()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The sidecar's JSON log lines whose `event` is `name`."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and obj.get("event") == name:
+                out.append(obj)
+        return out
+
+    async def cleanup(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            with trio.move_on_after(10):
+                await self.proc.wait()
+
+
+def cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))
+    return s[k]
+
+
+async def run_tasks(hub: DevHub, n: int, command: str) -> list[str]:
+    ids = []
+    for _ in range(n):
+        tid = hub.submit(metadata={"shell_command": command}, routing_decision={"target_type": "sidecar"})
+        await hub.wait_until(lambda tid=tid: hub.task(tid).status in ("completed", "dead_letter"), 30)  # type: ignore[misc]
+        ids.append(tid)
+    return ids
+
+
+def latencies(hub: DevHub, ids: list[str]) -> tuple[list[float], list[float]]:
+    assigned: dict[str, float] = {}
+    for f in hub.sent(AGENT, type="task_assign"):
+        if f.frame is not None:
+            assigned.setdefault(f.frame["task_id"], f.at)
+    accepted: dict[str, float] = {}
+    for f in hub.frames(AGENT, type="task_accepted"):
+        if f.frame is not None:
+            accepted.setdefault(f.frame["task_id"], f.at)
+    completed: dict[str, float] = {}
+    for f in hub.frames(AGENT, type="task_complete"):
+        if f.frame is not None:
+            completed.setdefault(f.frame["task_id"], f.at)
+    acc = [(accepted[t] - assigned[t]) * 1000 for t in ids]
+    comp = [(completed[t] - assigned[t]) * 1000 for t in ids]
+    return acc, comp
+
+
+def describe(name: str, ms: list[float]) -> str:
+    return (
+        f"{name:<22}: median {statistics.median(ms):6.2f} ms  p99 {pct(ms, 99):6.2f} ms"
+        f"  (min {min(ms):.2f}, max {max(ms):.2f}, n={len(ms)})"
+    )
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
+        async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None) as hub:
+            sc = Sidecar(Path(tmp) / "sc", hub.ws_url, log_level=args.log_level)
+            try:
+                await sc.start(["-m", "cProfile", "-o", args.profile] if args.profile else None)
+                await hub.wait_until(lambda: hub.connected(AGENT), 30)
+                await run_tasks(hub, args.warmup, args.command)
+                sc_cpu0, hub_cpu0 = cpu_s(sc.pid), cpu_s(os.getpid())
+                t0 = trio.current_time()
+                ids = await run_tasks(hub, args.tasks, args.command)
+                wall = trio.current_time() - t0
+                sc_cpu, hub_cpu = cpu_s(sc.pid) - sc_cpu0, cpu_s(os.getpid()) - hub_cpu0
+                acc, comp = latencies(hub, ids)
+                bad = [t for t in ids if hub.task(t).status != "completed"]
+                assert not bad, f"{len(bad)} tasks did not complete"
+                assert not hub.violations, hub.violations[:3]
+                assert await sc.stop() == 0
+                if args.keep_log:
+                    await trio.Path(args.keep_log).write_bytes(await trio.Path(sc.log_path).read_bytes())
+            finally:
+                await sc.cleanup()
+    return {
+        "accept_ms": acc,
+        "complete_ms": comp,
+        "wall_s": wall,
+        "sidecar_cpu_ms_per_task": sc_cpu * 1000 / args.tasks,
+        "hub_cpu_ms_per_task": hub_cpu * 1000 / args.tasks,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--command", default="true")
+    ap.add_argument("--log-level", default="info", help="the sidecar's --log-level")
+    ap.add_argument("--state-dir", default=None, help="parent of the sidecar's state dir (default: $TMPDIR)")
+    ap.add_argument("--profile", default=None, help="run the sidecar under cProfile, stats to this file")
+    ap.add_argument("--keep-log", default=None, help="copy the sidecar's JSON log here")
+    ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    args = ap.parse_args()
+    if args.profile:
+        args.profile = str(Path(args.profile).resolve())
+    r = trio.run(bench, args)
+    where = args.state_dir or tempfile.gettempdir()
+    print(
+        f"{args.tasks} sequential `{args.command}` tasks, dev hub on loopback, rate limits OFF,"
+        f" sidecar log level {args.log_level}, state dir under {where}"
+    )
+    print(describe("assign -> task_accepted", r["accept_ms"]))
+    print(describe("assign -> task_complete", r["complete_ms"]))
+    print(
+        f"throughput            : {args.tasks / r['wall_s']:6.1f} tasks/s"
+        f"  CPU per task: sidecar {r['sidecar_cpu_ms_per_task']:.2f} ms,"
+        f" hub+bench {r['hub_cpu_ms_per_task']:.2f} ms"
+    )
+    if args.json:
+        print(json.dumps({k: v for k, v in r.items()}))
+
+
+if __name__ == "__main__":
+    main()
