@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -14,11 +15,36 @@ from .log import setup_logging
 
 _EPILOG = """examples:
   sidecar demo                                 # dev hub + sidecar + a few shell tasks, live
+  sidecar exec --shell 'make test'             # one task here, no hub; exit 0/1/124
+  sidecar exec --ollama qwen3:8b --prompt 'Explain trio nurseries' --json
+  sidecar check --config /etc/sidecar/sidecar.toml   # config, state dir, hub, Ollama, claude
   sidecar run --config /etc/sidecar/sidecar.toml
   sidecar run --config ~/agentcom/sidecar/config.json   # the Node sidecar's file, unchanged
   sidecar hub --port 4000 --token t0k --agent agent-1
   curl -XPOST localhost:4000/api/tasks -d '{"description":"hi","metadata":{"shell_command":"echo hi"},
        "routing_decision":{"target_type":"sidecar"}}'
+"""
+
+_EXEC_EPILOG = """examples:
+  sidecar exec --shell 'for i in 1 2 3; do echo $i; sleep 1; done'
+  sidecar exec --shell 'make test' --timeout 600
+  sidecar exec --ollama qwen3:8b --prompt 'Write a haiku about queues'
+  sidecar exec --ollama qwen3:8b --ollama-url http://gpu-box:11434 --prompt 'hi' --json | jq .
+  sidecar exec --claude --prompt 'Summarise README.md' --config sidecar.toml
+
+exit status: 0 success, 1 failure, 124 time-out, 130 interrupted (Ctrl-C).
+--json prints one JSON object per line: {"event":"progress",...} for each progress event,
+then {"event":"result","outcome":...,"exit_code":...,"result":{...}}.
+"""
+
+_CHECK_EPILOG = """examples:
+  sidecar check --config /etc/sidecar/sidecar.toml
+  SIDECAR_TOKEN=... sidecar check --config sidecar.toml
+  sidecar check --config config.json --no-identify    # leave a running sidecar's session alone
+
+note: identify restarts this agent's session on the hub; a sidecar already running with the same
+agent_id is disconnected (and the hub reclaims its task). Use --no-identify on a live agent.
+exit status: 0 ready, 1 a config/state dir/hub check failed, 2 the config is invalid.
 """
 
 
@@ -70,6 +96,39 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--state-dir", help="where the demo sidecar keeps its state (default: a temp dir)")
+
+    ex = sub.add_parser(
+        "exec",
+        help="run one task here, without a hub",
+        description="Run one shell, Ollama or Claude task through the sidecar's own dispatcher and "
+        "executors (retries, process-group kill, output cap, pricing), showing progress live.",
+        epilog=_EXEC_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = ex.add_mutually_exclusive_group(required=True)
+    what.add_argument("--shell", metavar="CMD", help="run CMD with /bin/sh -c in the current directory")
+    what.add_argument("--ollama", metavar="MODEL", help="prompt an Ollama model")
+    what.add_argument("--claude", action="store_true", help="run the Claude Code CLI on the prompt")
+    ex.add_argument("--prompt", help="the prompt (--ollama, --claude)")
+    ex.add_argument("--model", help="Claude model id for --claude (default: the CLI's default)")
+    ex.add_argument("--ollama-url", help="Ollama server (default: config ollama_url, else 127.0.0.1:11434)")
+    ex.add_argument("--timeout", type=float, metavar="S", help="time limit in seconds (default 60)")
+    ex.add_argument("--json", action="store_true", help="JSON lines on stdout instead of the live view")
+    ex.add_argument("--config", "-c", help="take executor settings from this config (no hub is contacted)")
+    ex.add_argument("--state-dir", help="keep task logs here (default: a temp dir, removed)")
+
+    chk = sub.add_parser(
+        "check",
+        help="check config, state dir, hub, Ollama and claude",
+        description="Validate the config, resolve the state dir, probe the hub (TCP, WebSocket handshake, "
+        "identify with the token, clean disconnect), Ollama (/api/version) and the claude binary "
+        "(--version), and print what is ready and what is not.",
+        epilog=_CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chk.add_argument("--config", "-c", help="TOML config, or the original sidecar's config.json")
+    chk.add_argument("--no-identify", action="store_true", help="stop after the WebSocket handshake")
+    chk.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per probe (default 10)")
     return p
 
 
@@ -100,7 +159,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return trio.run(run_demo, args.state_dir)
+    if args.command == "exec":
+        return _exec(args, json_lines)
+    if args.command == "check":
+        setup_logging("error", json_lines=json_lines)
+        from .check import run_check
+
+        return trio.run(
+            partial(run_check, args.config, sys.stdout, identify=not args.no_identify, timeout_s=args.timeout)
+        )
     return 2  # pragma: no cover - argparse enforces the choices
+
+
+def _exec(args: argparse.Namespace, json_lines: bool | None) -> int:
+    from .localexec import ExecRequest, run_exec
+
+    if (args.ollama or args.claude) and not args.prompt:
+        print("sidecar exec: --ollama and --claude need --prompt", file=sys.stderr)
+        return 2
+    if args.timeout is not None and args.timeout <= 0:
+        print("sidecar exec: --timeout must be positive", file=sys.stderr)
+        return 2
+    kind = "shell" if args.shell is not None else "ollama" if args.ollama else "claude"
+    req = ExecRequest(
+        kind=kind,
+        command=args.shell,
+        prompt=args.prompt or "",
+        model=args.ollama if kind == "ollama" else args.model,
+        ollama_url=args.ollama_url,
+        timeout_s=args.timeout,
+        config_path=args.config,
+        state_dir=args.state_dir,
+    )
+    # Logs to stderr (warnings only): stdout is the view or the JSON lines.
+    setup_logging("warning" if args.log_level == "info" else args.log_level, json_lines=json_lines)
+    try:
+        return trio.run(partial(run_exec, req, sys.stdout, json_lines=args.json))
+    except ConfigError as exc:
+        print(f"sidecar: bad config: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ import trio
 from .app import open_sidecar
 from .config import config_from_mapping
 from .devhub import DevHub, open_dev_hub
+from .view import LiveView
 
 DEMO_TASKS: list[tuple[str, dict[str, Any]]] = [
     (
@@ -49,23 +50,17 @@ DEMO_TASKS: list[tuple[str, dict[str, Any]]] = [
     ),
 ]
 
-_COLOURS = {"stdout": "", "stderr": "\x1b[33m", "status": "\x1b[36m", "error": "\x1b[31m", "token": ""}
-
-
 class _View:
-    """Prints progress as the hub receives it, and a result line per task."""
+    """Shows progress as the hub receives it, and a result line per task (`view.LiveView`)."""
 
-    def __init__(self, hub: DevHub, names: dict[str, str], out: TextIO) -> None:
+    def __init__(self, hub: DevHub, names: dict[str, str], out: TextIO, tty: bool | None = None) -> None:
         self.hub = hub
         self.names = names
-        self.out = out
-        self.colour = out.isatty()
+        self.live = LiveView(out, tty=tty, labels=True)
+        for tid, name in names.items():
+            self.live.add(tid, name)
         self.seen: dict[str, int] = dict.fromkeys(names, 0)
         self.reported: set[str] = set()
-        self.started = time.monotonic()
-
-    def _paint(self, text: str, code: str) -> str:
-        return f"{code}{text}\x1b[0m" if self.colour and code else text
 
     def has_news(self) -> bool:
         for tid in self.names:
@@ -77,40 +72,47 @@ class _View:
         return False
 
     def update(self) -> bool:
-        """Print what is new; True when every task has a final result."""
+        """Show what is new; True when every task has a final result."""
         for tid, name in self.names.items():
             rec = self.hub.task(tid)
-            events = [p.get("execution_event") or {} for p in rec.progress]
-            for ev in events[self.seen[tid] :]:
-                kind = str(ev.get("event_type"))
-                for line in str(ev.get("text", "")).splitlines() or [""]:
-                    stamp = f"{time.monotonic() - self.started:6.1f}s"
-                    self.out.write(
-                        f"{stamp}  {name:8} {self._paint(f'{kind:6}', _COLOURS.get(kind, ''))} {line}\n"
-                    )
+            for p in rec.progress[self.seen[tid] :]:
+                ev = p.get("execution_event") or {}
+                tokens = ev.get("tokens_so_far")
+                self.live.event(
+                    tid,
+                    str(ev.get("event_type")),
+                    str(ev.get("text", "")),
+                    tokens_so_far=tokens if isinstance(tokens, int) else None,
+                    model=ev.get("model") if isinstance(ev.get("model"), str) else None,
+                )
             self.seen[tid] = len(rec.progress)
             if tid not in self.reported and rec.status in ("completed", "dead_letter", "cancelled"):
                 self.reported.add(tid)
-                self._result(name, rec)
+                self._result(tid, name, rec)
             elif tid not in self.reported and rec.failures and rec.status == "queued":
                 # The dev hub retries failed tasks; the demo shows the first failure only.
                 self.reported.add(tid)
-                self._result(name, rec)
-        self.out.flush()
+                self._result(tid, name, rec)
         return self.reported == set(self.names)
 
-    def _result(self, name: str, rec: Any) -> None:
+    def _result(self, tid: str, name: str, rec: Any) -> None:
         if rec.result is not None:
             r = rec.result
             line = (
-                f"RESULT {name}: success, exit {r.get('exit_code')}, {r.get('attempts')} attempt(s), "
+                f"{name}: success, exit {r.get('exit_code')}, {r.get('attempts')} attempt(s), "
                 f"{r.get('execution_ms')} ms, output {len(str(r.get('output', '')))} chars"
             )
-            self.out.write(self._paint(line, "\x1b[32;1m") + "\n")
+            self.live.finish(tid, True, line)
         else:
             fail = rec.failures[-1] if rec.failures else {}
-            line = f"RESULT {name}: failed ({fail.get('reason')}): {str(fail.get('error'))[:200]}"
-            self.out.write(self._paint(line, "\x1b[31;1m") + "\n")
+            error = str(fail.get("error"))[:200]
+            self.live.finish(tid, False, f"{name}: failed ({fail.get('reason')}): {error}")
+
+    async def animate(self) -> None:
+        """Spin the status area while tasks run (terminal only)."""
+        while self.live.tty:
+            await trio.sleep(0.1)
+            self.live.tick()
 
 
 async def run_demo(state_dir: str | None = None, out: TextIO | None = None) -> int:
@@ -140,8 +142,12 @@ async def run_demo(state_dir: str | None = None, out: TextIO | None = None) -> i
                 }
                 view = _View(hub, names, out)
                 with trio.move_on_after(60) as scope:
-                    while not view.update():
-                        await hub.wait_until(view.has_news, timeout=60)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(view.animate)
+                        while not view.update():
+                            await hub.wait_until(view.has_news, timeout=60)
+                        nursery.cancel_scope.cancel()
+                view.live.close()
                 if scope.cancelled_caught:
                     out.write("demo timed out waiting for results\n")
                     return 1
