@@ -164,7 +164,10 @@ class HubLink:
                 else:
                     log.info("link_down", error=_describe(exc0))
             finally:
-                was_identified = self.identified
+                # Not `self.identified`: `_drop_session()` (a failed send,
+                # force_reconnect) clears it first, and the owners of unacked
+                # frames must hear of every ended session.
+                was_identified = self.identified or self._last_session_identified
                 self._ws = None
                 self.connected = False
                 self.identified = False
