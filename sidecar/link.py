@@ -164,10 +164,11 @@ class HubLink:
                 else:
                     log.info("link_down", error=_describe(exc0))
             finally:
-                # Not `self.identified`: `_drop_session()` (a failed send,
+                # Not `self.identified` alone: `_drop_session()` (a failed send,
                 # force_reconnect) clears it first, and the owners of unacked
-                # frames must hear of every ended session.
-                was_identified = self.identified or self._last_session_identified
+                # frames must hear of every session that ended under them
+                # (a close() for shutdown is no news to them).
+                was_identified = self.identified or (self._last_session_identified and not self._closing)
                 self._ws = None
                 self.connected = False
                 self.identified = False
