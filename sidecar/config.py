@@ -49,6 +49,8 @@ class OllamaConfig:
 class ClaudeConfig:
     binary: str = "claude"
     extra_args: list[str] = attrs.field(factory=list)
+    # Extra environment for the CLI (e.g. ANTHROPIC_BASE_URL, CLAUDE_CODE_MAX_RETRIES).
+    env: dict[str, str] = attrs.field(factory=dict)
     baseline_model: str = "claude-sonnet-4-5"
 
 

@@ -149,7 +149,7 @@ class ClaudeExecutor:
 
     def __init__(self, ctx: ExecContext, *, env: Mapping[str, str] | None = None) -> None:
         self._ctx = ctx
-        self._extra_env = dict(env or {})
+        self._extra_env = {**ctx.config.claude.env, **(env or {})}
 
     def argv(self, binary: str, task: Task) -> list[str]:
         rd = task.routing_decision
