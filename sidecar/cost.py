@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from genai_prices import Usage, calc_price
-
 from .config import Config, PriceOverride
 from .log import get_logger
 
@@ -51,9 +49,10 @@ class CostModel:
             self._overrides.setdefault(key.lower(), price)
         self.baseline_model = config.claude.baseline_model
         self._unknown_logged: set[tuple[str | None, str]] = set()
-        # The first catalogue lookup builds the package's indexes (~20 ms here):
-        # pay it at start-up, not inside the first task's result.
-        self.cost_usd(self.baseline_model, 1, 1, provider="anthropic")
+        # The catalogue (genai-prices and pydantic) is imported at the first
+        # lookup, not here: it costs ~12 MB of RSS that a sidecar running only
+        # shell tasks never needs (idle RSS target: 50 MB). The first priced
+        # result pays the import and index build once (~130 ms on a 2-core VM).
 
     def _override_for(self, model: str) -> PriceOverride | None:
         return self._overrides.get(model) or self._overrides.get(model.lower())
@@ -87,6 +86,8 @@ class CostModel:
             return 0.0
         cache_read = min(max(0, int(cache_read_tokens)), tokens_in)
         cache_write = min(max(0, int(cache_write_tokens)), tokens_in - cache_read)
+        from genai_prices import Usage, calc_price
+
         usage = Usage(
             input_tokens=tokens_in,
             output_tokens=tokens_out,
