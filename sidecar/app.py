@@ -44,6 +44,9 @@ RESULT_PROGRESS_WAIT_S = 2.0
 # Frames we send that an older hub may not know; dropped after one refusal.
 OPTIONAL_TYPES = frozenset({"resource_report", "ollama_report"})
 
+# Exit status after the hub's restart_sidecar (EX_TEMPFAIL): "start me again".
+RESTART_EXIT_CODE = 75
+
 # Chat traffic for interactive agents: ignored quietly (protocol.md).
 _IGNORED = frozenset(
     {
@@ -107,6 +110,9 @@ class Sidecar:
         self.bad_frames = 0
         self.refused_types: set[str] = set()
         self.stopped = trio.Event()
+        # Set by a signal or the hub's restart_sidecar; `run_sidecar` then shuts down.
+        self.stop_requested = trio.Event()
+        self.exit_code = 0
 
     def busy(self) -> bool:
         return self.supervisor.busy()
@@ -184,7 +190,11 @@ class Sidecar:
             log.info("rate_limit_warning", tier=frame.get("tier"), remaining=frame.get("remaining"))
             self.batcher.on_rate_limit_warning()
         elif kind == "restart_sidecar":
-            log.warning("restart_requested", reason=str(frame.get("reason"))[:200], action="ignored")
+            # Stop gracefully and exit with RESTART_EXIT_CODE: the service manager
+            # (deploy/sidecar.service, Restart=always) starts us again.
+            log.warning("restart_requested", reason=str(frame.get("reason"))[:200], action="graceful restart")
+            self.exit_code = RESTART_EXIT_CODE
+            self.stop_requested.set()
         elif kind not in _IGNORED:
             log.debug("frame_ignored", type=kind[:64])
 
@@ -273,14 +283,21 @@ async def open_sidecar(config: Config) -> AsyncIterator[Sidecar]:
 
 
 async def run_sidecar(config: Config) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
-    async with open_sidecar(config) as sidecar:
-        await _watch_signals(sidecar)
-    return 0
+    """Run the daemon until SIGTERM/SIGINT (exit 0) or a hub restart request (exit 75).
 
-
-async def _watch_signals(sidecar: Sidecar) -> None:
+    Signals are caught for the whole run, shutdown included: a second SIGTERM
+    during the (bounded) graceful shutdown does not cut it short.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("signal", signal=signal.Signals(signum).name)
-            return
+        async with open_sidecar(config) as sidecar, trio.open_nursery() as nursery:
+            nursery.start_soon(_first_signal, signals, sidecar)
+            await sidecar.stop_requested.wait()
+            nursery.cancel_scope.cancel()
+    return sidecar.exit_code
+
+
+async def _first_signal(signals: AsyncIterator[int], sidecar: Sidecar) -> None:
+    async for signum in signals:
+        log.info("signal", signal=signal.Signals(signum).name)
+        sidecar.stop_requested.set()
+        return

@@ -359,3 +359,15 @@ async def _wait_for(pred: Any, timeout: float = 30) -> None:  # noqa: ASYNC109
     with trio.fail_after(timeout):
         while not pred():  # noqa: ASYNC110 - files and processes offer no event to wait on
             await trio.sleep(0.05)
+
+
+async def test_restart_request_from_hub_exits_75_gracefully(hub: DevHub, sidecar: SidecarProcess) -> None:
+    await sidecar.start()
+    await hub.wait_until(lambda: hub.connected(AGENT), 30)
+    await hub.send_frame(AGENT, {"type": "restart_sidecar", "reason": "config changed"})
+    assert sidecar.proc is not None
+    with trio.fail_after(30):
+        code = await sidecar.proc.wait()
+    assert code == 75  # EX_TEMPFAIL: the service manager starts it again
+    assert sidecar.events("shutdown_done")
+    no_violations(hub)
