@@ -93,6 +93,7 @@ class Sidecar:
             keepalive_s=config.keepalive_s,
         )
         self.outbox = Outbox(store, self.link, before_send=self._flush_task_progress)
+        self.link.lifecycle_listener = self.batcher.note_lifecycle_frame
         self.progress_send, self.progress_receive = open_progress()
         ctx = ExecContext(config=config, http=http, state_dir=config.resolved_state_dir())
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))

@@ -347,6 +347,16 @@ class Batcher:
         self._tokens = 0.0
         self._paused_until = max(self._paused_until, now + max(0.0, retry_after_s))
 
+    def note_lifecycle_frame(self) -> None:
+        """A lifecycle frame (accept, result, recovery) used the hub's shared bucket.
+
+        Progress gives way: the token is taken from the progress budget (down to
+        -burst, so a run of results pushes progress back further), so progress
+        plus lifecycle frames stay within `budget_per_min` plus `burst`.
+        """
+        self._refill(trio.current_time())
+        self._tokens = max(self._tokens - 1.0, -float(self.burst))
+
     def notify_sink_ready(self) -> None:
         """Optional: the sink became able to send; try at once instead of at the next poll."""
         self._retry_at = -math.inf

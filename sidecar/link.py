@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
@@ -77,6 +78,9 @@ class HubLink:
         self._closing = False
         self._session_scope: trio.CancelScope | None = None
         self._unclean_drop_at: float | None = None
+        # Told of every lifecycle frame sent (they share the hub's normal bucket
+        # with progress): the batcher debits its progress budget.
+        self.lifecycle_listener: Callable[[], None] | None = None
 
     # -- public ------------------------------------------------------------
 
@@ -113,6 +117,9 @@ class HubLink:
                 with trio.move_on_after(self.config.pong_timeout_s) as timeout:
                     try:
                         await ws.send_message(text)
+                        kind = frame.get("type")
+                        if kind in NORMAL_TIER and kind != "task_progress" and self.lifecycle_listener:
+                            self.lifecycle_listener()
                         return True
                     except _LINK_ERRORS as exc:
                         log.info("send_failed", type=frame.get("type"), error=type(exc).__name__)
