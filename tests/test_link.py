@@ -186,3 +186,32 @@ async def test_result_dropped_by_rate_limit_is_resent_until_acked(
     assert completes[-1].verdict == "ok"
     # Every dropped result was sent again; nothing other than rate limits was refused.
     assert all(v.kind == "rate_limited" for v in hub.violations)
+
+
+async def test_half_open_hub_bug_remedied_by_a_clean_reconnect(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """protocol.md's known hub bug: after an unclean drop, the reconnected socket is
+    identified but never registered while the hub still holds the old one. The
+    old one dies at the hub's 60 s idle limit; a clean reconnect after that heals it."""
+    async with open_dev_hub(tokens={AGENT: TOKEN}, registry_bug=True) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN)
+        async with open_sidecar(cfg):
+            # Fully up (it reports 5 s after identify), then the hub hangs.
+            await hub.wait_until(lambda: hub.frames(AGENT, type="resource_report"), timeout=60)
+            hub.stall(AGENT)  # the hub keeps the socket but answers nothing: pong time-out
+            stalled_at = trio.current_time()
+            await hub.wait_until(lambda: len(hub.frames(AGENT, type="identify")) >= 2, timeout=120)
+            # The hub notices the old socket is gone only later (the dev hub's stall
+            # also stops its idle clock): resume it so it sees the close.
+            hub.stall(AGENT, False)
+            tid = hub.submit(
+                metadata={"shell_command": "echo healed"}, routing_decision={"target_type": "sidecar"}
+            )
+            rec = await hub.wait_until(
+                lambda: hub.task(tid) if hub.task(tid).status == "completed" else None, timeout=600
+            )
+    assert rec.result is not None and "healed" in rec.result["output"]
+    identifies = [f.at for f in hub.frames(AGENT, type="identify")]
+    assert len(identifies) >= 3  # the first, the one after the pong time-out, the clean one
+    assert identifies[2] - stalled_at >= 60
