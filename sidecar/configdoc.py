@@ -1,0 +1,108 @@
+"""The configuration reference table, generated from the `Config` attrs classes.
+
+`python -m sidecar.configdoc` prints the Markdown table that
+`docs/configuration.md` holds between its `BEGIN GENERATED` / `END GENERATED`
+markers; a test checks the two agree, so a new config field cannot go
+undocumented.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from .config import ENV_OVERRIDES, ClaudeConfig, Config, OllamaConfig
+
+DESCRIPTIONS: dict[str, str] = {
+    "agent_id": "Agent id the hub knows this sidecar by (identify). Hub limit 128 characters.",
+    "token": "The agent's hub token. Never logged, never passed to task processes.",
+    "hub_url": "Hub WebSocket URL, `ws://HOST:4000/ws` or `wss://…`.",
+    "hub_api_url": "Hub HTTP API base (`http://HOST:4000`); read for compatibility, not needed.",
+    "name": "Display name sent in identify (default: agent_id).",
+    "repo_dir": "Working directory for shell and Claude tasks (default: the state dir). "
+    "Relative paths resolve against the config file's directory.",
+    "wake_command": "Shell template for legacy wake tasks; `${TASK_ID}`, `${TASK_JSON}`, "
+    "`${TASK_DESCRIPTION}` are passed as environment variables, never substituted into the text.",
+    "capabilities": "Capabilities announced in identify.",
+    "confirmation_timeout_ms": "Wake path: how long the woken agent has to create `<task_id>.started`.",
+    "results_dir": "Wake path: where the woken agent writes `<task_id>.started` and `<task_id>.json`.",
+    "log_file": "Also write JSON log lines to this file (stderr always gets them).",
+    "ollama_url": "Local Ollama server, sent in identify and `ollama_report`; used when the hub "
+    "names no endpoint.",
+    "state_dir": "SQLite store (`sidecar.db`) and per-task logs (`logs/`). Default: `state` next to "
+    "the config file.",
+    "capacity": "Tasks run at once.",
+    "queue_length": "Tasks held waiting for a slot beyond `capacity` (0: refuse when full).",
+    "default_timeout_ms": "Time limit of a task whose metadata has no `timeout_ms`.",
+    "kill_grace_s": "On time-out/cancel/shutdown: SIGTERM to the task's process group, SIGKILL this "
+    "much later.",
+    "ping_interval_s": "Heartbeat ping period (the hub drops sockets idle for 60 s).",
+    "pong_timeout_s": "No pong within this: the connection is dead, reconnect.",
+    "connect_timeout_s": "TCP + WebSocket handshake + identify time limit.",
+    "backoff_initial_s": "First reconnect delay (doubles, with jitter).",
+    "backoff_max_s": "Reconnect delay cap.",
+    "auth_backoff_s": "Wait after the hub refuses the token (`invalid_token`), instead of a tight loop.",
+    "output_cap_bytes": "Output kept in a result (the tail); the task log keeps everything.",
+    "max_frame_bytes": "Largest frame accepted from the hub.",
+    "progress_window_s": "Progress coalescing window per task.",
+    "progress_budget_per_min": "task_progress frames per minute, all tasks together (the hub's "
+    "normal bucket is 60/min and results share it).",
+    "keepalive_s": "A silent running task gets a `status` progress frame this often (hub stuck "
+    "detection is 10 min).",
+    "shutdown_grace_s": "On SIGTERM: how long to keep flushing results and progress before exiting.",
+    "wake_attempt_timeout_s": "Wake path: time limit of one wake command attempt.",
+    "metrics_listen": "`host:port` for `/healthz` and `/metrics` (Prometheus). Off when unset; use "
+    "`127.0.0.1:9464` unless a scraper on another host needs it.",
+    "ollama": "Table `[ollama]`, below.",
+    "claude": "Table `[claude]`, below.",
+    "prices": "Table `[prices.\"MODEL\"]` with `input_per_mtok`, `output_per_mtok` (USD per million "
+    "tokens): overrides the bundled price catalogue for that model.",
+    "ollama.default_model": "Model when the hub's routing decision names none.",
+    "ollama.idle_timeout_s": "A stream silent this long fails (transient: retried).",
+    "ollama.connect_timeout_s": "Connecting to the Ollama server.",
+    "claude.binary": "The Claude Code CLI (name on PATH or path).",
+    "claude.extra_args": "Extra CLI arguments, appended.",
+    "claude.env": "Extra environment for the CLI (e.g. `ANTHROPIC_BASE_URL`, `CLAUDE_CODE_MAX_RETRIES`).",
+    "claude.baseline_model": "Model whose price gives `equivalent_claude_cost_usd` for Ollama results.",
+}
+
+_NESTED: dict[str, type[Any]] = {"ollama": OllamaConfig, "claude": ClaudeConfig}
+
+
+def _default(field: Any) -> str:
+    default = field.default
+    if default is attrs.NOTHING:
+        return "required"
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        default = default.factory()
+    if isinstance(default, (OllamaConfig, ClaudeConfig)):
+        return "(table)"
+    if default is None:
+        return "unset"
+    return f"`{json.dumps(default)}`"
+
+
+def fields() -> list[tuple[str, Any]]:
+    """Every config key, dotted for nested tables, with its attrs field."""
+    out: list[tuple[str, Any]] = []
+    for f in attrs.fields(Config):
+        out.append((f.name, f))
+    for prefix, cls in _NESTED.items():
+        for f in attrs.fields(cls):
+            out.append((f"{prefix}.{f.name}", f))
+    return out
+
+
+def render() -> str:
+    env_of = {key: var for var, key in ENV_OVERRIDES.items()}
+    rows = ["| key | default | env override | meaning |", "|---|---|---|---|"]
+    for name, f in fields():
+        env = f"`{env_of[name]}`" if name in env_of else ""
+        rows.append(f"| `{name}` | {_default(f)} | {env} | {DESCRIPTIONS.get(name, 'UNDOCUMENTED')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(render(), end="")

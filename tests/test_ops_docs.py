@@ -1,0 +1,41 @@
+"""The configuration reference and the systemd unit agree with the code."""
+
+from __future__ import annotations
+
+import configparser
+import re
+from pathlib import Path
+
+import attrs
+
+from sidecar import configdoc
+from sidecar.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_configuration_doc_lists_every_key_as_generated() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    block = re.search(r"<!-- BEGIN GENERATED[^>]*-->\n(.*)<!-- END GENERATED -->", text, re.S)
+    assert block is not None
+    assert block.group(1) == configdoc.render(), "regenerate with: python -m sidecar.configdoc"
+    documented = {m for m in re.findall(r"^\| `([a-z_.]+)` \|", block.group(1), re.M)}
+    keys = {name for name, _ in configdoc.fields()}
+    assert {f.name for f in attrs.fields(Config)} <= keys
+    assert documented == keys
+    assert "UNDOCUMENTED" not in block.group(1)
+    assert not set(configdoc.DESCRIPTIONS) - keys, "descriptions of keys that no longer exist"
+
+
+def test_unit_stop_timeout_exceeds_the_sidecars_own_shutdown() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "deploy" / "sidecar.service")
+    svc = unit["Service"]
+    assert svc["KillMode"] == "mixed" and svc["KillSignal"] == "SIGTERM"
+    assert svc["Restart"] == "always" and svc["RestartPreventExitStatus"] == "2"
+    defaults = {f.name: f.default for f in attrs.fields(Config)}
+    # app.Sidecar.shutdown: supervisor within kill_grace_s + 5, then the flush within shutdown_grace_s.
+    needed = defaults["kill_grace_s"] + 5 + defaults["shutdown_grace_s"]
+    assert float(svc["TimeoutStopSec"]) > needed
+    assert " run --config " in svc["ExecStart"]
