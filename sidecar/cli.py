@@ -115,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--timeout", type=float, metavar="S", help="time limit in seconds (default 60)")
     ex.add_argument("--json", action="store_true", help="JSON lines on stdout instead of the live view")
     ex.add_argument("--config", "-c", help="take executor settings from this config (no hub is contacted)")
-    ex.add_argument("--state-dir", help="keep task logs here (default: a temp dir, removed)")
+    ex.add_argument(
+        "--state-dir", help="where the task log goes (default: the config's state dir, else a temp dir)"
+    )
 
     chk = sub.add_parser(
         "check",
