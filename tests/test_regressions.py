@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from sidecar.config import Config
 from sidecar.devhub import open_dev_hub
+from sidecar.executors.wake import WakeExecutor
 from sidecar.link import HubLink
-from sidecar.messages import FrameError
+from sidecar.messages import FrameError, parse_task
+from tests.fakes.proc_helpers import RecordingProgress, make_ctx
 
 
 class _Recorder:
@@ -62,3 +67,27 @@ async def test_session_dropped_by_our_side_still_reports_disconnect(make_config:
                     await rec.changed.wait()
             assert rec.disconnected == 1
             link.close()
+
+
+async def test_wake_ignores_result_files_left_by_a_killed_run(make_config: Any, tmp_path: Path) -> None:
+    """Chaos seed 5: a kill -9 during a wake task left `<id>.started`/`<id>.json`.
+
+    The next run of the same task (recovered with task_continue, or assigned
+    again) found the old result file at once and reported it as its own,
+    before the newly woken agent had done anything.
+    """
+    results, repo = tmp_path / "results", tmp_path / "repo"
+    results.mkdir()
+    repo.mkdir()
+    (results / "task-1.started").write_text("")
+    (results / "task-1.json").write_text(json.dumps({"status": "success", "output": "stale"}))
+    agent = Path(__file__).parent / "fakes" / "proc_wake_agent.py"
+    # Like a real wake command: start the agent in the background and return.
+    cmd = f'(sleep 0.3; {sys.executable} {agent} {results} success "${{TASK_ID}}") >/dev/null 2>&1 &'
+    cfg = make_config(repo_dir=str(repo), results_dir=str(results), wake_command=cmd, kill_grace_s=0.5)
+    ex = WakeExecutor(make_ctx(cfg))
+    task = parse_task({"type": "task_assign", "task_id": "task-1", "description": "x", "generation": 2})
+    with trio.fail_after(20):
+        outcome = await ex(task, RecordingProgress(task.task_id))
+    assert outcome.ok and outcome.output == "did task-1"
+    assert list(results.iterdir()) == []

@@ -94,6 +94,9 @@ class WakeExecutor:
         marker = marker_for(cfg.agent_id, task.task_id)
         try:
             results.mkdir(parents=True, exist_ok=True)
+            # Files a killed earlier run of this task left behind are not this run's.
+            for path in (started, result):
+                path.unlink(missing_ok=True)
             error = await self._wake(task, progress, cfg.wake_command, marker)
             if error is not None:
                 return Outcome(ok=False, error=error, reason="wake_failed", transient=False)
