@@ -347,7 +347,9 @@ def _retry_after_s(frame: dict[str, Any]) -> float:
         or value < 0
     ):
         return 1.0
-    return min(float(value) / 1000.0, 600.0)
+    # Capped well below the hub's 60 s acceptance clock: a bogus huge value
+    # must not stop every lifecycle frame long enough to lose our tasks.
+    return min(float(value) / 1000.0, 30.0)
 
 
 def _cooldown_of(exc: BaseException) -> float | None:

@@ -91,3 +91,28 @@ async def test_wake_ignores_result_files_left_by_a_killed_run(make_config: Any, 
         outcome = await ex(task, RecordingProgress(task.task_id))
     assert outcome.ok and outcome.output == "did task-1"
     assert list(results.iterdir()) == []
+
+
+async def test_absurd_rate_limited_pause_stays_below_the_hub_acceptance_clock(make_config: Any) -> None:
+    """Chaos seed 101: `rate_limited` with `retry_after_ms: 1e308` paused every
+    lifecycle frame for 600 s (the old cap), far past the hub's 60 s acceptance
+    clock: the sidecar stopped accepting and reporting, and the hub reclaimed
+    each of its tasks again and again (Invariant 5: a malformed frame must not
+    stop it serving). A real hub asks for at most its 60 s skip window.
+    """
+    async with open_dev_hub(tokens={"agent-1": "secret-token-123"}) as hub:
+        cfg: Config = make_config(hub_url=hub.ws_url, backoff_initial_s=0.01)
+        rec = _Recorder()
+        link = HubLink(cfg, rec)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.run)
+            with trio.fail_after(10):
+                while rec.identified < 1:
+                    await rec.changed.wait()
+                await hub.send_frame("agent-1", {"type": "rate_limited", "retry_after_ms": 1e308})
+                while True:  # the link has no event for this: poll
+                    if link.rate_limited_hits >= 1:
+                        break
+                    await trio.sleep(0.01)
+            assert link.paused_until - trio.current_time() <= 30.0
+            link.close()
