@@ -1,0 +1,62 @@
+"""The process table and the state directory, as the chaos checks read them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+from sidecar.procs import MARKER_VAR
+
+
+def marked_processes(prefix: str) -> dict[int, str]:
+    """Live (non-zombie) processes whose task marker starts with `prefix`: pid → marker."""
+    found: dict[int, str] = {}
+    needle = (MARKER_VAR + "=").encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # State is the field after the parenthesised command name.
+        if stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X"):
+            continue
+        for item in env.split(b"\0"):
+            if item.startswith(needle):
+                marker = item[len(needle) :].decode(errors="replace")
+                if marker.startswith(prefix):
+                    found[int(entry.name)] = marker
+    return found
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def read_state(state_dir: Path) -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str]]]:
+    """(tasks not done: (task_id, generation, state), outbox: (task_id, generation, frame type))."""
+    db_path = state_dir / "sidecar.db"
+    if not db_path.exists():
+        return [], []
+    db = sqlite3.connect(str(db_path))
+    try:
+        tasks = [
+            (str(r[0]), int(r[1]), str(r[2]))
+            for r in db.execute("SELECT task_id, generation, state FROM tasks WHERE state != 'done'")
+        ]
+        outbox = [
+            (str(r[0]), int(r[1]), str(json.loads(r[2]).get("type")))
+            for r in db.execute("SELECT task_id, generation, frame FROM outbox ORDER BY id")
+        ]
+    finally:
+        db.close()
+    return tasks, outbox
