@@ -371,3 +371,20 @@ async def test_registry_bug_sends_pushes_to_the_stale_socket() -> None:
                 hub.stall("agent-1", False)
                 assign = await old.expect("task_assign", task_id=task_id)
                 assert assign["generation"] == 1
+
+
+async def test_hub_records_an_injected_undecodable_deep_frame() -> None:
+    """Regression (chaos seed 103): the hub's own record of a deeply nested frame it
+    injected raised RecursionError in its writer and crashed the agent's session."""
+    from sidecar.devhub import open_dev_hub
+    from sidecar.devhub.testclient import open_agent
+
+    async with open_dev_hub(tokens={"agent-1": "tok"}) as hub, open_agent(hub.ws_url, "agent-1", "tok") as agent:
+        deep = "[" * 100_000 + "]" * 100_000
+        with trio.fail_after(10):
+            await hub.send_raw("agent-1", deep)
+            assert await agent.ws.get_message() == deep
+            await agent.send({"type": "ping"})
+            await agent.expect("pong")
+        assert hub.internal_errors == []
+        assert hub.sent("agent-1")[-2].frame is None

@@ -109,7 +109,7 @@ async def _submit(hub: DevHub, receive: ASGIReceive, send: ASGISend) -> None:
         return
     try:
         body = json.loads(raw or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         await _respond(send, 400, {"error": "invalid_json"})
         return
     if not isinstance(body, dict):
