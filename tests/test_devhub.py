@@ -379,7 +379,10 @@ async def test_hub_records_an_injected_undecodable_deep_frame() -> None:
     from sidecar.devhub import open_dev_hub
     from sidecar.devhub.testclient import open_agent
 
-    async with open_dev_hub(tokens={"agent-1": "tok"}) as hub, open_agent(hub.ws_url, "agent-1", "tok") as agent:
+    async with (
+        open_dev_hub(tokens={"agent-1": "tok"}) as hub,
+        open_agent(hub.ws_url, "agent-1", "tok") as agent,
+    ):
         deep = "[" * 100_000 + "]" * 100_000
         with trio.fail_after(10):
             await hub.send_raw("agent-1", deep)
