@@ -194,3 +194,25 @@ async def standalone() -> AsyncIterator[str]:
 async def test_standalone_server(standalone: str) -> None:
     parts = await collect(ollama.AsyncClient(host=standalone), "qwen3:8b")
     assert "".join(p.message.content or "" for p in parts) == "Echo: hello there"
+
+
+async def test_client_reset_mid_write_does_not_crash_the_server() -> None:
+    """Regression (chaos CI): a cancelled client's RST while the server wrote a
+    stream escaped as an exception group and took the whole test server down."""
+    import socket
+    import struct
+
+    async with open_ollama_server(default=Script(chunks=200_000, flush_every=64)) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": "qwen3:8b", "messages": [{"role": "user", "content": "x"}]}).encode()
+        for _ in range(3):
+            sock = trio.socket.socket()
+            await sock.connect((host, int(port)))
+            head = f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            await sock.send(head + body)
+            await sock.recv(65536)  # the stream has started
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # RST while the server is still writing
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"{srv.url}/api/version")
+        assert r.status_code == 200

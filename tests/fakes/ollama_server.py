@@ -278,7 +278,13 @@ class OllamaServer:
         async with trio.open_nursery() as nursery:
             # Watch the socket while streaming: EOF or RST means the client went away.
             nursery.start_soon(self._watch, conn, req, nursery.cancel_scope)
-            keep = await self._chat_stream(conn, req, model, pieces, prompt_tokens, script)
+            try:
+                keep = await self._chat_stream(conn, req, model, pieces, prompt_tokens, script)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client reset the connection mid-write (a cancelled task): it is
+                # gone, like an EOF seen by the watcher. Raised here it would come
+                # out of this nursery as an exception group the server loop misses.
+                req.client_gone.set()
             nursery.cancel_scope.cancel()
         if req.client_gone.is_set():
             return False
