@@ -207,11 +207,7 @@ async def _run_once(tmp: Path, kind: str, n: int, cancel_at: int | None, ollama:
     return inst.steps
 
 
-# Ollama is left out for now: the fake server's connection handler raises
-# BrokenResourceError into its nursery when a cancelled client resets the
-# connection (tests/fakes/ollama_server.py, not ours to change), which tears
-# the test down. The chaos episodes cancel Ollama streams at random instead.
-@pytest.mark.parametrize("kind", ["shell", "claude", "wake"])
+@pytest.mark.parametrize("kind", ["shell", "ollama", "claude", "wake"])
 async def test_cancel_at_every_checkpoint(kind: str, tmp_path: Path) -> None:
     async with open_ollama_server() as ollama:
         total = await _run_once(tmp_path, kind, 0, None, ollama)
