@@ -32,6 +32,7 @@ from ..output import OutputCapture
 from ..procs import child_env, describe_returncode, kill_marked, marker_for, run_child
 from ..progress import ProgressSender
 from . import ExecContext
+from .shell import clip_progress
 
 log = get_logger(__name__)
 
@@ -162,11 +163,11 @@ class WakeExecutor:
         err = OutputCapture(4 * _ERROR_TAIL, None)
 
         async def on_stdout(block: str) -> None:
-            await progress.emit("stdout", block[-8192:])
+            await progress.emit("stdout", clip_progress(block))
 
         async def on_stderr(block: str) -> None:
             err.write(block)
-            await progress.emit("stderr", block[-8192:])
+            await progress.emit("stderr", clip_progress(block))
 
         try:
             with trio.move_on_after(cfg.wake_attempt_timeout_s) as scope:
