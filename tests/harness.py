@@ -25,7 +25,7 @@ AGENT = "agent-1"
 def alive(pid: int) -> bool:
     """True if `pid` is a live (non-zombie) process."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -112,7 +112,7 @@ class SidecarProcess:
         await self.proc.wait()
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         if not self.log_path.exists():
             return out
         for line in self.log_path.read_text(errors="replace").splitlines():
