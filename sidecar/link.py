@@ -179,7 +179,11 @@ class HubLink:
                 self._ws = None
                 self.connected = False
                 self.identified = False
-                self._identified_event = trio.Event()
+                # A fresh event only if the old one fired: waiters parked on an
+                # unset one (since an earlier failed attempt) must be woken by the
+                # next successful identify, not stranded on a replaced event.
+                if self._identified_event.is_set():
+                    self._identified_event = trio.Event()
                 self._wake()
                 if was_identified:
                     self.handler.on_disconnected()
@@ -330,6 +334,8 @@ class HubLink:
 
     def _drop_session(self) -> None:
         self.identified = False
+        if self._identified_event.is_set():  # else wait_ready would spin until run() notices
+            self._identified_event = trio.Event()
         if self._session_scope is not None:
             self._session_scope.cancel()
 

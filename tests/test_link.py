@@ -215,3 +215,32 @@ async def test_half_open_hub_bug_remedied_by_a_clean_reconnect(
     identifies = [f.at for f in hub.frames(AGENT, type="identify")]
     assert len(identifies) >= 3  # the first, the one after the pong time-out, the clean one
     assert identifies[2] - stalled_at >= 60
+
+
+async def test_waiter_from_before_failed_reconnects_wakes_on_identify(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """Regression (chaos seed 63323872): every failed connect attempt replaced the
+    `identified` event, so a result waiting since the first attempt was never woken
+    by the later successful identify; the outbox stalled and the hub reclaimed."""
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cfg = make_config(
+        hub_url=f"ws://127.0.0.1:{port}/ws", token=TOKEN, backoff_initial_s=0.5, backoff_max_s=1.0
+    )
+    ready = trio.Event()
+    async with running_link(cfg) as (link, _rec):
+
+        async def waiter() -> None:
+            await link.wait_ready()
+            ready.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.sleep(5)  # several failed attempts while the waiter waits
+            assert not ready.is_set()
+            async with open_dev_hub(tokens={AGENT: TOKEN}, port=port):
+                with trio.fail_after(30):
+                    await ready.wait()
