@@ -736,6 +736,22 @@ class Episode:
                 at = text.index("Traceback")
                 self._violation(5, f"{agent.name} logged a traceback: {text[at : at + 800]}")
 
+    def _accepted_by_sidecar(self, task_id: str, info: dict[str, Any]) -> bool:
+        """Did the sidecar the hub took this task from ever accept that generation?
+
+        A `task_assign` lost with a dying socket (a drop, a stalled hub) never
+        reached the sidecar: the hub's clock reclaims it, as it must, and that is
+        no fault of the sidecar's (Invariant 1 is about tasks it accepted).
+        """
+        agent = self.agents.get(str(info.get("agent_id")))
+        if agent is None:
+            return True
+        gen = info.get("generation")
+        return any(
+            e.get("task_id") == task_id and e.get("generation") == gen
+            for e in agent.proc.events("task_accepted")
+        )
+
     def _check_tasks(self) -> None:
         rep = self.report
         for rec in self.state.tasks.values():
@@ -743,7 +759,13 @@ class Episode:
             rep.lifecycles += len(rec.assigns)
             rep.outcomes[f"{plan.kind}:{rec.status}"] += 1
             events = [e for e, _, _ in rec.history]
-            bad = [h for h in rec.history if h[0] == "reclaimed" and h[2].get("reason") != "agent_disconnect"]
+            bad = [
+                h
+                for h in rec.history
+                if h[0] == "reclaimed"
+                and h[2].get("reason") != "agent_disconnect"
+                and self._accepted_by_sidecar(rec.task_id, h[2])
+            ]
             if bad:
                 self._violation(1, f"{rec.task_id} reclaimed by a hub clock: {bad}")
             if rec.status == "completed":
