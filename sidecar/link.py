@@ -244,12 +244,7 @@ class HubLink:
         await ws.send_message(encode_frame(frame))
         with trio.fail_after(cfg.connect_timeout_s):
             while True:
-                raw = await ws.get_message()
-                try:
-                    reply = decode_frame(raw)
-                except FrameError as exc:
-                    self.handler.on_bad_frame(exc, raw)
-                    continue
+                reply = await self._next_frame(ws)
                 kind = reply["type"]
                 if kind == "identified":
                     self.identified = True
@@ -269,16 +264,19 @@ class HubLink:
                     return None
                 # Anything else before `identified` (chat traffic) is ignored.
 
+    async def _next_frame(self, ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
+        """The next inbound JSON object with a type; anything else goes to on_bad_frame."""
+        while True:
+            raw = await ws.get_message()
+            try:
+                return decode_frame(raw)
+            except FrameError as exc:
+                self.handler.on_bad_frame(exc, raw)
+
     async def _reader(self, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
         try:
             while True:
-                raw = await ws.get_message()
-                try:
-                    frame = decode_frame(raw)
-                except FrameError as exc:
-                    self.handler.on_bad_frame(exc, raw)
-                    continue
-                await self._dispatch(frame)
+                await self._dispatch(await self._next_frame(ws))
         except _LINK_ERRORS as exc:
             log.info("link_closed", error=_describe(exc))
             cooldown = _cooldown_of(exc)

@@ -27,6 +27,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .asgi import ASGIReceive, ASGISend, serve_lifespan
 from .dispatcher import DispatchResult, UnknownTargetError, target_of
 from .log import get_logger
 from .messages import Task
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 log = get_logger("sidecar.metrics")
 
 DispatchFn = Callable[[Task, ProgressSender], Awaitable[DispatchResult]]
-ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Task durations range from a shell `echo` (ms) to a long Claude session (tens of minutes).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -215,13 +214,8 @@ class SidecarMetrics:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path = scope.get("path", "")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from ..asgi import ASGIReceive, ASGISend
 from .schemas import POST_TASK_SCHEMA, schemas_json, validate_against
-from .session import ASGIReceive, ASGISend
 
 if TYPE_CHECKING:
     from .hub import DevHub

@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..asgi import ASGIReceive, ASGISend, serve_lifespan
 from ..log import get_logger
 from ..messages import now_ms
 from .api import handle_http
 from .config import HubConfig
 from .protocol import FrameHandler
-from .session import ASGIReceive, ASGISend, Session
+from .session import Session
 from .state import ASSIGNED, FINISHED, FrameRecord, HubState, TaskRecord, Violation
 
 log = get_logger(__name__)
@@ -339,13 +340,8 @@ class DevHub:
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         elif kind == "http":
             await handle_http(self, scope, receive, send)
         elif kind == "websocket":

@@ -14,19 +14,18 @@ import json
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import psutil
 import trio
 
+from ..asgi import ASGIReceive, ASGISend
 from ..log import get_logger
 
 log = get_logger(__name__)
 
-ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
-ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @attrs.frozen
