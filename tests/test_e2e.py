@@ -68,6 +68,17 @@ def stubborn_script(tmp_path: Path) -> str:
     return f"{sys.executable} {script}"
 
 
+async def start_sleeper(tmp_path: Path, hub: DevHub, sidecar: SidecarProcess) -> tuple[str, int]:
+    """Start the sidecar and a task that sleeps; return its id and its child's pid once running."""
+    await sidecar.start()
+    pidfile = tmp_path / "p"
+    tid = hub.submit(
+        metadata={"shell_command": f"echo $$ > {pidfile}; exec sleep 60"}, routing_decision=SHELL
+    )
+    await _wait_for(lambda: hub.task(tid).status == "accepted" and read_pids(pidfile))
+    return tid, read_pids(pidfile)[0]
+
+
 async def test_shell_task_streams_and_completes_with_original_config_json(
     tmp_path: Path, hub: DevHub
 ) -> None:
@@ -159,13 +170,7 @@ async def test_timeout_kills_whole_group_with_sigkill_after_grace(
 async def test_hub_cancel_kills_task_and_sends_no_result(
     tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
 ) -> None:
-    await sidecar.start()
-    pidfile = tmp_path / "p"
-    tid = hub.submit(
-        metadata={"shell_command": f"echo $$ > {pidfile}; exec sleep 60"}, routing_decision=SHELL
-    )
-    await _wait_for(lambda: hub.task(tid).status == "accepted" and read_pids(pidfile))
-    pid = read_pids(pidfile)[0]
+    tid, pid = await start_sleeper(tmp_path, hub, sidecar)
     assert hub.cancel(tid)
     await hub.wait_until(lambda: any(e.get("task_id") == tid for e in sidecar.events("task_finished")), 30)
     assert not alive(pid)
@@ -237,15 +242,10 @@ async def test_kill9_and_restart_recovers_task_and_kills_orphans(
 async def test_sigterm_shutdown_cancels_tasks_reports_and_exits_zero(
     tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
 ) -> None:
-    await sidecar.start()
-    pidfile = tmp_path / "p"
-    tid = hub.submit(
-        metadata={"shell_command": f"echo $$ > {pidfile}; exec sleep 60"}, routing_decision=SHELL
-    )
-    await _wait_for(lambda: hub.task(tid).status == "accepted" and read_pids(pidfile))
+    tid, pid = await start_sleeper(tmp_path, hub, sidecar)
     code = await sidecar.stop(signal.SIGTERM, timeout=20)
     assert code == 0
-    assert not alive(read_pids(pidfile)[0])
+    assert not alive(pid)
     failed = [f.frame for f in hub.frames(AGENT, type="task_failed")]
     assert failed and failed[0]["reason"] == "sidecar_shutdown"
     assert "retried" in hub.task(tid).ack_statuses
