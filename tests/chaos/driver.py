@@ -39,7 +39,7 @@ from sidecar.procs import agent_marker_prefix, task_marker
 from tests.fakes.ollama_server import OllamaServer, open_ollama_server
 from tests.harness import SidecarProcess
 
-from .procscan import fd_count, marked_processes, read_state
+from .procscan import describe, fd_count, marked_processes, read_state
 
 TOKEN = "chaos-token-7"
 HERE = Path(__file__).resolve().parent
@@ -47,6 +47,7 @@ CLAUDE_WRAPPER = HERE / "claude_chaos.py"
 WAKE_AGENT = HERE.parent / "fakes" / "proc_wake_agent.py"
 TERMINAL = ("task_complete", "task_failed")
 FINISHED = ("completed", "dead_letter", "cancelled")
+TASK_LOG_EVENTS = ("task_accepted", "task_started", "task_finished")
 
 # Task kinds and their weights in a schedule.
 KINDS: dict[str, float] = {
@@ -287,7 +288,7 @@ class Episode:
 
     def _write_claude_wrapper(self) -> None:
         path = self.root / "claude"
-        path.write_text(f"#!/bin/sh\nexec {sys.executable} {CLAUDE_WRAPPER} \"$@\"\n")
+        path.write_text(f'#!/bin/sh\nexec {sys.executable} {CLAUDE_WRAPPER} "$@"\n')
         path.chmod(0o755)
 
     # -- the run -----------------------------------------------------------------
@@ -700,9 +701,7 @@ class Episode:
         self._check_progress()
         self._check_kills()
         # Idle now: nothing of ours may be running, and fds are back near the baseline.
-        mine = {pid: m for a in self.agents for pid, m in marked_processes(agent_marker_prefix(a)).items()}
-        if mine:
-            self._violation(2, f"processes alive after every task ended: {sorted(mine)}")
+        await self._check_no_processes()
         for agent in self.agents.values():
             if agent.up:
                 fds = fd_count(agent.proc.pid)
@@ -735,6 +734,44 @@ class Episode:
             if "Traceback" in text:
                 at = text.index("Traceback")
                 self._violation(5, f"{agent.name} logged a traceback: {text[at : at + 800]}")
+
+    def _marked(self) -> dict[int, str]:
+        return {pid: m for a in self.agents for pid, m in marked_processes(agent_marker_prefix(a)).items()}
+
+    async def _check_no_processes(self) -> None:
+        """Invariant 2 at idle: no process any task started is alive.
+
+        A process found is looked at again for up to 5 s: a teardown whose grace
+        period is still running (the hub's view of a task can end before the
+        sidecar's) is not a leak. What remains is reported with everything
+        known of it: which task and agent, what the sidecar logged of that task,
+        and the process's parent, group, age and command.
+        """
+        mine = self._marked()
+        with trio.move_on_after(5.0):
+            while mine:
+                await trio.sleep(0.1)
+                mine = self._marked()
+        if not mine:
+            return
+        owners = {task_marker(a, tid): (a, tid) for a in self.agents for tid in self.planned}
+        for pid, marker in sorted(mine.items()):
+            agent, tid = owners.get(marker, ("?", "?"))
+            rec = self.state.tasks.get(tid)
+            plan = self.planned.get(tid)
+            up = self.agents[agent].up if agent in self.agents else "?"
+            logged = [
+                (e.get("event"), e.get("generation"), e.get("outcome"))
+                for e in (self.agents[agent].proc.events() if agent in self.agents else [])
+                if e.get("task_id") == tid and e.get("event") in TASK_LOG_EVENTS
+            ]
+            self._violation(
+                2,
+                f"process alive at idle: {describe(pid)} of task {tid} "
+                f"({plan.kind if plan else '?'}) on {agent}; hub status "
+                f"{rec.status if rec else '?'}, history {rec.history[-4:] if rec else []}; "
+                f"sidecar log {logged[-6:]}; agent up {up}",
+            )
 
     def _accepted_by_sidecar(self, task_id: str, info: dict[str, Any]) -> bool:
         """Did the sidecar the hub took this task from ever accept that generation?

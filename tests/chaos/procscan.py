@@ -35,6 +35,25 @@ def marked_processes(prefix: str) -> dict[int, str]:
     return found
 
 
+def describe(pid: int) -> dict[str, object]:
+    """What the check knows of one live process, for a violation report."""
+    info: dict[str, object] = {"pid": pid}
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        rest = stat[stat.rfind(b")") + 2 :].split()
+        info.update(state=rest[0].decode(), ppid=int(rest[1]), pgid=int(rest[2]), sid=int(rest[3]))
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        info["age_s"] = round(uptime - int(rest[19]) / ticks, 2)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            info["cmd"] = f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+    except (OSError, IndexError, ValueError):
+        info["gone"] = True
+    return info
+
+
 def fd_count(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))

@@ -21,6 +21,7 @@ CI_EPISODES = int(os.environ.get("CHAOS_EPISODES", "4"))
 CI_TASKS = int(os.environ.get("CHAOS_TASKS", "200"))
 SOAK_EPISODES = int(os.environ.get("CHAOS_SOAK_EPISODES", "100"))
 SOAK_TASKS = int(os.environ.get("CHAOS_SOAK_TASKS", "250"))
+PARALLEL = int(os.environ.get("CHAOS_PARALLEL", "4"))
 
 
 def _base_seed() -> int:
@@ -41,8 +42,12 @@ async def _run(episodes: int, tasks: int, tmp_path: Path) -> Report:
     base = _base_seed()
     print(f"chaos base seed {base}: CHAOS_BASE_SEED={base} reruns this whole set", flush=True)
     seeds = [base + i for i in range(episodes)]
-    rep = await run_episodes(seeds, tmp_path, lambda s, root: Episode(s, root, tasks=tasks))
+    rep = await run_episodes(
+        seeds, tmp_path, lambda s, root: Episode(s, root, tasks=tasks), parallel=PARALLEL
+    )
     print(json.dumps({"total": summary(rep), "faults": dict(rep.faults), "outcomes": dict(rep.outcomes)}))
+    # Every violation in full, beside the episodes' state dirs and logs (the failure shows 40).
+    (tmp_path / "violations.txt").write_text("".join(v + "\n" for v in rep.violations))
     return rep
 
 

@@ -115,7 +115,7 @@ def _frame(kind: str, tid: str, ollama: OllamaServer) -> dict[str, Any]:
 async def _sidecar(tmp: Path, n: int, ollama: OllamaServer) -> AsyncIterator[Sidecar]:
     claude = tmp / "claude"
     if not claude.exists():
-        claude.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'claude_chaos.py'} \"$@\"\n")
+        claude.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "claude_chaos.py"} "$@"\n')
         claude.chmod(0o755)
     results = tmp / "results"
     results.mkdir(exist_ok=True)
