@@ -175,6 +175,9 @@ class Report:
     submit_s: float = 0.0
     wake_leftovers: int = 0
     settle_s: float = 0.0
+    # Marked processes seen at the idle check that were gone within its 5 s
+    # second look (a teardown still in its grace period), counted, not excused silently.
+    late_exits: int = 0
 
     def merge(self, other: Report) -> None:
         self.lifecycles += other.lifecycles
@@ -188,6 +191,7 @@ class Report:
         self.kill9 += other.kill9
         self.wake_leftovers += other.wake_leftovers
         self.hub_restarts += other.hub_restarts
+        self.late_exits += other.late_exits
 
 
 class ChaosSidecar(SidecarProcess):
@@ -747,11 +751,12 @@ class Episode:
         known of it: which task and agent, what the sidecar logged of that task,
         and the process's parent, group, age and command.
         """
-        mine = self._marked()
+        first = mine = self._marked()
         with trio.move_on_after(5.0):
             while mine:
                 await trio.sleep(0.1)
                 mine = self._marked()
+        self.report.late_exits += len(set(first) - set(mine))
         if not mine:
             return
         owners = {task_marker(a, tid): (a, tid) for a in self.agents for tid in self.planned}
@@ -939,6 +944,7 @@ def summary(rep: Report) -> dict[str, Any]:
         "wake_leftovers_after_kill9": rep.wake_leftovers,
         "transit_gaps": rep.transit_gaps,
         "announced_gaps": rep.announced_gaps,
+        "late_exits_at_idle": rep.late_exits,
         "elapsed_s": round(rep.elapsed_s, 1),
         "submit_s": round(rep.submit_s, 1),
         "settle_s": round(rep.settle_s, 1),
