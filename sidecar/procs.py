@@ -416,6 +416,19 @@ async def run_child(
     pgid: int | None = None
     returncode: int | None = None
     t0 = trio.current_time()
+    # The pipes are ours, not run_process's: a cancellation that lands between
+    # the spawn and `started` would otherwise leave their read ends to the
+    # garbage collector. The read ends are closed in the `finally` below
+    # whatever happens; the write ends as soon as the child holds its copies.
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    stdout_stream = trio.lowlevel.FdStream(out_r)
+    stderr_stream = trio.lowlevel.FdStream(err_r)
+    write_ends = [out_w, err_w]
+
+    def close_write_ends() -> None:
+        while write_ends:
+            os.close(write_ends.pop())
 
     async def run_it(task_status: trio.TaskStatus[trio.Process]) -> None:
         nonlocal returncode
@@ -423,8 +436,8 @@ async def run_child(
             done = await trio.run_process(
                 argv,
                 stdin=subprocess.DEVNULL if stdin is None else stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=out_w,
+                stderr=err_w,
                 check=False,
                 cwd=cwd,
                 env=full_env,
@@ -448,13 +461,17 @@ async def run_child(
             async with trio.open_nursery() as nursery:
                 proc: trio.Process = await nursery.start(run_it)
                 pgid = proc.pid
-                assert proc.stdout is not None and proc.stderr is not None
-                nursery.start_soon(drain, proc.stdout, proc.stderr)
+                close_write_ends()  # the child has its copies: EOF comes when it (and its heirs) exit
+                nursery.start_soon(drain, stdout_stream, stderr_stream)
         except BaseExceptionGroup as eg:
             raise _unwrap(eg) from None
     except BaseException:
         await _final_cleanup(pgid, marker)
         raise
+    finally:
+        close_write_ends()
+        stdout_stream.close()
+        stderr_stream.close()
     if kill_leftovers:
         strays = await _final_cleanup(pgid, marker)
     if drain_scope.cancelled_caught:
