@@ -357,6 +357,29 @@ async def test_send_raw_injects_frames() -> None:
             assert hub.task(task_id).generation == 1
 
 
+async def test_send_raw_returns_when_the_session_ends_before_writing() -> None:
+    """Regression (found by the chaos soak): a frame queued to a stalled session
+    that is then dropped was never written, and `send_raw` waited for ever, so
+    the chaos driver's fault injector stopped for the rest of the episode."""
+    async with open_dev_hub(tokens=TOKENS) as hub, open_agent(hub.ws_url, "agent-1", "tok-1"):
+        hub.stall("agent-1")
+        async with trio.open_nursery() as nursery:
+            sent = trio.Event()
+
+            async def send() -> None:
+                await hub.send_raw("agent-1", "{never-written")
+                sent.set()
+
+            nursery.start_soon(send)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not sent.is_set()  # stalled: not written yet
+            await hub.drop("agent-1")
+            with trio.fail_after(5):
+                await sent.wait()
+        # It was not written (the socket was gone), and the hub does not claim it was.
+        assert all(f.text != "{never-written" for f in hub.sent("agent-1"))
+
+
 async def test_registry_bug_sends_pushes_to_the_stale_socket() -> None:
     config = HubConfig(tokens=TOKENS, registry_bug=True)
     async with open_dev_hub(config=config) as hub:

@@ -27,7 +27,6 @@ from ..log import get_logger
 log = get_logger(__name__)
 
 
-
 @attrs.frozen
 class _Out:
     data: str | bytes | None  # None: close the socket
@@ -115,14 +114,33 @@ class Session:
         idle_timeout: float,
     ) -> None:
         """Serve until the peer goes, the hub closes the socket, or it is dropped."""
-        with trio.CancelScope() as scope:
-            self._scope = scope
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, send, on_sent, scope)
-                await self._reader(receive, on_data, idle_timeout)
-                if not self.closing:
-                    scope.cancel()
-                # else the writer sends the close frame, then cancels the scope
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, send, on_sent, scope)
+                    await self._reader(receive, on_data, idle_timeout)
+                    if not self.closing:
+                        scope.cancel()
+                    # else the writer sends the close frame, then cancels the scope
+        finally:
+            self._release_unwritten()
+
+    def _release_unwritten(self) -> None:
+        """The socket is gone: frames still queued will never be written.
+
+        Wake whoever waits for them (`DevHub.send_raw`), or they would wait for ever
+        (the writer does the same for the one frame it holds).
+        """
+        self.closing = True
+        assert self._out_recv is not None
+        while True:
+            try:
+                out = self._out_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if out.done is not None:
+                out.done.set()
 
     async def _reader(
         self, receive: ASGIReceive, on_data: Callable[[Session, str | bytes], None], idle_timeout: float
@@ -150,19 +168,22 @@ class Session:
     ) -> None:
         assert self._out_recv is not None
         async for out in self._out_recv:
-            await self._unstalled.wait()
-            if out.data is None:
-                await send({"type": "websocket.close", "code": out.code, "reason": out.reason})
-                self.close_code = out.code
-                scope.cancel()
-                return
-            if isinstance(out.data, bytes):
-                await send({"type": "websocket.send", "bytes": out.data})
-            else:
-                await send({"type": "websocket.send", "text": out.data})
-            on_sent(self, out.data)
-            if out.done is not None:
-                out.done.set()
+            try:
+                await self._unstalled.wait()
+                if out.data is None:
+                    await send({"type": "websocket.close", "code": out.code, "reason": out.reason})
+                    self.close_code = out.code
+                    scope.cancel()
+                    return
+                if isinstance(out.data, bytes):
+                    await send({"type": "websocket.send", "bytes": out.data})
+                else:
+                    await send({"type": "websocket.send", "text": out.data})
+                on_sent(self, out.data)
+            finally:
+                # Written, or never to be (the session ended while it waited).
+                if out.done is not None:
+                    out.done.set()
 
 
 def _shutdown_tcp(server: tuple[str, int] | None, client: tuple[str, int] | None) -> None:

@@ -319,6 +319,7 @@ class Episode:
                     self.faulting = False
                     inner.cancel_scope.cancel()
                 self.report.submit_s = trio.current_time() - start
+                self._check_fault_rate()
                 await self._settle()
                 self.report.settle_s = trio.current_time() - start - self.report.submit_s
                 await self._check_and_stop()
@@ -329,6 +330,16 @@ class Episode:
         self._sweep_leftovers()
         self.report.elapsed_s = trio.current_time() - start
         return self.report
+
+    def _check_fault_rate(self) -> None:
+        """An episode that injected far fewer faults than its schedule proves little."""
+        expected = self.report.submit_s / self.fault_every_s
+        injected = sum(self.report.faults.values())
+        if expected >= 20 and injected < expected / 4:
+            self.report.violations.append(
+                f"[seed {self.seed}] driver: {injected} faults in {self.report.submit_s:.0f} s "
+                f"of submitting, {expected:.0f} expected"
+            )
 
     def _hub(self) -> DevHub:
         assert self.hub is not None
@@ -488,7 +499,15 @@ class Episode:
             fault = self.rng.choices(list(FAULTS), weights=list(FAULTS.values()))[0]
             phase = self.rng.choice(PHASES)
             try:
-                await self._fault(fault, phase)
+                # No fault takes this long (the slowest waits 30 s for an exit):
+                # a driver stuck here would quietly stop injecting for the rest
+                # of the episode, as a lost dev-hub write once made it do.
+                with trio.move_on_after(60) as bound:
+                    await self._fault(fault, phase)
+                if bound.cancelled_caught:
+                    self.report.violations.append(
+                        f"[seed {self.seed}] driver: fault {fault}@{phase} still running after 60 s"
+                    )
             except KeyError:
                 pass  # the agent went away meanwhile
 
