@@ -387,13 +387,27 @@ class Batcher:
         """Wait (at most `deadline_s`) until `task_id` has no pending progress.
 
         The outbox calls this before sending a task's result, so the hub sees a
-        task's progress before its end whenever the budget allows.
+        task's progress before its end whenever the budget allows. The task goes
+        to the front of the round robin; if it cannot be served within one
+        window (budget spent, hub pause), this returns False at once: a result
+        is worth more than its progress, which follows later (or expires).
         """
         with trio.move_on_after(deadline_s):
             while self.task_pending(task_id):
-                await self._lot.park()
+                st = self._tasks[task_id]
+                self._tasks.move_to_end(task_id, last=False)
+                now = trio.current_time()
+                # (A frame already in flight needs no budget: wait for its send.)
+                if st.segments and self._next_send_time(now) > now + self.window_s:
+                    return False
+                await self._lot.park()  # the send loop unparks on every pass
             return True
         return False
+
+    def _next_send_time(self, now: float) -> float:
+        """The earliest time the send loop may send a frame, by budget and pauses."""
+        self._refill(now)
+        return max(now, self._paused_until, self._token_time(now))
 
     # -- running ------------------------------------------------------------------
 

@@ -417,6 +417,52 @@ async def test_task_finished_flushes_then_forgets(autojump_clock: trio.abc.Clock
         assert b.tracked_tasks() == []
 
 
+async def test_result_wait_gives_up_at_once_when_the_budget_is_dry(autojump_clock: trio.abc.Clock) -> None:
+    """Regression (found by the chaos soak): with the budget spent by lifecycle
+    frames, every result waited the outbox's whole 2 s for progress that could
+    not go out, so a backlog of N results took 2N s to drain."""
+    b = Batcher(budget_per_min=40, burst=2)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        b.task_started("T")
+        await send.send(ev("T", "first"))
+        await trio.sleep(0.2)
+        for _ in range(4):
+            b.note_lifecycle_frame()  # results and accepts took the shared bucket
+        await send.send(ev("T", "late line"))
+        await trio.lowlevel.checkpoint()
+        b.task_finished("T")
+        t0 = trio.current_time()
+        assert await b.wait_task_flushed("T", 2.0) is False
+        assert trio.current_time() - t0 <= b.window_s  # not the whole 2 s
+        # The progress is not lost: it follows once the budget allows.
+        await trio.sleep(30)
+        assert [e["text"] for e in sink.of("T")] == ["first", "late line"]
+
+
+async def test_result_wait_serves_the_finishing_task_first(autojump_clock: trio.abc.Clock) -> None:
+    """With one token left, the task whose result waits gets it, not a busier peer."""
+    b = Batcher(budget_per_min=40, burst=3)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        for t in ("Z", "A", "B", "T"):
+            b.task_started(t)
+        await trio.sleep(0.2)
+        await send.send(ev("Z", "z"))
+        await trio.sleep(0.01)  # virtual: Z went out at 0.2, the next window opens at 0.3
+        assert sink.of("Z")
+        b.note_lifecycle_frame()  # one token left
+        for t in ("A", "B", "T"):
+            await send.send(ev(t, f"{t} line"))
+        await trio.lowlevel.checkpoint()
+        b.task_finished("T")
+        t0 = trio.current_time()
+        assert await b.wait_task_flushed("T", 2.0) is True
+        assert trio.current_time() - t0 <= 2 * b.window_s
+        assert [e["text"] for e in sink.of("T")] == ["T line"]
+        assert sink.of("A") == [] and sink.of("B") == []  # they wait for the next tokens
+
+
 async def test_finished_task_data_expires_when_it_cannot_go_out(autojump_clock: trio.abc.Clock) -> None:
     b = Batcher(finish_grace_s=30)
     sink = RecordingSink()
