@@ -110,7 +110,8 @@ class Outbox:
         if (
             kind == "task_ack"
             and frame.get("task_id") == item.task_id
-            and frame.get("status") in _RESULT_ACKS
+            and isinstance(frame.get("status"), str)
+            and frame["status"] in _RESULT_ACKS
         ):
             log.info("result_acked", task_id=item.task_id, generation=item.generation, status=frame["status"])
             self.delivered += 1

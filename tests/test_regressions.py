@@ -116,3 +116,48 @@ async def test_absurd_rate_limited_pause_stays_below_the_hub_acceptance_clock(ma
                     await trio.sleep(0.01)
             assert link.paused_until - trio.current_time() <= 30.0
             link.close()
+
+
+async def test_unhashable_fields_in_ack_and_error_frames_are_not_a_crash(make_config: Any) -> None:
+    """Found by the frame fuzzer: a `task_ack` whose `status` is a list (while
+    that task's result was in flight) and an `error` whose `message_type` is a
+    list raised TypeError out of the frame handler. Both must be ignored, and
+    a well-formed ack afterwards still retires the result."""
+    import httpx
+
+    from sidecar.app import Sidecar
+    from sidecar.store import Store
+
+    config = make_config(backoff_initial_s=60.0)
+    store = await Store.open(Path(config.resolved_state_dir()) / "r.db", durable=False)
+    try:
+        async with httpx.AsyncClient() as http:
+            sc = Sidecar(config, store, http)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sc.run)
+                await sc.on_frame(
+                    {
+                        "type": "task_assign",
+                        "task_id": "t-1",
+                        "generation": 1,
+                        "metadata": {"shell_command": "echo hi"},
+                        "routing_decision": {"target_type": "sidecar"},
+                    }
+                )
+                with trio.fail_after(20):
+                    while True:  # the outbox has no public "taken up" event: poll it
+                        if sc.outbox._inflight is not None:
+                            break
+                        await trio.sleep(0.01)
+                await sc.on_frame({"type": "task_ack", "task_id": "t-1", "status": ["complete"]})
+                await sc.on_frame({"type": "error", "error": "validation_failed", "message_type": [1, 2]})
+                await sc.on_frame({"type": "error", "error": ["stale_generation"], "message_type": {}})
+                assert not sc.outbox._answered.is_set()  # none of those answered the result
+                assert sc.refused_types == set()
+                # (No hub here, so the link never connects: the outbox cannot retire the
+                # item until it is ready; the answer itself is what a valid ack gives.)
+                await sc.on_frame({"type": "task_ack", "task_id": "t-1", "status": "complete"})
+                assert sc.outbox._answered.is_set()
+                sc.stopped.set()
+    finally:
+        await store.close()
