@@ -808,6 +808,15 @@ class Episode:
         if agent is None:
             return True
         gen = info.get("generation")
+        # Wire evidence first: the hub received task_accepted for this generation.
+        rec = self.state.tasks.get(task_id)
+        if rec is not None and any(
+            e == "accepted" and i.get("generation") == gen and i.get("agent_id") == agent.name
+            for e, _, i in rec.history
+        ):
+            return True
+        # Else the sidecar's own word: it logs task_accepted once the task is stored,
+        # before it sends the frame (which a dying socket may then lose).
         return any(
             e.get("task_id") == task_id and e.get("generation") == gen
             for e in agent.proc.events("task_accepted")
