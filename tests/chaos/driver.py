@@ -952,6 +952,8 @@ async def run_episodes(
             rep = await ep.run()
             total.merge(rep)
             print(json.dumps(summary(rep)), flush=True)
+            for v in rep.violations:  # as they happen: a long soak's end may be far away
+                print(f"VIOLATION {v}", flush=True)
 
     async with trio.open_nursery() as nursery:
         for seed in seeds:
