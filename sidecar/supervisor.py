@@ -19,6 +19,7 @@ from . import procs
 from .config import Config
 from .delivery import AcceptTracker, Outbox
 from .dispatcher import DispatchResult
+from .executors.wake import discard_result_files
 from .log import bind_context, get_logger
 from .messages import (
     LIMITS,
@@ -282,6 +283,10 @@ class Supervisor:
         tid = task.task_id
         # Whatever the executor did, nothing it started may outlive the task.
         procs.kill_marked(held.marker)
+        if not held.started:
+            # It never reached an executor in this process: files a run before a
+            # crash left (the wake path's) have no one else to remove them.
+            discard_result_files(self.config, tid)
         frame: dict[str, Any] | None
         reason = held.cancel_reason
         if result is not None:

@@ -161,3 +161,51 @@ async def test_unhashable_fields_in_ack_and_error_frames_are_not_a_crash(make_co
                 sc.stopped.set()
     finally:
         await store.close()
+
+
+async def test_wake_files_of_a_task_reassigned_after_a_crash_are_removed(
+    make_config: Any, tmp_path: Path
+) -> None:
+    """Found by the chaos suite (counted as `wake_leftovers_after_kill9` until now):
+    a wake task held when the sidecar was killed with kill -9, then taken away by
+    the hub (`task_reassign`) after the restart, never reaches the wake executor
+    again, so the result files its agent wrote stayed in results_dir."""
+    import httpx
+
+    from sidecar.app import Sidecar
+    from sidecar.procs import task_marker
+    from sidecar.store import Store
+
+    results = tmp_path / "results"
+    results.mkdir()
+    config = make_config(backoff_initial_s=60.0, results_dir=str(results), wake_command="true")
+    frame = {"type": "task_assign", "task_id": "w-1", "generation": 3, "description": "wake me"}
+    db = Path(config.resolved_state_dir()) / "r.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # What a kill -9 mid-task leaves: the task in the store, the agent's files on disk.
+    store = await Store.open(db, durable=False)
+    await store.put_task("w-1", 3, frame, task_marker(config.agent_id, "w-1"))
+    await store.mark_running("w-1")
+    await store.close()
+    left = [results / "w-1.started", results / "w-1.json"]
+    for path in left:
+        path.write_text("{}")
+    unrelated = results / "other.json"
+    unrelated.write_text("{}")
+
+    store = await Store.open(db, durable=False)
+    try:
+        async with httpx.AsyncClient() as http:
+            sc = Sidecar(config, store, http)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sc.run)
+                held = sc.supervisor.held["w-1"]  # recovered, waiting for the hub's answer
+                await sc.on_frame({"type": "task_reassign", "task_id": "w-1"})
+                with trio.fail_after(10):
+                    await held.done.wait()
+                assert [p.name for p in left if p.exists()] == []
+                assert unrelated.exists()  # only that task's files
+                assert await store.outbox() == []  # reassigned: no result of ours
+                sc.stopped.set()
+    finally:
+        await store.close()

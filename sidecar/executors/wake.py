@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from ..config import Config
 from ..log import get_logger
 from ..messages import Outcome, Task, converter
 from ..output import OutputCapture
@@ -62,6 +63,31 @@ def task_json(task: Task) -> str:
     return json.dumps(data, default=str)
 
 
+def results_dir_of(config: Config, state_dir: Path) -> Path:
+    """Where woken agents write their files: `results_dir`, else `<state_dir>/results`."""
+    return Path(config.results_dir) if config.results_dir else state_dir / "results"
+
+
+def _unlink_quietly(paths: tuple[Path, ...]) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("wake_cleanup_failed", path=str(path), error=str(exc))
+
+
+def discard_result_files(config: Config, task_id: str) -> None:
+    """Remove a task's wake files when the task ends without reaching the executor.
+
+    A wake task held at a kill -9 and then reassigned by the hub after the
+    restart never runs here again, so the executor's own clean-up never comes.
+    Synchronous (two unlinks), so callers in shielded clean-up need no deadline.
+    """
+    if _file_safe(task_id):
+        results = results_dir_of(config, config.resolved_state_dir())
+        _unlink_quietly((results / f"{task_id}.started", results / f"{task_id}.json"))
+
+
 class WakeExecutor:
     """Wakes an agent with `wake_command` and waits for its result file."""
 
@@ -70,8 +96,7 @@ class WakeExecutor:
 
     @property
     def results_dir(self) -> Path:
-        cfg = self.ctx.config
-        return Path(cfg.results_dir) if cfg.results_dir else self.ctx.state_dir / "results"
+        return results_dir_of(self.ctx.config, self.ctx.state_dir)
 
     async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
         cfg = self.ctx.config
@@ -120,11 +145,7 @@ class WakeExecutor:
         finally:
             # The task ends here: its result files and every process it started
             # (the woken agent included) go. Synchronous, so no shield needed.
-            for path in (started, result):
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as exc:
-                    log.warning("wake_cleanup_failed", path=str(path), error=str(exc))
+            _unlink_quietly((started, result))
             kill_marked(marker)
 
     async def _wake(self, task: Task, progress: ProgressSender, template: str, marker: str) -> str | None:

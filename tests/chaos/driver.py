@@ -173,7 +173,6 @@ class Report:
     hub_restarts: int = 0
     elapsed_s: float = 0.0
     submit_s: float = 0.0
-    wake_leftovers: int = 0
     settle_s: float = 0.0
     # Marked processes seen at the idle check that were gone within its 5 s
     # second look (a teardown still in its grace period), counted, not excused silently.
@@ -189,7 +188,6 @@ class Report:
         self.transit_gaps += other.transit_gaps
         self.announced_gaps += other.announced_gaps
         self.kill9 += other.kill9
-        self.wake_leftovers += other.wake_leftovers
         self.hub_restarts += other.hub_restarts
         self.late_exits += other.late_exits
 
@@ -746,11 +744,6 @@ class Episode:
                 self._violation(3, f"{agent.name} left temp files {tmp[:5]}")
             results = agent.proc.root / "results"
             left = [p.name for p in results.iterdir() if not p.name.endswith(".pid")]
-            # Known and open: a wake task killed with the sidecar (kill -9) and then
-            # reassigned leaves its files until that task runs here again.
-            killed = {t for snap in self.kills if snap.agent == agent.name for t, _, _ in snap.in_flight}
-            self.report.wake_leftovers += sum(1 for n in left if n.rsplit(".", 1)[0] in killed)
-            left = [n for n in left if n.rsplit(".", 1)[0] not in killed]
             if left:
                 self._violation(3, f"{agent.name} left wake files {left[:5]}")
             text = agent.proc.log_text()
@@ -971,7 +964,6 @@ def summary(rep: Report) -> dict[str, Any]:
         "faults": sum(rep.faults.values()),
         "kill9": rep.kill9,
         "hub_restarts": rep.hub_restarts,
-        "wake_leftovers_after_kill9": rep.wake_leftovers,
         "transit_gaps": rep.transit_gaps,
         "announced_gaps": rep.announced_gaps,
         "late_exits_at_idle": rep.late_exits,
