@@ -23,6 +23,7 @@ from .config import Config
 from .cost import CostModel
 from .delivery import AcceptTracker, Outbox
 from .dispatcher import Dispatcher
+from .entry import take_pending as take_pending_signals
 from .executors import ExecContext, Executor
 from .executors.claude import ClaudeExecutor
 from .executors.ollama import OllamaExecutor
@@ -296,10 +297,16 @@ async def run_sidecar(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT (exit 0) or a hub restart request (exit 75).
 
     Signals are caught for the whole run, shutdown included: a second SIGTERM
-    during the (bounded) graceful shutdown does not cut it short.
+    during the (bounded) graceful shutdown does not cut it short, nor (run
+    through `entry.main`) does it turn the exit into death by signal.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # A stop request that came while the process started (entry.py kept it).
+        early = take_pending_signals()
         async with open_sidecar(config) as sidecar, trio.open_nursery() as nursery:
+            if early:
+                log.info("signal", signal=signal.Signals(early[0]).name, during="start-up")
+                sidecar.stop_requested.set()
             nursery.start_soon(_first_signal, signals, sidecar)
             await sidecar.stop_requested.wait()
             nursery.cancel_scope.cancel()

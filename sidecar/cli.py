@@ -11,6 +11,7 @@ import trio
 
 from . import __version__
 from .config import ConfigError, load_config
+from .entry import release as release_signals
 from .log import setup_logging
 
 _EPILOG = """examples:
@@ -136,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "run":
+        release_signals()  # only `run` keeps the early stop-signal catching (entry.py)
     json_lines = {"auto": None, "json": True, "kv": False}[args.log_format]
     if args.command == "run":
         try:

@@ -7,6 +7,7 @@ also asserts that the sidecar never sent a frame the real hub would refuse.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import textwrap
@@ -251,6 +252,78 @@ async def test_sigterm_shutdown_cancels_tasks_reports_and_exits_zero(
     assert "retried" in hub.task(tid).ack_statuses
     assert not psutil.pid_exists(sidecar.pid) or not alive(sidecar.pid)
     no_violations(hub)
+
+
+async def test_second_sigterm_during_shutdown_still_exits_zero(tmp_path: Path, hub: DevHub) -> None:
+    """Regression (found by the chaos soak): trio re-delivers a signal it caught
+    but nobody consumed when its receiver closes, so a second SIGTERM during the
+    graceful shutdown killed the process at its very end (exit 143, not 0)."""
+    sc = SidecarProcess(tmp_path / "sc", hub.ws_url, kill_grace_s=2.0)
+    try:
+        await sc.start()
+        cmd = stubborn_script(tmp_path)
+        hub.submit(metadata={"shell_command": cmd}, routing_decision=SHELL)
+        await _wait_for(lambda: len(read_pids(tmp_path / "pids")) == 2)
+        assert sc.proc is not None
+        sc.proc.send_signal(signal.SIGTERM)
+        await _wait_for(lambda: sc.events("shutdown_started"))  # the children now ignore SIGTERM for 2 s
+        sc.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            code = await sc.proc.wait()
+        assert code == 0
+        assert sc.events("stopped")
+        assert not any(alive(pid) for pid in read_pids(tmp_path / "pids"))
+    finally:
+        await sc.cleanup()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+async def test_sigterm_while_starting_is_a_clean_stop(tmp_path: Path) -> None:
+    """Regression (found by the chaos soak): a SIGTERM before the daemon's
+    signal handling was up (imports, config) killed it by the signal (exit 143).
+    The config file is a FIFO here, so the process is held in its start-up for
+    as long as the test wants: SIGTERM must already be caught there."""
+    import os
+    import subprocess
+
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    state = tmp_path / "state"
+    log = (tmp_path / "out.log").open("wb")
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "sidecar", "--log-format", "json", "run", "--config", str(fifo)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    log.close()
+    try:
+        await _wait_for(lambda: _catches_sigterm(proc.pid), timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        config = {
+            "agent_id": AGENT,
+            "token": TOKEN,
+            "hub_url": "ws://127.0.0.1:9/ws",
+            "state_dir": str(state),
+        }
+        await trio.to_thread.run_sync(fifo.write_text, json.dumps(config))
+        with trio.fail_after(30):
+            code = await proc.wait()
+        out = (tmp_path / "out.log").read_text()
+        assert code == 0, out
+        events = [json.loads(line).get("event") for line in out.splitlines() if line.startswith("{")]
+        assert "signal" in events and events[-1] == "stopped"
+        assert TOKEN not in out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_busy_sidecar_answers_sidecar_busy_and_queue_holds_one(tmp_path: Path) -> None:
