@@ -31,6 +31,9 @@ NORMAL_TIER = frozenset({"task_accepted", "task_progress", "task_complete", "tas
 
 # Errors that mean "this connection is gone"; trio-websocket#184 can surface
 # wsproto's LocalProtocolError instead of ConnectionClosed.
+# How long past `connect_timeout_s` an opening may take before we abandon it.
+_OPEN_MARGIN_S = 1.0
+
 _LINK_ERRORS = (
     trio_websocket.ConnectionClosed,
     trio_websocket.HandshakeError,
@@ -204,6 +207,22 @@ class HubLink:
     async def _connect_once(self) -> float | None:
         cfg = self.config
         self._last_session_identified = False
+        # Our own bound on the opening: trio-websocket's `connect_timeout` raises
+        # but leaves its reader task waiting on a peer that accepted the TCP
+        # connection and never answers the upgrade, so `open_websocket_url`
+        # would never return. Lifted as soon as the socket is open.
+        opening = trio.CancelScope(deadline=trio.current_time() + cfg.connect_timeout_s + _OPEN_MARGIN_S)
+        with opening:
+            return await self._session(opening)
+        log.warning(
+            "connect_timeout",
+            timeout_s=cfg.connect_timeout_s,
+            detail="the hub accepted the connection but never completed the WebSocket handshake",
+        )
+        return None
+
+    async def _session(self, opening: trio.CancelScope) -> float | None:
+        cfg = self.config
         async with trio_websocket.open_websocket_url(
             cfg.hub_url,
             connect_timeout=cfg.connect_timeout_s,
@@ -212,6 +231,7 @@ class HubLink:
             message_queue_size=64,
             receive_buffer_size=65536,
         ) as ws:
+            opening.deadline = math.inf
             self._ws = ws
             self.connected = True
             log.info("connected", url=cfg.hub_url)

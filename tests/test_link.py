@@ -244,3 +244,39 @@ async def test_waiter_from_before_failed_reconnects_wakes_on_identify(
             async with open_dev_hub(tokens={AGENT: TOKEN}, port=port):
                 with trio.fail_after(30):
                     await ready.wait()
+
+
+async def test_hub_that_accepts_tcp_but_never_answers_the_upgrade_is_retried(
+    clock: trio.testing.MockClock, make_config: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (found by the chaos soak: an agent went silent for 27 s until
+    SIGTERM). trio-websocket 0.12's `connect_timeout` raises, but its reader
+    task stays in the connection's nursery, so `open_websocket_url` never
+    returns against a peer that accepted the TCP connection and then says
+    nothing (a hub restarting behind its listening socket, a proxy whose
+    backend is down). The link must give up on that attempt and try again."""
+    caplog.set_level(logging.INFO)
+    accepted: list[trio.SocketStream] = []
+    changed = trio.Event()
+
+    async def mute(stream: trio.SocketStream) -> None:
+        nonlocal changed
+        accepted.append(stream)
+        changed.set()
+        changed = trio.Event()
+        await trio.sleep_forever()  # read nothing, answer nothing
+
+    async with trio.open_nursery() as servers:
+        listeners = await servers.start(trio.serve_tcp, mute, 0)
+        port = listeners[0].socket.getsockname()[1]
+        cfg = make_config(hub_url=f"ws://127.0.0.1:{port}/ws", connect_timeout_s=5.0, backoff_initial_s=1.0)
+        async with running_link(cfg):
+            start = trio.current_time()
+            with trio.fail_after(120):
+                while len(accepted) < 3:
+                    await changed.wait()
+            took = trio.current_time() - start
+        servers.cancel_scope.cancel()
+    # Each attempt ends about connect_timeout_s (plus a margin) after it began.
+    assert took < 3 * (5.0 + 2.0 + 2.0), took
+    assert sum(r.getMessage() == "connect_timeout" for r in caplog.records) >= 2
