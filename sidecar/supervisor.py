@@ -63,6 +63,14 @@ class Held:
     recover_answered: trio.Event = attrs.field(factory=trio.Event)
     done: trio.Event = attrs.field(factory=trio.Event)
 
+    def ending(self) -> str | None:
+        """Why this run is being torn down (cancel reason, or its time limit); None if it is not."""
+        if self.cancel_reason is not None:
+            return self.cancel_reason
+        if self.scope.cancel_called or trio.current_time() >= self.scope.deadline:
+            return "timeout"
+        return None
+
 
 class Supervisor:
     def __init__(
@@ -149,10 +157,16 @@ class Supervisor:
             return
         tid, gen = task.task_id, task.generation
         held = self.held.get(tid)
-        if held is not None and held.cancel_reason is not None:
-            # A run of this task is being torn down (reassigned, cancelled): the
-            # new assignment starts afresh once that run's end is written.
-            log.info("assign_after_teardown", task_id=tid, generation=gen, ending=held.cancel_reason)
+        ending = held.ending() if held is not None else None
+        if (
+            held is not None
+            and ending is not None
+            and (held.cancel_reason is not None or gen > held.generation)
+        ):
+            # A run of this task is being torn down (reassigned, cancelled, past
+            # its time limit): the new assignment starts afresh once that run's
+            # end is written, and does not inherit the old run's fate.
+            log.info("assign_after_teardown", task_id=tid, generation=gen, ending=ending)
             assert self._nursery is not None
             self._nursery.start_soon(self._assign_when_done, held, frame)
             return

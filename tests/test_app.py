@@ -75,3 +75,41 @@ async def test_reassign_then_new_assign_of_same_task_runs_it_again(make_config: 
     assert runs.read_text().split() == ["run", "run"]
     complete = hub.frames(AGENT, type="task_complete")[-1].frame
     assert complete is not None and complete["generation"] == rec.generation
+
+
+async def test_new_assign_while_a_timed_out_run_is_torn_down_runs_it_again(
+    make_config: Any, tmp_path: Any
+) -> None:
+    """Regression (found by the chaos soak, seed 849652888): a new-generation
+    task_assign that arrived while the old run was being killed for its time
+    limit was adopted by that dying run, so the new generation got the old run's
+    time-out failure without ever running."""
+    runs, terms = tmp_path / "runs", tmp_path / "terms"
+    cmd = (
+        f'echo run >> {runs}; if [ "$(wc -l < {runs})" -ge 2 ]; then echo second; exit 0; fi; '
+        f"trap 'echo term >> {terms}' TERM; sleep 60 & wait; sleep 60"
+    )
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, kill_grace_s=2.0)
+        async with open_sidecar(cfg):
+            meta = {"shell_command": cmd, "timeout_ms": 500}
+            tid = hub.submit(metadata=meta, routing_decision={"target_type": "sidecar"})
+            with trio.fail_after(30):
+                while not terms.exists():  # noqa: ASYNC110 - a file offers no event
+                    await trio.sleep(0.01)
+            # The run is past its time limit, in its SIGTERM grace. The hub now gives
+            # the task out again under a new generation.
+            rec = hub.task(tid)
+            rec.generation += 2
+            new_gen = rec.generation
+            await hub.send_frame(AGENT, {**rec.assigns[-1], "generation": new_gen})
+            done = await hub.wait_until(
+                lambda: hub.task(tid) if hub.task(tid).status in ("completed", "dead_letter") else None, 30
+            )
+    assert runs.read_text().split() == ["run", "run"]
+    assert done.status == "completed" and done.result is not None and "second" in done.result["output"]
+    # The new generation ran afresh: it completed, and never carried the old run's time-out.
+    failed = [f.frame for f in hub.frames(AGENT, type="task_failed") if f.frame]
+    assert [f["generation"] for f in failed if f["generation"] >= new_gen] == []
+    complete = hub.frames(AGENT, type="task_complete")[-1].frame
+    assert complete is not None and complete["generation"] == new_gen
