@@ -333,7 +333,9 @@ class Episode:
         """An episode that injected far fewer faults than its schedule proves little."""
         expected = self.report.submit_s / self.fault_every_s
         injected = sum(self.report.faults.values())
-        if expected >= 20 and injected < expected / 4:
+        # Faults run one after another and many wait (stalls, restarts), so about a
+        # quarter of the schedule is normal; a stuck injector managed a twentieth.
+        if expected >= 20 and injected < expected / 10:
             self.report.violations.append(
                 f"[seed {self.seed}] driver: {injected} faults in {self.report.submit_s:.0f} s "
                 f"of submitting, {expected:.0f} expected"
