@@ -43,6 +43,7 @@ class OllamaConfig:
     default_model: str = "qwen3:8b"
     idle_timeout_s: float = 60.0
     connect_timeout_s: float = 10.0
+    load_timeout_s: float = 300.0
 
 
 @attrs.frozen

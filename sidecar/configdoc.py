@@ -57,10 +57,12 @@ DESCRIPTIONS: dict[str, str] = {
     "`127.0.0.1:9464` unless a scraper on another host needs it.",
     "ollama": "Table `[ollama]`, below.",
     "claude": "Table `[claude]`, below.",
-    "prices": "Table `[prices.\"MODEL\"]` with `input_per_mtok`, `output_per_mtok` (USD per million "
+    "prices": 'Table `[prices."MODEL"]` with `input_per_mtok`, `output_per_mtok` (USD per million '
     "tokens): overrides the bundled price catalogue for that model.",
     "ollama.default_model": "Model when the hub's routing decision names none.",
-    "ollama.idle_timeout_s": "A stream silent this long fails (transient: retried).",
+    "ollama.idle_timeout_s": "A stream silent this long (once it has begun) fails (transient: retried).",
+    "ollama.load_timeout_s": "How long Ollama may take to begin its answer (a cold model load) "
+    "before the task fails (transient: retried).",
     "ollama.connect_timeout_s": "Connecting to the Ollama server.",
     "claude.binary": "The Claude Code CLI (name on PATH or path).",
     "claude.extra_args": "Extra CLI arguments, appended.",

@@ -272,6 +272,35 @@ async def test_idle_timeout(
         await srv.chat_requests[0].client_gone.wait()
 
 
+async def test_a_cold_model_load_is_not_an_idle_timeout(
+    srv: OllamaServer, run: Callable[..., Run], autojump_clock: trio.abc.Clock
+) -> None:
+    """Ollama loads a cold model before its answer begins, which can take longer
+    than the idle timeout (a large model from a slow disk): that wait is bounded
+    by `load_timeout_s`, not `idle_timeout_s`."""
+    srv.scripts["qwen3:8b"] = Script(reply="a b c", load_s=200)
+    r = run(ollama={"idle_timeout_s": 30})
+    start = trio.current_time()
+    out = await r(make_task(host_port(srv.url)))
+    assert out.ok, out
+    assert out.output == "a b c"
+    assert trio.current_time() - start >= 200
+
+
+async def test_load_timeout(
+    srv: OllamaServer, run: Callable[..., Run], autojump_clock: trio.abc.Clock
+) -> None:
+    srv.scripts["qwen3:8b"] = Script(reply="a b", load_s=10_000)
+    r = run(ollama={"idle_timeout_s": 30, "load_timeout_s": 120})
+    start = trio.current_time()
+    out = await r(make_task(host_port(srv.url)))
+    elapsed = trio.current_time() - start
+    assert (out.ok, out.reason, out.transient) == (False, "ollama_load_timeout", True)
+    assert "did not begin its answer within 120 s" in (out.error or "")
+    assert "ollama.load_timeout_s" in (out.error or "")
+    assert 120 <= elapsed < 121
+
+
 async def test_slow_tokens_are_not_idle(
     srv: OllamaServer, run: Callable[..., Run], autojump_clock: trio.abc.Clock
 ) -> None:

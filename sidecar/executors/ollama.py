@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import trio
 
 from ..log import get_logger
 from ..messages import Outcome, Task
@@ -73,11 +74,15 @@ class OllamaExecutor:
         self._ctx = ctx
         self._http = ctx.http
         cfg = ctx.config.ollama
-        # httpx's read timeout applies to each socket read: "no bytes for N s".
-        # It runs on Trio's clock, so it honours MockClock in tests.
+        # httpx's read timeout applies to each socket read. It bounds the wait
+        # for the answer to begin (Ollama loads a cold model first, which can
+        # take minutes); silence once the stream runs is bounded by `_relay` on
+        # Trio's clock (`idle_timeout_s`). Both honour MockClock in tests.
+        self._idle_s = cfg.idle_timeout_s
+        self._load_s = cfg.load_timeout_s
         self._timeout = httpx.Timeout(
             connect=cfg.connect_timeout_s,
-            read=cfg.idle_timeout_s,
+            read=max(cfg.load_timeout_s, cfg.idle_timeout_s),
             write=cfg.idle_timeout_s,
             pool=cfg.connect_timeout_s,
         )
@@ -155,10 +160,12 @@ class OllamaExecutor:
             raise _Failure("ollama_unreachable", f"cannot reach {where}: connect timed out", True) from exc
         except httpx.ConnectError as exc:
             raise _Failure("ollama_unreachable", f"cannot reach {where}: {_describe(exc)}", True) from exc
-        except httpx.ReadTimeout as exc:
-            idle = self._ctx.config.ollama.idle_timeout_s
+        except httpx.ReadTimeout as exc:  # only the wait for the answer to begin is this long
             raise _Failure(
-                "ollama_idle_timeout", f"{where} sent nothing for {idle:g} s (idle timeout)", True
+                "ollama_load_timeout",
+                f"{where} did not begin its answer within {self._load_s:g} s "
+                "(a model load that slow? raise ollama.load_timeout_s)",
+                True,
             ) from exc
         except httpx.TimeoutException as exc:  # write or pool timeout
             raise _Failure("ollama_timeout", f"{where} timed out: {type(exc).__name__}", True) from exc
@@ -195,14 +202,21 @@ class OllamaExecutor:
         # We ask for no compression; raw bytes then skip httpx's decoder layer.
         encoded = response.headers.get("content-encoding", "identity") != "identity"
         chunks = (response.aiter_bytes() if encoded else response.aiter_raw()).__aiter__()
+        idle = self._idle_s
         while final is None and not ended:
+            data = b""
             try:
-                data = await chunks.__anext__()
+                with trio.move_on_after(idle) as waited:
+                    data = await chunks.__anext__()
             except StopAsyncIteration:
                 # A last line without its newline still counts.
                 ended = True
                 lines = [tail] if tail.strip() else []
             else:
+                if waited.cancelled_caught:
+                    raise _Failure(
+                        "ollama_idle_timeout", f"{where} sent nothing for {idle:g} s (idle timeout)", True
+                    )
                 lines = (tail + data).split(b"\n") if tail else data.split(b"\n")
                 tail = lines.pop()
             for line in lines:

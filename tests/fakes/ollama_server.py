@@ -64,6 +64,8 @@ class Script:
       into word-sized chunks as a tokenizer would; `chunks`: instead send this
       many generated chunks (benches).
     - `delay_s`: pause before each chunk (Trio clock).
+    - `load_s`: pause before the response begins, headers included (Trio clock), as
+      Ollama loads a cold model before it answers.
     - `stall_after`: after N chunks send nothing more, ever (until the client goes).
     - `reset_after`: after N chunks reset the TCP connection (RST).
     - `error_after`: after N chunks send the line `{"error": error_message}` and end.
@@ -77,6 +79,7 @@ class Script:
     reply: str | None = None
     chunks: int | None = None
     delay_s: float = 0.0
+    load_s: float = 0.0
     stall_after: int | None = None
     reset_after: int | None = None
     error_after: int | None = None
@@ -306,6 +309,8 @@ class OllamaServer:
         self, conn: _Conn, req: Request, model: str, pieces: list[bytes], prompt_tokens: int, script: Script
     ) -> bool:
         start_ns = time.monotonic_ns()
+        if script.load_s > 0:
+            await trio.sleep(script.load_s)
         await conn.send_raw(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
             + f"Date: {_http_date()}\r\n".encode()
