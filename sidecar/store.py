@@ -188,6 +188,17 @@ class Store:
     async def retire(self, item_id: int) -> None:
         await self._run(lambda db: db.execute("DELETE FROM outbox WHERE id=?", (item_id,)))
 
+    async def drop_stale_results(self, task_id: str, generation: int) -> int:
+        """Forget unsent results of older generations of a task: the hub, which
+        has given the task out again as `generation`, refuses them as stale.
+        Returns how many were dropped."""
+
+        def _drop(db: sqlite3.Connection) -> int:
+            cur = db.execute("DELETE FROM outbox WHERE task_id=? AND generation<?", (task_id, generation))
+            return cur.rowcount
+
+        return await self._run(_drop)
+
     async def drop_results(self, task_id: str) -> None:
         """Forget unsent results of a task the hub took away (reassigned)."""
         await self._run(lambda db: db.execute("DELETE FROM outbox WHERE task_id=?", (task_id,)))

@@ -178,6 +178,7 @@ class Supervisor:
                 log.info("assign_new_generation", task_id=tid, old=held.generation, generation=gen)
                 held.generation = gen
                 await self.store.set_generation(tid, gen)
+                await self._drop_stale_results(tid, gen)
                 # The hub gave it to us again: that answers a pending recovery too.
                 held.recover_answered.set()
                 await self.accepts.accept(tid)
@@ -200,11 +201,19 @@ class Supervisor:
             return
         marker = procs.task_marker(self.config.agent_id, tid)
         await self.store.put_task(tid, gen, task.raw, marker)
+        await self._drop_stale_results(tid, gen)
         held = Held(task, gen, marker)
         self._hold(held)
         queued = len(self.held) > self.config.capacity
         log.info("task_accepted", task_id=tid, generation=gen, queued=queued)
         await self.accepts.accept(tid)
+
+    async def _drop_stale_results(self, task_id: str, generation: int) -> None:
+        """Results of older runs of a task given out again would only be refused
+        as stale: after a storm of reconnects they are most of the outbox."""
+        dropped = await self.store.drop_stale_results(task_id, generation)
+        if dropped:
+            log.info("stale_results_dropped", task_id=task_id, generation=generation, dropped=dropped)
 
     async def _assign_when_done(self, held: Held, frame: dict[str, Any]) -> None:
         await held.done.wait()
@@ -226,6 +235,7 @@ class Supervisor:
         if generation is not None and generation != held.generation:
             held.generation = generation
             await self.store.set_generation(task_id, generation)
+            await self._drop_stale_results(task_id, generation)
         log.info("task_continue", task_id=task_id, generation=held.generation)
         held.recover_answered.set()
         # Only a fresh task_accepted restarts the hub's acceptance clock.

@@ -209,3 +209,53 @@ async def test_wake_files_of_a_task_reassigned_after_a_crash_are_removed(
                 sc.stopped.set()
     finally:
         await store.close()
+
+
+async def test_results_of_older_generations_leave_the_outbox_when_the_task_comes_back(
+    make_config: Any,
+) -> None:
+    """Found by the chaos soak: after a storm of reconnects the outbox held
+    dozens of results of older generations of the same tasks, each sent and
+    refused as stale one round trip at a time, so the results that mattered
+    waited behind them. Once the hub gives a task out again as generation N,
+    results of generations below N are dropped: the hub would refuse them."""
+    import httpx
+
+    from sidecar.app import Sidecar
+    from sidecar.store import Store
+
+    config = make_config(backoff_initial_s=60.0)  # no hub: nothing leaves the outbox
+    store = await Store.open(Path(config.resolved_state_dir()) / "r.db", durable=False)
+
+    async def results_of(tid: str) -> list[int]:
+        return [i.generation for i in await store.outbox() if i.task_id == tid]
+
+    async def wait_for_result(tid: str, gen: int) -> None:
+        with trio.fail_after(20):
+            while True:  # the store has no change event: poll it
+                if gen in await results_of(tid):
+                    return
+                await trio.sleep(0.01)
+
+    def assign(gen: int) -> dict[str, Any]:
+        return {
+            "type": "task_assign",
+            "task_id": "t-1",
+            "generation": gen,
+            "metadata": {"shell_command": f"echo run-{gen}"},
+            "routing_decision": {"target_type": "sidecar"},
+        }
+
+    try:
+        async with httpx.AsyncClient() as http:
+            sc = Sidecar(config, store, http)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sc.run)
+                await sc.on_frame(assign(1))
+                await wait_for_result("t-1", 1)
+                await sc.on_frame(assign(3))
+                await wait_for_result("t-1", 3)
+                assert await results_of("t-1") == [3]
+                sc.stopped.set()
+    finally:
+        await store.close()
