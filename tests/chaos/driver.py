@@ -902,9 +902,13 @@ class Episode:
             recovering = {
                 str(f.frame.get("task_id")) for f in later if f.type == "task_recovering" and f.frame
             }
+            # A task held at the kill must be announced again after the restart, or
+            # ended there (a SIGTERM that came before the new session could
+            # identify fails it as sidecar_shutdown instead): either way the hub hears.
+            ended = {str(f.frame.get("task_id")) for f in later if f.type in TERMINAL and f.frame}
             for tid, _gen, _state in snap.in_flight:
-                if tid not in recovering:
-                    self._violation(6, f"{snap.agent}: held {tid} at kill -9, no task_recovering after it")
+                if tid not in recovering and tid not in ended:
+                    self._violation(6, f"{snap.agent}: held {tid} at kill -9, neither recovered nor ended")
             sent = {
                 (str(f.frame.get("task_id")), int(f.frame.get("generation") or 0), f.type)
                 for f in later
@@ -917,8 +921,17 @@ class Episode:
                 for f in hub.sent(snap.agent, type="task_reassign")
                 if f.frame and f.at >= snap.at
             }
+            # A newer generation given to this agent makes older results stale: the
+            # sidecar drops them rather than have the hub refuse them (also protocol).
+            newest: dict[str, int] = {}
+            for hub in self.hubs[snap.hub_index - 1 :]:
+                for f in hub.sent(snap.agent, type="task_assign"):
+                    if f.frame and f.at >= snap.at and isinstance(f.frame.get("generation"), int):
+                        tid = str(f.frame.get("task_id"))
+                        newest[tid] = max(newest.get(tid, 0), int(f.frame["generation"]))
             for item in snap.outbox:
-                if item not in sent and item[0] not in reassigned:
+                superseded = newest.get(item[0], -1) > item[1]
+                if item not in sent and item[0] not in reassigned and not superseded:
                     self._violation(6, f"{snap.agent}: stored result {item} not sent after restart")
 
     def _sweep_leftovers(self) -> None:
