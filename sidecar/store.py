@@ -112,23 +112,33 @@ class Store:
 
         return await self._run(_get)
 
-    async def put_task(self, task_id: str, generation: int, frame: dict[str, Any], marker: str) -> None:
-        """Store a newly accepted task (replacing a finished or older-generation row)."""
+    async def put_task(self, task_id: str, generation: int, frame: dict[str, Any], marker: str) -> int:
+        """Store a newly accepted task (replacing a finished or older-generation row).
+
+        Unsent results of older generations of it go in the same transaction
+        (the hub would refuse them as stale); returns how many. One thread hop,
+        so the caller has no checkpoint between storing and holding the task.
+        """
         text = json.dumps(frame)
 
-        def _put(db: sqlite3.Connection) -> None:
+        def _put(db: sqlite3.Connection) -> int:
             db.execute(
                 "INSERT OR REPLACE INTO tasks (task_id, generation, frame, state, marker, received_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (task_id, generation, text, QUEUED, marker, time.time()),
             )
+            return _drop_older(db, task_id, generation)
 
-        await self._run(_put)
+        return await self._run(_put)
 
-    async def set_generation(self, task_id: str, generation: int) -> None:
-        await self._run(
-            lambda db: db.execute("UPDATE tasks SET generation=? WHERE task_id=?", (generation, task_id))
-        )
+    async def set_generation(self, task_id: str, generation: int) -> int:
+        """The task now runs as `generation`; older unsent results go (see `put_task`)."""
+
+        def _set(db: sqlite3.Connection) -> int:
+            db.execute("UPDATE tasks SET generation=? WHERE task_id=?", (generation, task_id))
+            return _drop_older(db, task_id, generation)
+
+        return await self._run(_set)
 
     async def mark_running(self, task_id: str) -> None:
         await self._run(lambda db: db.execute("UPDATE tasks SET state=? WHERE task_id=?", (RUNNING, task_id)))
@@ -188,20 +198,16 @@ class Store:
     async def retire(self, item_id: int) -> None:
         await self._run(lambda db: db.execute("DELETE FROM outbox WHERE id=?", (item_id,)))
 
-    async def drop_stale_results(self, task_id: str, generation: int) -> int:
-        """Forget unsent results of older generations of a task: the hub, which
-        has given the task out again as `generation`, refuses them as stale.
-        Returns how many were dropped."""
-
-        def _drop(db: sqlite3.Connection) -> int:
-            cur = db.execute("DELETE FROM outbox WHERE task_id=? AND generation<?", (task_id, generation))
-            return cur.rowcount
-
-        return await self._run(_drop)
-
     async def drop_results(self, task_id: str) -> None:
         """Forget unsent results of a task the hub took away (reassigned)."""
         await self._run(lambda db: db.execute("DELETE FROM outbox WHERE task_id=?", (task_id,)))
+
+
+def _drop_older(db: sqlite3.Connection, task_id: str, generation: int) -> int:
+    """Unsent results of generations below `generation`: the hub, which has
+    given the task out again, would refuse them as stale."""
+    cur = db.execute("DELETE FROM outbox WHERE task_id=? AND generation<?", (task_id, generation))
+    return cur.rowcount
 
 
 def _task(row: tuple[Any, ...]) -> StoredTask:

@@ -9,6 +9,7 @@ outbox) in a shielded scope before the task's slot is freed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -48,6 +49,10 @@ class BatcherHooks(Protocol):
     def task_started(self, task_id: str) -> None: ...
     def task_finished(self, task_id: str) -> None: ...
     def forget(self, task_id: str) -> None: ...
+
+
+# How long after a task's end its marker is swept once more (`_late_sweeper`).
+LATE_SWEEP_S = 0.2
 
 
 @attrs.define(eq=False)
@@ -99,6 +104,8 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
         self._idle.set()
+        # Markers of ended tasks, swept once more a little later (`_late_sweeper`).
+        self._late_send, self._late_recv = trio.open_memory_channel[tuple[float, str, str]](math.inf)
 
     def busy(self) -> bool:
         return bool(self.held)
@@ -109,6 +116,7 @@ class Supervisor:
         """Host the task nursery; recovers what the store held when we last died."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._late_sweeper)
             for stored in await self.store.in_flight():
                 killed = procs.kill_marked(stored.marker)
                 try:
@@ -177,8 +185,7 @@ class Supervisor:
             elif gen > held.generation:
                 log.info("assign_new_generation", task_id=tid, old=held.generation, generation=gen)
                 held.generation = gen
-                await self.store.set_generation(tid, gen)
-                await self._drop_stale_results(tid, gen)
+                self._log_stale_dropped(tid, gen, await self.store.set_generation(tid, gen))
                 # The hub gave it to us again: that answers a pending recovery too.
                 held.recover_answered.set()
                 await self.accepts.accept(tid)
@@ -200,18 +207,36 @@ class Supervisor:
             )
             return
         marker = procs.task_marker(self.config.agent_id, tid)
-        await self.store.put_task(tid, gen, task.raw, marker)
-        await self._drop_stale_results(tid, gen)
+        # No checkpoint from here until the task is held: the frame handler runs in
+        # the link's session scope, and a task stored but not held would be stranded.
+        dropped = await self.store.put_task(tid, gen, task.raw, marker)
         held = Held(task, gen, marker)
         self._hold(held)
+        self._log_stale_dropped(tid, gen, dropped)
         queued = len(self.held) > self.config.capacity
         log.info("task_accepted", task_id=tid, generation=gen, queued=queued)
         await self.accepts.accept(tid)
 
-    async def _drop_stale_results(self, task_id: str, generation: int) -> None:
-        """Results of older runs of a task given out again would only be refused
-        as stale: after a storm of reconnects they are most of the outbox."""
-        dropped = await self.store.drop_stale_results(task_id, generation)
+    async def _late_sweeper(self) -> None:
+        """Sweep each ended task's marker once more, `LATE_SWEEP_S` after its end.
+
+        Found by the chaos soak: a process caught in the middle of an exec by
+        the end-of-task scan (its environment briefly unreadable; `setsid
+        sleep 30 &` from a task that ends at once) escaped it and outlived the
+        task. One task for all ended tasks; the result is not delayed by it.
+        """
+        async for due, task_id, marker in self._late_recv:
+            await trio.sleep_until(due)
+            if task_id in self.held:
+                continue  # a new run of the task owns the marker now
+            killed = procs.kill_marked(marker)
+            if killed:
+                log.warning("late_leftovers_killed", task_id=task_id, killed=killed)
+
+    @staticmethod
+    def _log_stale_dropped(task_id: str, generation: int, dropped: int) -> None:
+        # Results of older runs of a task given out again would only be refused as
+        # stale: after a storm of reconnects they were most of the outbox.
         if dropped:
             log.info("stale_results_dropped", task_id=task_id, generation=generation, dropped=dropped)
 
@@ -234,8 +259,7 @@ class Supervisor:
             return
         if generation is not None and generation != held.generation:
             held.generation = generation
-            await self.store.set_generation(task_id, generation)
-            await self._drop_stale_results(task_id, generation)
+            self._log_stale_dropped(task_id, generation, await self.store.set_generation(task_id, generation))
         log.info("task_continue", task_id=task_id, generation=held.generation)
         held.recover_answered.set()
         # Only a fresh task_accepted restarts the hub's acceptance clock.
@@ -307,6 +331,7 @@ class Supervisor:
         tid = task.task_id
         # Whatever the executor did, nothing it started may outlive the task.
         procs.kill_marked(held.marker)
+        self._late_send.send_nowait((trio.current_time() + LATE_SWEEP_S, tid, held.marker))
         if not held.started:
             # It never reached an executor in this process: files a run before a
             # crash left (the wake path's) have no one else to remove them.

@@ -213,3 +213,47 @@ async def test_cancel_at_every_checkpoint(kind: str, tmp_path: Path) -> None:
             n += 1
         COVERED[kind] = total
         print(f"checkpoint sweep {kind}: {total} cancellation points")
+
+
+class _HandlerCanceller(trio.abc.Instrument):
+    """Cancels `scope` after the `cancel_at`-th step of one task (the frame handler's)."""
+
+    def __init__(self, task: trio.lowlevel.Task, scope: trio.CancelScope, cancel_at: int) -> None:
+        self.task, self.scope, self.cancel_at, self.steps = task, scope, cancel_at, 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+            if self.steps == self.cancel_at:
+                self.scope.cancel()
+
+
+async def test_assign_handler_cancelled_at_every_checkpoint_never_strands_a_task(tmp_path: Path) -> None:
+    """The frame handler runs inside the link's session scope, which a dropped
+    socket cancels. Found by the chaos soak: a checkpoint between storing a task
+    and holding it left the task in the store, never run and never finished.
+    Cancelled after each of its steps in turn, the handler must leave the task
+    either held (it will run and end) or not stored at all."""
+    async with open_ollama_server() as ollama:
+        n, completed = 0, False
+        while not completed:
+            n += 1
+            tid = f"h-{n}"
+            async with _sidecar(tmp_path, 1000 + n, ollama) as sc:
+                frame = _frame("shell", tid, ollama)
+                with trio.CancelScope() as scope:
+                    inst = _HandlerCanceller(trio.lowlevel.current_task(), scope, n)
+                    trio.lowlevel.add_instrument(inst)
+                    try:
+                        await sc.on_frame(frame)
+                    finally:
+                        trio.lowlevel.remove_instrument(inst)
+                completed = not scope.cancelled_caught
+                stored = await sc.store.get_task(tid)
+                held = sc.supervisor.held.get(tid)
+                assert (stored is not None) == (held is not None), f"step {n}: stored {stored}, held {held}"
+                if held is not None:
+                    with trio.fail_after(30):
+                        await held.done.wait()
+            assert n < 200
+        print(f"assign handler: {n} cancellation points")
