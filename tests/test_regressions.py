@@ -259,3 +259,54 @@ async def test_results_of_older_generations_leave_the_outbox_when_the_task_comes
                 sc.stopped.set()
     finally:
         await store.close()
+
+
+async def test_a_process_that_escaped_the_end_of_task_scan_is_killed_soon_after(
+    make_config: Any,
+) -> None:
+    """Found by the chaos soak (I2: `setsid sleep 30` of a task that ended 12 ms
+    after it began, alive 13 s later): a process caught mid-exec by the
+    end-of-task scan escapes it. Stand-in: a process carrying the task's marker
+    that appears right after the task ended must still die, by a later sweep."""
+    import os
+    import signal
+    import subprocess
+
+    import httpx
+
+    from sidecar.app import Sidecar
+    from sidecar.procs import MARKER_VAR, task_marker
+    from sidecar.store import Store
+
+    config = make_config(backoff_initial_s=60.0)
+    store = await Store.open(Path(config.resolved_state_dir()) / "r.db", durable=False)
+    try:
+        async with httpx.AsyncClient() as http:
+            sc = Sidecar(config, store, http)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sc.run)
+                await sc.on_frame(
+                    {
+                        "type": "task_assign",
+                        "task_id": "t-esc",
+                        "generation": 1,
+                        "metadata": {"shell_command": "true"},
+                        "routing_decision": {"target_type": "sidecar"},
+                    }
+                )
+                with trio.fail_after(20):
+                    await sc.supervisor.held["t-esc"].done.wait()
+                env = {**os.environ, MARKER_VAR: task_marker(config.agent_id, "t-esc")}
+                escapee = await trio.lowlevel.open_process(
+                    ["sleep", "30"], env=env, stdin=subprocess.DEVNULL, start_new_session=True
+                )
+                try:
+                    with trio.fail_after(5):
+                        code = await escapee.wait()
+                finally:
+                    if escapee.returncode is None:
+                        escapee.kill()
+                assert code == -signal.SIGKILL
+                sc.stopped.set()
+    finally:
+        await store.close()
