@@ -227,8 +227,8 @@ class Episode:
         tasks: int = 150,
         capacity: int = 4,
         queue: int = 2,
-        fault_every_s: float = 0.5,
-        submit_every_s: float = 0.02,
+        fault_every_s: float = 0.3,
+        submit_every_s: float = 0.15,
         settle_s: float = 90.0,
     ) -> None:
         self.seed = seed
