@@ -19,7 +19,7 @@ from .driver import Episode, Report, run_episodes, summary
 
 CI_EPISODES = int(os.environ.get("CHAOS_EPISODES", "8"))
 CI_TASKS = int(os.environ.get("CHAOS_TASKS", "250"))
-SOAK_EPISODES = int(os.environ.get("CHAOS_SOAK_EPISODES", "100"))
+SOAK_EPISODES = int(os.environ.get("CHAOS_SOAK_EPISODES", "160"))
 SOAK_TASKS = int(os.environ.get("CHAOS_SOAK_TASKS", "250"))
 PARALLEL = int(os.environ.get("CHAOS_PARALLEL", "4"))
 
