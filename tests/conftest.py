@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from sidecar.config import Config, config_from_mapping
+
+# A suite started in the background of a non-interactive shell (`.ci/run &`)
+# inherits SIGINT ignored, and so would every child it starts: a shell then
+# cannot even trap it, and the SIGINT tests fail for no fault of the code. A
+# handled signal is reset to its default in children at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
