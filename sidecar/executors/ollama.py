@@ -202,43 +202,54 @@ class OllamaExecutor:
         # We ask for no compression; raw bytes then skip httpx's decoder layer.
         encoded = response.headers.get("content-encoding", "identity") != "identity"
         chunks = (response.aiter_bytes() if encoded else response.aiter_raw()).__aiter__()
+        # Idle time-out: one scope for the whole stream whose deadline is pushed
+        # on as bytes arrive, at most every `slack` seconds (a scope per read, or
+        # a deadline update per read, costs more than the parsing). It fires
+        # between `idle` and `idle + slack` after the last bytes, never earlier.
         idle = self._idle_s
-        while final is None and not ended:
-            data = b""
-            try:
-                with trio.move_on_after(idle) as waited:
-                    data = await chunks.__anext__()
-            except StopAsyncIteration:
-                # A last line without its newline still counts.
-                ended = True
-                lines = [tail] if tail.strip() else []
-            else:
-                if waited.cancelled_caught:
-                    raise _Failure(
-                        "ollama_idle_timeout", f"{where} sent nothing for {idle:g} s (idle timeout)", True
-                    )
-                lines = (tail + data).split(b"\n") if tail else data.split(b"\n")
-                tail = lines.pop()
-            for line in lines:
+        slack = min(idle / 32, 0.25)
+        now = trio.current_time
+        pushed = now()
+        with trio.CancelScope(deadline=pushed + idle + slack) as waited:
+            while final is None and not ended:
                 try:
-                    obj = decode(line.decode())  # str in: skips json.loads' encoding sniffing
-                    content = obj["message"]["content"]
-                except (ValueError, KeyError, TypeError):
-                    obj, content = _slow_line(line, where)
-                    if obj is None:
-                        continue
-                if content:
-                    if content.__class__ is not str:
-                        raise _Failure(
-                            "ollama_bad_json", f"non-text content from {where}: {line[:200]!r}", False
-                        )
-                    append(content)
-                    count += 1
-                    if not try_emit(content, count):
-                        await emit("token", content, tokens_so_far=count, model=model)
-                if obj.get("done") is True:
-                    final = obj
-                    break
+                    data = await chunks.__anext__()
+                except StopAsyncIteration:
+                    # A last line without its newline still counts.
+                    ended = True
+                    lines = [tail] if tail.strip() else []
+                else:
+                    t = now()
+                    if t - pushed > slack:
+                        pushed = t
+                        waited.deadline = t + idle + slack
+                    lines = (tail + data).split(b"\n") if tail else data.split(b"\n")
+                    tail = lines.pop()
+                for line in lines:
+                    try:
+                        obj = decode(line.decode())  # str in: skips json.loads' encoding sniffing
+                        content = obj["message"]["content"]
+                    except (ValueError, KeyError, TypeError):
+                        obj, content = _slow_line(line, where)
+                        if obj is None:
+                            continue
+                    if content:
+                        if content.__class__ is not str:
+                            raise _Failure(
+                                "ollama_bad_json", f"non-text content from {where}: {line[:200]!r}", False
+                            )
+                        append(content)
+                        count += 1
+                        if not try_emit(content, count):
+                            await emit("token", content, tokens_so_far=count, model=model)
+                            # Time spent waiting on our own channel is not the server's silence.
+                            pushed = now()
+                            waited.deadline = pushed + idle + slack
+                    if obj.get("done") is True:
+                        final = obj
+                        break
+        if waited.cancelled_caught:
+            raise _Failure("ollama_idle_timeout", f"{where} sent nothing for {idle:g} s (idle timeout)", True)
         if final is not None and not ended:
             await _finish_body(chunks)
         if final is None:
