@@ -3,18 +3,52 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
+from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.devhub import open_dev_hub
 from sidecar.executors.wake import WakeExecutor
 from sidecar.link import HubLink
 from sidecar.messages import FrameError, parse_task
+from sidecar.procs import MARKER_VAR, task_marker
+from sidecar.store import Store
 from tests.fakes.proc_helpers import RecordingProgress, make_ctx
+
+
+@asynccontextmanager
+async def offline_sidecar(config: Config, db: str = "r.db") -> AsyncIterator[tuple[Sidecar, Store]]:
+    """A real Sidecar (store, supervisor, executors) with no hub: nothing leaves its outbox."""
+    store = await Store.open(Path(config.resolved_state_dir()) / db, durable=False)
+    try:
+        async with httpx.AsyncClient() as http:
+            sc = Sidecar(config, store, http)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sc.run)
+                yield sc, store
+                sc.stopped.set()
+    finally:
+        await store.close()
+
+
+def shell_assign(task_id: str, command: str, generation: int = 1) -> dict[str, Any]:
+    return {
+        "type": "task_assign",
+        "task_id": task_id,
+        "generation": generation,
+        "metadata": {"shell_command": command},
+        "routing_decision": {"target_type": "sidecar"},
+    }
 
 
 class _Recorder:
@@ -123,44 +157,24 @@ async def test_unhashable_fields_in_ack_and_error_frames_are_not_a_crash(make_co
     that task's result was in flight) and an `error` whose `message_type` is a
     list raised TypeError out of the frame handler. Both must be ignored, and
     a well-formed ack afterwards still retires the result."""
-    import httpx
-
-    from sidecar.app import Sidecar
-    from sidecar.store import Store
 
     config = make_config(backoff_initial_s=60.0)
-    store = await Store.open(Path(config.resolved_state_dir()) / "r.db", durable=False)
-    try:
-        async with httpx.AsyncClient() as http:
-            sc = Sidecar(config, store, http)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(sc.run)
-                await sc.on_frame(
-                    {
-                        "type": "task_assign",
-                        "task_id": "t-1",
-                        "generation": 1,
-                        "metadata": {"shell_command": "echo hi"},
-                        "routing_decision": {"target_type": "sidecar"},
-                    }
-                )
-                with trio.fail_after(20):
-                    while True:  # the outbox has no public "taken up" event: poll it
-                        if sc.outbox._inflight is not None:
-                            break
-                        await trio.sleep(0.01)
-                await sc.on_frame({"type": "task_ack", "task_id": "t-1", "status": ["complete"]})
-                await sc.on_frame({"type": "error", "error": "validation_failed", "message_type": [1, 2]})
-                await sc.on_frame({"type": "error", "error": ["stale_generation"], "message_type": {}})
-                assert not sc.outbox._answered.is_set()  # none of those answered the result
-                assert sc.refused_types == set()
-                # (No hub here, so the link never connects: the outbox cannot retire the
-                # item until it is ready; the answer itself is what a valid ack gives.)
-                await sc.on_frame({"type": "task_ack", "task_id": "t-1", "status": "complete"})
-                assert sc.outbox._answered.is_set()
-                sc.stopped.set()
-    finally:
-        await store.close()
+    async with offline_sidecar(config) as (sc, _store):
+        await sc.on_frame(shell_assign("t-1", "echo hi"))
+        with trio.fail_after(20):
+            while True:  # the outbox has no public "taken up" event: poll it
+                if sc.outbox._inflight is not None:
+                    break
+                await trio.sleep(0.01)
+        await sc.on_frame({"type": "task_ack", "task_id": "t-1", "status": ["complete"]})
+        await sc.on_frame({"type": "error", "error": "validation_failed", "message_type": [1, 2]})
+        await sc.on_frame({"type": "error", "error": ["stale_generation"], "message_type": {}})
+        assert not sc.outbox._answered.is_set()  # none of those answered the result
+        assert sc.refused_types == set()
+        # (No hub here, so the link never connects: the outbox cannot retire the
+        # item until it is ready; the answer itself is what a valid ack gives.)
+        await sc.on_frame({"type": "task_ack", "task_id": "t-1", "status": "complete"})
+        assert sc.outbox._answered.is_set()
 
 
 async def test_wake_files_of_a_task_reassigned_after_a_crash_are_removed(
@@ -170,12 +184,6 @@ async def test_wake_files_of_a_task_reassigned_after_a_crash_are_removed(
     a wake task held when the sidecar was killed with kill -9, then taken away by
     the hub (`task_reassign`) after the restart, never reaches the wake executor
     again, so the result files its agent wrote stayed in results_dir."""
-    import httpx
-
-    from sidecar.app import Sidecar
-    from sidecar.procs import task_marker
-    from sidecar.store import Store
-
     results = tmp_path / "results"
     results.mkdir()
     config = make_config(backoff_initial_s=60.0, results_dir=str(results), wake_command="true")
@@ -193,22 +201,14 @@ async def test_wake_files_of_a_task_reassigned_after_a_crash_are_removed(
     unrelated = results / "other.json"
     unrelated.write_text("{}")
 
-    store = await Store.open(db, durable=False)
-    try:
-        async with httpx.AsyncClient() as http:
-            sc = Sidecar(config, store, http)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(sc.run)
-                held = sc.supervisor.held["w-1"]  # recovered, waiting for the hub's answer
-                await sc.on_frame({"type": "task_reassign", "task_id": "w-1"})
-                with trio.fail_after(10):
-                    await held.done.wait()
-                assert [p.name for p in left if p.exists()] == []
-                assert unrelated.exists()  # only that task's files
-                assert await store.outbox() == []  # reassigned: no result of ours
-                sc.stopped.set()
-    finally:
-        await store.close()
+    async with offline_sidecar(config, db.name) as (sc, store):
+        held = sc.supervisor.held["w-1"]  # recovered, waiting for the hub's answer
+        await sc.on_frame({"type": "task_reassign", "task_id": "w-1"})
+        with trio.fail_after(10):
+            await held.done.wait()
+        assert [p.name for p in left if p.exists()] == []
+        assert unrelated.exists()  # only that task's files
+        assert await store.outbox() == []  # reassigned: no result of ours
 
 
 async def test_results_of_older_generations_leave_the_outbox_when_the_task_comes_back(
@@ -219,46 +219,25 @@ async def test_results_of_older_generations_leave_the_outbox_when_the_task_comes
     refused as stale one round trip at a time, so the results that mattered
     waited behind them. Once the hub gives a task out again as generation N,
     results of generations below N are dropped: the hub would refuse them."""
-    import httpx
-
-    from sidecar.app import Sidecar
-    from sidecar.store import Store
 
     config = make_config(backoff_initial_s=60.0)  # no hub: nothing leaves the outbox
-    store = await Store.open(Path(config.resolved_state_dir()) / "r.db", durable=False)
+    async with offline_sidecar(config) as (sc, store):
 
-    async def results_of(tid: str) -> list[int]:
-        return [i.generation for i in await store.outbox() if i.task_id == tid]
+        async def results_of(tid: str) -> list[int]:
+            return [i.generation for i in await store.outbox() if i.task_id == tid]
 
-    async def wait_for_result(tid: str, gen: int) -> None:
-        with trio.fail_after(20):
-            while True:  # the store has no change event: poll it
-                if gen in await results_of(tid):
-                    return
-                await trio.sleep(0.01)
+        async def wait_for_result(tid: str, gen: int) -> None:
+            with trio.fail_after(20):
+                while True:  # the store has no change event: poll it
+                    if gen in await results_of(tid):
+                        return
+                    await trio.sleep(0.01)
 
-    def assign(gen: int) -> dict[str, Any]:
-        return {
-            "type": "task_assign",
-            "task_id": "t-1",
-            "generation": gen,
-            "metadata": {"shell_command": f"echo run-{gen}"},
-            "routing_decision": {"target_type": "sidecar"},
-        }
-
-    try:
-        async with httpx.AsyncClient() as http:
-            sc = Sidecar(config, store, http)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(sc.run)
-                await sc.on_frame(assign(1))
-                await wait_for_result("t-1", 1)
-                await sc.on_frame(assign(3))
-                await wait_for_result("t-1", 3)
-                assert await results_of("t-1") == [3]
-                sc.stopped.set()
-    finally:
-        await store.close()
+        await sc.on_frame(shell_assign("t-1", "echo run-1", generation=1))
+        await wait_for_result("t-1", 1)
+        await sc.on_frame(shell_assign("t-1", "echo run-3", generation=3))
+        await wait_for_result("t-1", 3)
+        assert await results_of("t-1") == [3]
 
 
 async def test_a_process_that_escaped_the_end_of_task_scan_is_killed_soon_after(
@@ -268,45 +247,20 @@ async def test_a_process_that_escaped_the_end_of_task_scan_is_killed_soon_after(
     after it began, alive 13 s later): a process caught mid-exec by the
     end-of-task scan escapes it. Stand-in: a process carrying the task's marker
     that appears right after the task ended must still die, by a later sweep."""
-    import os
-    import signal
-    import subprocess
-
-    import httpx
-
-    from sidecar.app import Sidecar
-    from sidecar.procs import MARKER_VAR, task_marker
-    from sidecar.store import Store
 
     config = make_config(backoff_initial_s=60.0)
-    store = await Store.open(Path(config.resolved_state_dir()) / "r.db", durable=False)
-    try:
-        async with httpx.AsyncClient() as http:
-            sc = Sidecar(config, store, http)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(sc.run)
-                await sc.on_frame(
-                    {
-                        "type": "task_assign",
-                        "task_id": "t-esc",
-                        "generation": 1,
-                        "metadata": {"shell_command": "true"},
-                        "routing_decision": {"target_type": "sidecar"},
-                    }
-                )
-                with trio.fail_after(20):
-                    await sc.supervisor.held["t-esc"].done.wait()
-                env = {**os.environ, MARKER_VAR: task_marker(config.agent_id, "t-esc")}
-                escapee = await trio.lowlevel.open_process(
-                    ["sleep", "30"], env=env, stdin=subprocess.DEVNULL, start_new_session=True
-                )
-                try:
-                    with trio.fail_after(5):
-                        code = await escapee.wait()
-                finally:
-                    if escapee.returncode is None:
-                        escapee.kill()
-                assert code == -signal.SIGKILL
-                sc.stopped.set()
-    finally:
-        await store.close()
+    async with offline_sidecar(config) as (sc, _store):
+        await sc.on_frame(shell_assign("t-esc", "true"))
+        with trio.fail_after(20):
+            await sc.supervisor.held["t-esc"].done.wait()
+        env = {**os.environ, MARKER_VAR: task_marker(config.agent_id, "t-esc")}
+        escapee = await trio.lowlevel.open_process(
+            ["sleep", "30"], env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            with trio.fail_after(5):
+                code = await escapee.wait()
+        finally:
+            if escapee.returncode is None:
+                escapee.kill()
+        assert code == -signal.SIGKILL
