@@ -53,6 +53,8 @@ class BatcherHooks(Protocol):
 
 # How long after a task's end its marker is swept once more (`_late_sweeper`).
 LATE_SWEEP_S = 0.2
+# `Held.ending()` of a run past its time limit (no cancel reason of its own).
+TIMED_OUT = "timeout"
 
 
 @attrs.define(eq=False)
@@ -73,7 +75,7 @@ class Held:
         if self.cancel_reason is not None:
             return self.cancel_reason
         if self.scope.cancel_called or trio.current_time() >= self.scope.deadline:
-            return "timeout"
+            return TIMED_OUT
         return None
 
 
@@ -166,14 +168,10 @@ class Supervisor:
         tid, gen = task.task_id, task.generation
         held = self.held.get(tid)
         ending = held.ending() if held is not None else None
-        if (
-            held is not None
-            and ending is not None
-            and (held.cancel_reason is not None or gen > held.generation)
-        ):
-            # A run of this task is being torn down (reassigned, cancelled, past
-            # its time limit): the new assignment starts afresh once that run's
-            # end is written, and does not inherit the old run's fate.
+        if held is not None and ending is not None and (ending != TIMED_OUT or gen > held.generation):
+            # A run of this task is being torn down (reassigned, cancelled; or past
+            # its time limit and given out again): the new assignment starts afresh
+            # once that run's end is written, and does not inherit the old run's fate.
             log.info("assign_after_teardown", task_id=tid, generation=gen, ending=ending)
             assert self._nursery is not None
             self._nursery.start_soon(self._assign_when_done, held, frame)

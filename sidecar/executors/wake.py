@@ -68,6 +68,11 @@ def results_dir_of(config: Config, state_dir: Path) -> Path:
     return Path(config.results_dir) if config.results_dir else state_dir / "results"
 
 
+def result_files(results: Path, task_id: str) -> tuple[Path, Path]:
+    """The woken agent's confirmation (`<task_id>.started`) and result (`<task_id>.json`)."""
+    return results / f"{task_id}.started", results / f"{task_id}.json"
+
+
 def _unlink_quietly(paths: tuple[Path, ...]) -> None:
     for path in paths:
         try:
@@ -84,8 +89,7 @@ def discard_result_files(config: Config, task_id: str) -> None:
     Synchronous (two unlinks), so callers in shielded clean-up need no deadline.
     """
     if _file_safe(task_id):
-        results = results_dir_of(config, config.resolved_state_dir())
-        _unlink_quietly((results / f"{task_id}.started", results / f"{task_id}.json"))
+        _unlink_quietly(result_files(results_dir_of(config, config.resolved_state_dir()), task_id))
 
 
 class WakeExecutor:
@@ -115,8 +119,7 @@ class WakeExecutor:
                 transient=False,
             )
         results = self.results_dir
-        started = results / f"{task.task_id}.started"
-        result = results / f"{task.task_id}.json"
+        started, result = result_files(results, task.task_id)
         marker = marker_for(cfg.agent_id, task.task_id)
         try:
             results.mkdir(parents=True, exist_ok=True)
