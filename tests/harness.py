@@ -12,11 +12,17 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 import trio
+
+from sidecar.config import Config
+from sidecar.link import HubLink
+from sidecar.messages import FrameError
 
 TOKEN = "e2e-secret-token-42"
 AGENT = "agent-1"
@@ -132,3 +138,50 @@ class SidecarProcess:
             self.proc.kill()
             with trio.move_on_after(10):
                 await self.proc.wait()
+
+
+class LinkRecorder:
+    """A LinkHandler that records what a HubLink hands it, for link-level tests."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.identified = 0
+        self.disconnects = 0
+        self._changed = trio.Event()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, predicate: Any) -> Any:
+        """Until `predicate()` is truthy, re-checked whenever the link reports something."""
+        while not (value := predicate()):
+            await self._changed.wait()
+        return value
+
+    async def on_identified(self, link: HubLink) -> None:
+        self.identified += 1
+        self._wake()
+
+    async def on_frame(self, frame: dict[str, Any]) -> None:
+        self.frames.append(frame)
+        self._wake()
+
+    def on_disconnected(self) -> None:
+        self.disconnects += 1
+        self._wake()
+
+    def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
+        pass
+
+
+@asynccontextmanager
+async def running_link(config: Config) -> AsyncIterator[tuple[HubLink, LinkRecorder]]:
+    """A real HubLink running against `config.hub_url`, closed on exit."""
+    rec = LinkRecorder()
+    link = HubLink(config, rec)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.run)
+        yield link, rec
+        link.close()
+        nursery.cancel_scope.cancel()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +18,8 @@ import trio
 import trio.testing
 
 from sidecar.app import open_sidecar
-from sidecar.config import Config
 from sidecar.devhub import DevHub, RateLimits, TierLimit, open_dev_hub
-from sidecar.link import HubLink
-from sidecar.messages import FrameError
+from tests.harness import running_link
 
 AGENT, TOKEN = "agent-1", "link-test-token-9"
 
@@ -31,50 +27,6 @@ AGENT, TOKEN = "agent-1", "link-test-token-9"
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.01)
-
-
-class Recorder:
-    """A LinkHandler that records what the link hands it."""
-
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-        self.identified = 0
-        self.disconnects = 0
-        self._changed = trio.Event()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait(self, predicate: Any) -> Any:
-        while not (value := predicate()):
-            await self._changed.wait()
-        return value
-
-    async def on_identified(self, link: HubLink) -> None:
-        self.identified += 1
-        self._wake()
-
-    async def on_frame(self, frame: dict[str, Any]) -> None:
-        self.frames.append(frame)
-        self._wake()
-
-    def on_disconnected(self) -> None:
-        self.disconnects += 1
-
-    def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
-        pass
-
-
-@asynccontextmanager
-async def running_link(config: Config) -> AsyncIterator[tuple[HubLink, Recorder]]:
-    rec = Recorder()
-    link = HubLink(config, rec)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.run)
-        yield link, rec
-        link.close()
-        nursery.cancel_scope.cancel()
 
 
 def identify_times(hub: DevHub) -> list[float]:

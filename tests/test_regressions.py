@@ -19,11 +19,11 @@ from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.devhub import open_dev_hub
 from sidecar.executors.wake import WakeExecutor
-from sidecar.link import HubLink
-from sidecar.messages import FrameError, parse_task
+from sidecar.messages import parse_task
 from sidecar.procs import MARKER_VAR, task_marker
 from sidecar.store import Store
 from tests.fakes.proc_helpers import RecordingProgress, make_ctx
+from tests.harness import running_link
 
 
 @asynccontextmanager
@@ -51,33 +51,6 @@ def shell_assign(task_id: str, command: str, generation: int = 1) -> dict[str, A
     }
 
 
-class _Recorder:
-    """A LinkHandler that counts what the link tells it."""
-
-    def __init__(self) -> None:
-        self.identified = 0
-        self.disconnected = 0
-        self.changed = trio.Event()
-
-    def _bump(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    async def on_identified(self, link: HubLink) -> None:
-        self.identified += 1
-        self._bump()
-
-    async def on_frame(self, frame: dict[str, Any]) -> None:
-        pass
-
-    def on_disconnected(self) -> None:
-        self.disconnected += 1
-        self._bump()
-
-    def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
-        pass
-
-
 async def test_session_dropped_by_our_side_still_reports_disconnect(make_config: Any) -> None:
     """Chaos seed 1: a failed send ended the session without `on_disconnected`.
 
@@ -89,18 +62,12 @@ async def test_session_dropped_by_our_side_still_reports_disconnect(make_config:
     """
     async with open_dev_hub(tokens={"agent-1": "secret-token-123"}) as hub:
         cfg: Config = make_config(hub_url=hub.ws_url, backoff_initial_s=0.01, backoff_max_s=0.05)
-        rec = _Recorder()
-        link = HubLink(cfg, rec)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(link.run)
+        async with running_link(cfg) as (link, rec):
             with trio.fail_after(10):
-                while rec.identified < 1:
-                    await rec.changed.wait()
+                await rec.wait(lambda: rec.identified >= 1)
                 link.force_reconnect()
-                while rec.identified < 2:
-                    await rec.changed.wait()
-            assert rec.disconnected == 1
-            link.close()
+                await rec.wait(lambda: rec.identified >= 2)
+            assert rec.disconnects == 1
 
 
 async def test_wake_ignores_result_files_left_by_a_killed_run(make_config: Any, tmp_path: Path) -> None:
@@ -136,20 +103,14 @@ async def test_absurd_rate_limited_pause_stays_below_the_hub_acceptance_clock(ma
     """
     async with open_dev_hub(tokens={"agent-1": "secret-token-123"}) as hub:
         cfg: Config = make_config(hub_url=hub.ws_url, backoff_initial_s=0.01)
-        rec = _Recorder()
-        link = HubLink(cfg, rec)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(link.run)
+        async with running_link(cfg) as (link, rec):
             with trio.fail_after(10):
-                while rec.identified < 1:
-                    await rec.changed.wait()
+                await rec.wait(lambda: rec.identified >= 1)
                 await hub.send_frame("agent-1", {"type": "rate_limited", "retry_after_ms": 1e308})
-                while True:  # the link has no event for this: poll
-                    if link.rate_limited_hits >= 1:
-                        break
-                    await trio.sleep(0.01)
+                # The link sets its pause, then hands the frame on.
+                await rec.wait(lambda: any(f["type"] == "rate_limited" for f in rec.frames))
+            assert link.rate_limited_hits == 1
             assert link.paused_until - trio.current_time() <= 30.0
-            link.close()
 
 
 async def test_unhashable_fields_in_ack_and_error_frames_are_not_a_crash(make_config: Any) -> None:
