@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import subprocess
 import sys
@@ -35,8 +36,9 @@ import trio
 from sidecar.config import config_from_mapping
 from sidecar.executors import ExecContext
 from sidecar.executors.ollama import OllamaExecutor
-from sidecar.messages import parse_task
+from sidecar.messages import Task, parse_task
 from sidecar.progress import ProgressSender, open_progress
+from sidecar.taskrun import TaskRun
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,6 +90,10 @@ def _make_task(url: str, model: str) -> Any:
     )
 
 
+def _run(task: Task, progress: ProgressSender) -> TaskRun:
+    return TaskRun(task=task, progress=progress, marker="bench", log_path=Path(os.devnull), workdir=Path("."))
+
+
 async def run_sidecar(executor: OllamaExecutor, url: str, model: str, chunks: int) -> None:
     """Executor → progress channel → a consumer that only counts."""
     send, recv = open_progress()
@@ -116,7 +122,7 @@ async def run_sidecar(executor: OllamaExecutor, url: str, model: str, chunks: in
     async with trio.open_nursery() as nursery:
         nursery.start_soon(drain)
         async with send:
-            outcome = await executor(task, ProgressSender(send, task.task_id))
+            outcome = await executor(_run(task, ProgressSender(send, task.task_id)))
     assert outcome.ok, outcome
     assert outcome.tokens_out == chunks and received == chunks, (outcome.tokens_out, received)
 
@@ -132,7 +138,7 @@ async def run_sidecar_batcher(executor: OllamaExecutor, url: str, model: str, ch
         b.task_started(task.task_id)
         nursery.start_soon(b.run, recv, _NullSink())
         async with send:
-            outcome = await executor(task, ProgressSender(send, task.task_id))
+            outcome = await executor(_run(task, ProgressSender(send, task.task_id)))
         b.task_finished(task.task_id)
         nursery.cancel_scope.cancel()
     assert outcome.ok and outcome.tokens_out == chunks, outcome

@@ -89,7 +89,8 @@ async def bench_executor(total: int, line: int, state: Path) -> tuple[float, int
         nursery.start_soon(consume)
         t0 = trio.current_time()
         async with send:
-            outcome = await ShellExecutor(ctx)(task, ProgressSender(send, "bench"))
+            run = ctx.new_run(task, ProgressSender(send, "bench"), "bench-marker")
+            outcome = await ShellExecutor(ctx)(run)
         elapsed = trio.current_time() - t0
     assert outcome.ok and outcome.output_truncated, outcome.error
     log_size = (await trio.Path(ctx.log_path("bench")).stat()).st_size

@@ -23,12 +23,8 @@ from .config import Config
 from .cost import CostModel
 from .delivery import AcceptTracker, Outbox
 from .dispatcher import Dispatcher
-from .entry import take_pending as take_pending_signals
 from .executors import ExecContext, Executor
-from .executors.claude import ClaudeExecutor
-from .executors.ollama import OllamaExecutor
-from .executors.shell import ShellExecutor
-from .executors.wake import WakeExecutor
+from .executors.registry import build_executors
 from .link import HubLink
 from .log import get_logger, register_secret
 from .messages import FrameError
@@ -64,15 +60,6 @@ _IGNORED = frozenset(
 )
 
 
-def build_executors(ctx: ExecContext) -> dict[str, Executor]:
-    return {
-        "shell": ShellExecutor(ctx),
-        "ollama": OllamaExecutor(ctx),
-        "claude": ClaudeExecutor(ctx),
-        "wake": WakeExecutor(ctx),
-    }
-
-
 class Sidecar:
     """The running daemon: also the link's frame handler."""
 
@@ -100,14 +87,15 @@ class Sidecar:
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
         self.metrics = SidecarMetrics(self)
         self.supervisor = Supervisor(
-            config,
-            store,
-            self.metrics.instrument(self.dispatcher.run),
-            self.progress_send,
-            self.batcher,
-            self.outbox,
-            self.accepts,
-            self.link.send,
+            config=config,
+            store=store,
+            context=ctx,
+            dispatch=self.metrics.instrument(self.dispatcher.run),
+            progress=self.progress_send,
+            batcher=self.batcher,
+            outbox=self.outbox,
+            accepts=self.accepts,
+            send=self.link.send,
         )
         self.bad_frames = 0
         self.refused_types: set[str] = set()
@@ -293,7 +281,7 @@ async def open_sidecar(config: Config) -> AsyncIterator[Sidecar]:
         log.info("stopped")
 
 
-async def run_sidecar(config: Config) -> int:
+async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]] = list) -> int:
     """Run the daemon until SIGTERM/SIGINT (exit 0) or a hub restart request (exit 75).
 
     Signals are caught for the whole run, shutdown included: a second SIGTERM
@@ -302,7 +290,7 @@ async def run_sidecar(config: Config) -> int:
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         # A stop request that came while the process started (entry.py kept it).
-        early = take_pending_signals()
+        early = take_early_signals()
         async with open_sidecar(config) as sidecar, trio.open_nursery() as nursery:
             if early:
                 log.info("signal", signal=signal.Signals(early[0]).name, during="start-up")

@@ -12,6 +12,7 @@ import trio
 from . import __version__
 from .config import ConfigError, load_config
 from .entry import release as release_signals
+from .entry import take_pending as take_pending_signals
 from .log import setup_logging
 
 _EPILOG = """examples:
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_level, json_lines=json_lines, log_file=config.log_file)
         from .app import run_sidecar
 
-        return trio.run(run_sidecar, config)
+        return trio.run(run_sidecar, config, take_pending_signals)
     if args.command == "hub":
         setup_logging(args.log_level, json_lines=json_lines)
         from .devhub import run_hub_cli

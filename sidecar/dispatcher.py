@@ -1,7 +1,7 @@
 """Route a task to its executor, retry transient failures, and build the result.
 
 Routing follows the hub's `routing_decision.target_type` (see `target_of`).
-Retries are per tier (`RETRY_POLICIES`) and happen only for failures the
+Retries follow each kind's policy (`executors.registry`) and happen only for failures the
 executor marked `transient`; every retry and back-off is announced as a
 `status` progress event. Cancellation is never retried: the supervisor's cancel
 scope bounds all attempts together, and `trio.Cancelled` simply propagates.
@@ -19,35 +19,25 @@ import trio
 
 from .cost import CostModel
 from .executors import Executor
+from .executors.registry import (
+    DEFAULT_KIND,
+    LEGACY_KIND,
+    REGISTRY,
+    TARGET_KINDS,
+    TIER_KINDS,
+    ExecutorSpec,
+    RetryPolicy,
+)
 from .log import bind_context, get_logger
 from .messages import LIMITS, Outcome, Task, truncate
-from .progress import ProgressSender
+from .taskrun import TaskRun
 
 log = get_logger(__name__)
-
-KINDS = ("shell", "ollama", "claude", "wake")
-
-# The hub's target_type -> our executor kind.
-TARGET_KINDS: dict[str, str] = {
-    "ollama": "ollama",
-    "claude": "claude",
-    "sidecar": "shell",
-    "wake": "wake",
-}
-
-# A routing decision without target_type: the tier decides.
-TIER_KINDS: dict[str, str] = {
-    "trivial": "shell",
-    "complex": "claude",
-}
-DEFAULT_TIER_KIND = "ollama"
 
 _KNOWN_TIERS = frozenset({"trivial", "standard", "complex"})
 
 # Outcome reasons that are never retried, whatever `transient` says.
 _NEVER_RETRY_REASONS = frozenset({"timeout", "cancelled"})
-
-_LABELS = {"shell": "Shell", "ollama": "Ollama", "claude": "Claude", "wake": "Wake"}
 
 
 class UnknownTargetError(ValueError):
@@ -56,30 +46,6 @@ class UnknownTargetError(ValueError):
     def __init__(self, target_type: str) -> None:
         super().__init__(f"unknown routing target_type {target_type!r} (known: {', '.join(TARGET_KINDS)})")
         self.target_type = target_type
-
-
-@attrs.frozen
-class RetryPolicy:
-    """`backoffs_s[i]` is the wait before retry i+1; its length is the retry count."""
-
-    backoffs_s: tuple[float, ...] = ()
-
-    @property
-    def max_retries(self) -> int:
-        return len(self.backoffs_s)
-
-
-RETRY_POLICIES: dict[str, RetryPolicy] = {
-    # A transient Ollama failure is mostly a server restarting or a model
-    # (re)loading: a short fixed pause is enough, and a long one only delays.
-    "ollama": RetryPolicy((1.0, 1.0)),
-    # The CLI already retries API errors itself; ours cover a crashed CLI or an
-    # overloaded API after its own retries, so back off exponentially.
-    "claude": RetryPolicy((2.0, 4.0, 8.0)),
-    "shell": RetryPolicy((1.0,)),
-    # The wake executor retries its own command (5 s, 15 s, 30 s).
-    "wake": RetryPolicy(()),
-}
 
 
 @attrs.frozen
@@ -113,7 +79,7 @@ def target_of(task: Task) -> str:
     """
     decision = task.routing_decision
     if decision is None:
-        return "wake"
+        return LEGACY_KIND
     if decision.target_type is not None and decision.target_type.strip():
         kind = TARGET_KINDS.get(decision.target_type.strip().lower())
         if kind is None:
@@ -122,7 +88,7 @@ def target_of(task: Task) -> str:
     tier = _tier(decision.effective_tier)
     if tier is None and task.complexity is not None:
         tier = _tier(task.complexity.effective_tier)
-    return TIER_KINDS.get(tier or "", DEFAULT_TIER_KIND)
+    return TIER_KINDS.get(tier or "", DEFAULT_KIND)
 
 
 def _failure(
@@ -152,15 +118,19 @@ class Dispatcher:
         cost: CostModel,
         *,
         sleep: Callable[[float], Awaitable[None]] = trio.sleep,
+        specs: Mapping[str, ExecutorSpec] = REGISTRY,
         policies: Mapping[str, RetryPolicy] | None = None,
     ) -> None:
         self._executors = dict(executors)
         self._cost = cost
         self._sleep = sleep
-        self._policies = dict(RETRY_POLICIES if policies is None else policies)
+        self._specs = dict(specs)
+        self._policies = {name: spec.retry for name, spec in self._specs.items()}
+        self._policies.update(policies or {})
 
-    async def run(self, task: Task, progress: ProgressSender) -> DispatchResult:
-        """Run `task` to a result. trio.Cancelled propagates, never retried."""
+    async def run(self, run: TaskRun) -> DispatchResult:
+        """Run the task to a result. trio.Cancelled propagates, never retried."""
+        task, progress = run.task, run.progress
         try:
             kind = target_of(task)
         except UnknownTargetError as exc:
@@ -174,13 +144,14 @@ class Dispatcher:
             )
 
         policy = self._policies.get(kind, RetryPolicy())
-        label = _LABELS.get(kind, kind)
+        spec = self._specs.get(kind)
+        label = spec.label if spec is not None else kind
         started = trio.current_time()
         outcomes: list[Outcome] = []
         while True:
             attempt = len(outcomes) + 1
             bind_context(attempt=attempt)
-            outcome = await self._attempt(executor, task, progress, kind)
+            outcome = await self._attempt(executor, run, kind)
             outcomes.append(outcome)
             if outcome.ok or not self._retryable(outcome) or attempt > policy.max_retries:
                 break
@@ -205,9 +176,10 @@ class Dispatcher:
         execution_ms = round((trio.current_time() - started) * 1000)
         return self._build(kind, outcomes, execution_ms)
 
-    async def _attempt(self, executor: Executor, task: Task, progress: ProgressSender, kind: str) -> Outcome:
+    async def _attempt(self, executor: Executor, run: TaskRun, kind: str) -> Outcome:
+        task = run.task
         try:
-            return await executor(task, progress)
+            return await executor(run)
         except Exception as exc:
             # A bug in an executor must fail its task, not the sidecar. Cancelled
             # (a BaseException, alone or in a group) is not caught here.
@@ -226,13 +198,18 @@ class Dispatcher:
         if outcome.cost_usd is not None:
             # The tool's own figure (the Claude CLI's total_cost_usd) is the truth.
             return outcome.cost_usd
-        if kind == "shell" or outcome.model_used == "none":
+        spec = self._specs.get(kind)
+        provider = spec.price_provider if spec is not None else None
+        if provider is None or outcome.model_used == "none":
             return 0.0
-        provider = {"ollama": "ollama", "claude": "anthropic"}.get(kind)
         cost = self._cost.cost_usd(
             outcome.model_used, outcome.tokens_in, outcome.tokens_out, provider=provider
         )
         return 0.0 if cost is None else cost
+
+    def _priced(self, kind: str) -> bool:
+        spec = self._specs.get(kind)
+        return spec is not None and spec.price_provider is not None
 
     def _build(self, kind: str, outcomes: list[Outcome], execution_ms: int) -> DispatchResult:
         last = outcomes[-1]
@@ -256,12 +233,13 @@ class Dispatcher:
 
         cost = sum(self._attempt_cost(kind, o) for o in outcomes)
         equivalent: float | None = None
-        if kind == "ollama":
+        spec = self._specs.get(kind)
+        if spec is not None and spec.local_model:
             equivalent = self._cost.equivalent_claude_cost(tokens_in, tokens_out)
         result = {
             "status": "success",
             "output": last.output,
-            "model_used": "none" if kind == "shell" else last.model_used,
+            "model_used": last.model_used if self._priced(kind) else "none",
             "tokens_in": tokens_in,
             "tokens_out": tokens_out,
             "estimated_cost_usd": float(cost),

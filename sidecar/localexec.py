@@ -27,8 +27,10 @@ from .config import Config, config_from_mapping, load_config
 from .cost import CostModel
 from .dispatcher import Dispatcher, DispatchResult, target_of
 from .executors import ExecContext
+from .executors.registry import REGISTRY, build_executors
 from .messages import ProgressEvent, parse_task
 from .progress import ProgressSender, open_progress
+from .taskrun import run_and_sweep
 from .view import LiveView
 
 EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 124, 130
@@ -131,8 +133,6 @@ async def run_exec(
     req: ExecRequest, out: TextIO, *, json_lines: bool = False, tty: bool | None = None
 ) -> int:
     """Run one task; returns the exit code."""
-    from .app import build_executors  # the daemon's executors, unchanged
-
     with tempfile.TemporaryDirectory(prefix="sidecar-exec-") as tmp:
         config = exec_config(req, Path(tmp))
         state_dir = config.resolved_state_dir()
@@ -144,7 +144,7 @@ async def run_exec(
         marker = procs.task_marker(config.agent_id, task_id)
         jout = _JsonOut(out) if json_lines else None
         view = None if jout else LiveView(out, tty=tty)
-        label = {"shell": "shell", "ollama": f"ollama {req.model}", "claude": "claude"}[kind]
+        label = REGISTRY[kind].label.lower() + (f" {req.model}" if req.model else "")
         if view is not None:
             view.add(task_id, label)
         send, receive = open_progress()
@@ -199,12 +199,11 @@ async def run_exec(
                                 return
 
                     nursery.start_soon(on_sigint)
-                    procs.CURRENT_MARKER.set(marker)
-                    try:
-                        async with send:
-                            result = await dispatcher.run(task, ProgressSender(send, task_id))
-                    finally:
-                        procs.kill_marked(marker)
+                    async with send:
+                        run = ctx.new_run(
+                            task, ProgressSender(send, task_id), marker, deadline=scope.deadline
+                        )
+                        result = await run_and_sweep(dispatcher.run, run)
                 # `show` drains what is left once `send` is closed; then stop the helpers.
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await shown.wait()

@@ -31,14 +31,14 @@ from .asgi import ASGIReceive, ASGISend, serve_lifespan
 from .dispatcher import DispatchResult, UnknownTargetError, target_of
 from .log import get_logger
 from .messages import Task
-from .progress import ProgressSender
+from .taskrun import TaskRun
 
 if TYPE_CHECKING:
     from .app import Sidecar
 
 log = get_logger("sidecar.metrics")
 
-DispatchFn = Callable[[Task, ProgressSender], Awaitable[DispatchResult]]
+DispatchFn = Callable[[TaskRun], Awaitable[DispatchResult]]
 
 # Task durations range from a shell `echo` (ms) to a long Claude session (tens of minutes).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -150,13 +150,13 @@ class SidecarMetrics:
     def instrument(self, dispatch: DispatchFn) -> DispatchFn:
         """Wrap the dispatcher so every task's end is counted."""
 
-        async def run(task: Task, progress: ProgressSender) -> DispatchResult:
+        async def instrumented(run: TaskRun) -> DispatchResult:
             started = trio.current_time()
             # The supervisor sets the task's time limit on its scope before dispatching.
             deadline = trio.current_effective_deadline()
             result: DispatchResult | None = None
             try:
-                result = await dispatch(task, progress)
+                result = await dispatch(run)
                 return result
             finally:
                 elapsed = trio.current_time() - started
@@ -164,9 +164,9 @@ class SidecarMetrics:
                     self.record(result, elapsed)
                 else:
                     timed_out = trio.current_time() >= deadline
-                    self.record_unfinished(task, "timeout" if timed_out else "cancelled", elapsed)
+                    self.record_unfinished(run.task, "timeout" if timed_out else "cancelled", elapsed)
 
-        return run
+        return instrumented
 
     def record(self, result: DispatchResult, elapsed_s: float) -> None:
         self.tasks.labels("success" if result.ok else "failure", result.executor).inc()

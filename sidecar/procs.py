@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import contextvars
 import fcntl
 import hashlib
 import os
@@ -78,23 +77,6 @@ def task_marker(agent_id: str, task_id: str) -> str:
     """
     digest = hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()
     return agent_marker_prefix(agent_id) + digest[:20]
-
-
-# The marker of the task being run in this context. The supervisor, which
-# stores each task's marker to sweep after a crash, sets it in the task's own
-# Trio task (contextvars are inherited by child tasks); executors read it
-# through `marker_for`, so both agree without widening the executor interface.
-CURRENT_MARKER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "sidecar_task_marker", default=None
-)
-
-
-def marker_for(agent_id: str, task_id: str) -> str:
-    """The marker for this task: the supervisor's if it set one, else `task_marker`."""
-    marker = CURRENT_MARKER.get()
-    if marker and "\0" not in marker:
-        return marker
-    return task_marker(agent_id, task_id)
 
 
 def agent_marker_prefix(agent_id: str) -> str:

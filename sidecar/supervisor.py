@@ -18,29 +18,37 @@ import trio
 
 from . import procs
 from .config import Config
+from .decisions import (
+    HUB_CANCEL,
+    REASSIGN,
+    SHUTDOWN,
+    TIMED_OUT,
+    AssignAction,
+    HeldView,
+    decide_assign,
+    decide_end,
+)
 from .delivery import AcceptTracker, Outbox
 from .dispatcher import DispatchResult
-from .executors.wake import discard_result_files
+from .executors import ExecContext
+from .executors.registry import discard_task_files
 from .log import bind_context, get_logger
 from .messages import (
     LIMITS,
     FrameError,
     ProgressEvent,
     Task,
-    complete_frame,
     failed_frame,
     parse_task,
     truncate,
 )
 from .progress import ProgressSender
-from .store import DONE, Store
+from .store import Store
+from .taskrun import TaskRun, run_and_sweep
 
 log = get_logger("sidecar.supervisor")
 
-DispatchFn = Callable[[Task, ProgressSender], Awaitable[DispatchResult]]
-
-# Why a task's scope was cancelled (None while running normally).
-HUB_CANCEL, REASSIGN, SHUTDOWN = "hub_cancel", "reassign", "shutdown"
+DispatchFn = Callable[[TaskRun], Awaitable[DispatchResult]]
 
 
 class BatcherHooks(Protocol):
@@ -53,8 +61,6 @@ class BatcherHooks(Protocol):
 
 # How long after a task's end its marker is swept once more (`_late_sweeper`).
 LATE_SWEEP_S = 0.2
-# `Held.ending()` of a run past its time limit (no cancel reason of its own).
-TIMED_OUT = "timeout"
 
 
 @attrs.define(eq=False)
@@ -82,8 +88,10 @@ class Held:
 class Supervisor:
     def __init__(
         self,
+        *,
         config: Config,
         store: Store,
+        context: ExecContext,
         dispatch: DispatchFn,
         progress: trio.MemorySendChannel[ProgressEvent],
         batcher: BatcherHooks,
@@ -92,6 +100,7 @@ class Supervisor:
         send: Callable[[dict[str, Any]], Awaitable[bool]],
     ) -> None:
         self.config = config
+        self.context = context
         self.store = store
         self.dispatch = dispatch
         self.progress = progress
@@ -157,59 +166,66 @@ class Supervisor:
         try:
             task = parse_task(frame)
         except FrameError as exc:
-            log.warning("bad_task_assign", field=exc.path, problem=exc.problem, task_id=exc.task_id)
-            if exc.task_id is not None and exc.task_id not in self.held:
-                gen = frame.get("generation")
-                gen = gen if isinstance(gen, int) and not isinstance(gen, bool) else 0
-                await self._fail_unheld(
-                    exc.task_id, gen, f"invalid task_assign: field '{exc.path}' {exc.problem}", "invalid_task"
-                )
+            await self._refuse_bad_assign(frame, exc)
             return
         tid, gen = task.task_id, task.generation
         held = self.held.get(tid)
-        ending = held.ending() if held is not None else None
-        if held is not None and ending is not None and (ending != TIMED_OUT or gen > held.generation):
-            # A run of this task is being torn down (reassigned, cancelled; or past
-            # its time limit and given out again): the new assignment starts afresh
-            # once that run's end is written, and does not inherit the old run's fate.
-            log.info("assign_after_teardown", task_id=tid, generation=gen, ending=ending)
+        view = None if held is None else HeldView(held.generation, held.ending())
+        stored = await self.store.get_task(tid) if held is None else None
+        limit = self.config.capacity + self.config.queue_length
+        action = decide_assign(
+            view, stored, gen, closing=self.closing, held_count=len(self.held), limit=limit
+        )
+        if held is not None and action is not AssignAction.ACCEPT:
+            await self._on_assign_held(action, held, task, frame)
+            return
+        if action is AssignAction.IGNORE_FINISHED:
+            log.info("duplicate_assign_finished", task_id=tid, generation=gen, action="ignored")
+        elif action is AssignAction.REFUSE_CLOSING:
+            await self._fail_unheld(tid, gen, "sidecar is shutting down", "sidecar_busy")
+        elif action is AssignAction.REFUSE_BUSY:
+            log.info("task_refused_busy", task_id=tid, generation=gen, held=len(self.held), limit=limit)
+            error = f"sidecar busy: {len(self.held)} tasks held, limit {limit}"
+            await self._fail_unheld(tid, gen, error, "sidecar_busy")
+        else:
+            await self._accept_new(task)
+
+    async def _refuse_bad_assign(self, frame: dict[str, Any], exc: FrameError) -> None:
+        log.warning("bad_task_assign", field=exc.path, problem=exc.problem, task_id=exc.task_id)
+        if exc.task_id is not None and exc.task_id not in self.held:
+            gen = frame.get("generation")
+            gen = gen if isinstance(gen, int) and not isinstance(gen, bool) else 0
+            error = f"invalid task_assign: field '{exc.path}' {exc.problem}"
+            await self._fail_unheld(exc.task_id, gen, error, "invalid_task")
+
+    async def _on_assign_held(
+        self, action: AssignAction, held: Held, task: Task, frame: dict[str, Any]
+    ) -> None:
+        tid, gen = task.task_id, task.generation
+        if action is AssignAction.AFTER_TEARDOWN:
+            log.info("assign_after_teardown", task_id=tid, generation=gen, ending=held.ending())
             assert self._nursery is not None
             self._nursery.start_soon(self._assign_when_done, held, frame)
-            return
-        if held is not None:
-            if gen == held.generation:
-                log.info("duplicate_assign", task_id=tid, generation=gen, action="re-acknowledged")
-                await self.accepts.accept(tid)
-            elif gen > held.generation:
-                log.info("assign_new_generation", task_id=tid, old=held.generation, generation=gen)
-                held.generation = gen
-                self._log_stale_dropped(tid, gen, await self.store.set_generation(tid, gen))
-                # The hub gave it to us again: that answers a pending recovery too.
-                held.recover_answered.set()
-                await self.accepts.accept(tid)
-            else:
-                log.warning("stale_assign_ignored", task_id=tid, generation=gen, held=held.generation)
-            return
-        stored = await self.store.get_task(tid)
-        if stored is not None and stored.state == DONE and stored.generation >= gen:
-            log.info("duplicate_assign_finished", task_id=tid, generation=gen, action="ignored")
-            return
-        if self.closing:
-            await self._fail_unheld(tid, gen, "sidecar is shutting down", "sidecar_busy")
-            return
-        limit = self.config.capacity + self.config.queue_length
-        if len(self.held) >= limit:
-            log.info("task_refused_busy", task_id=tid, generation=gen, held=len(self.held), limit=limit)
-            await self._fail_unheld(
-                tid, gen, f"sidecar busy: {len(self.held)} tasks held, limit {limit}", "sidecar_busy"
-            )
-            return
+        elif action is AssignAction.REACCEPT:
+            log.info("duplicate_assign", task_id=tid, generation=gen, action="re-acknowledged")
+            await self.accepts.accept(tid)
+        elif action is AssignAction.ADOPT_GENERATION:
+            log.info("assign_new_generation", task_id=tid, old=held.generation, generation=gen)
+            held.generation = gen
+            self._log_stale_dropped(tid, gen, await self.store.set_generation(tid, gen))
+            # The hub gave it to us again: that answers a pending recovery too.
+            held.recover_answered.set()
+            await self.accepts.accept(tid)
+        else:
+            log.warning("stale_assign_ignored", task_id=tid, generation=gen, held=held.generation)
+
+    async def _accept_new(self, task: Task) -> None:
+        tid, gen = task.task_id, task.generation
         marker = procs.task_marker(self.config.agent_id, tid)
         # No checkpoint from here until the task is held: the frame handler runs in
         # the link's session scope, and a task stored but not held would be stranded.
         dropped = await self.store.put_task(tid, gen, task.raw, marker)
-        held = Held(task, gen, marker)
-        self._hold(held)
+        self._hold(Held(task, gen, marker))
         self._log_stale_dropped(tid, gen, dropped)
         queued = len(self.held) > self.config.capacity
         log.info("task_accepted", task_id=tid, generation=gen, queued=queued)
@@ -218,10 +234,10 @@ class Supervisor:
     async def _late_sweeper(self) -> None:
         """Sweep each ended task's marker once more, `LATE_SWEEP_S` after its end.
 
-        Found by the chaos soak: a process caught in the middle of an exec by
-        the end-of-task scan (its environment briefly unreadable; `setsid
-        sleep 30 &` from a task that ends at once) escaped it and outlived the
-        task. One task for all ended tasks; the result is not delayed by it.
+        A process caught in the middle of an exec by the end-of-task scan (its
+        environment briefly unreadable; `setsid sleep 30 &` from a task that
+        ends at once) escapes that scan. One task sweeps for all ended tasks;
+        no result waits for it.
         """
         async for due, task_id, marker in self._late_recv:
             await trio.sleep_until(due)
@@ -313,11 +329,12 @@ class Supervisor:
                     await self.store.mark_running(tid)
                     self.batcher.task_started(tid)
                     tlog.info("task_started", generation=held.generation, timeout_s=timeout_s)
-                    sender = ProgressSender(self.progress, tid)
                     # Every child of this task carries the marker the store knows,
                     # so a restart after kill -9 can find and kill them.
-                    procs.CURRENT_MARKER.set(held.marker)
-                    result = await self.dispatch(task, sender)
+                    run = self.context.new_run(
+                        task, ProgressSender(self.progress, tid), held.marker, deadline=held.scope.deadline
+                    )
+                    result = await run_and_sweep(self.dispatch, run)
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish(held, result, started_at, timeout_s)
@@ -327,37 +344,22 @@ class Supervisor:
     ) -> None:
         task = held.task
         tid = task.task_id
-        # Whatever the executor did, nothing it started may outlive the task.
-        procs.kill_marked(held.marker)
+        # Nothing a run started outlives it (`run_and_sweep`); one more sweep
+        # comes a little later for a process caught mid-exec.
         self._late_send.send_nowait((trio.current_time() + LATE_SWEEP_S, tid, held.marker))
         if not held.started:
             # It never reached an executor in this process: files a run before a
             # crash left (the wake path's) have no one else to remove them.
-            discard_result_files(self.config, tid)
-        frame: dict[str, Any] | None
-        reason = held.cancel_reason
-        if result is not None:
-            if result.ok and result.result is not None:
-                frame = complete_frame(tid, held.generation, result.result, result.tokens_used)
-                outcome = "success"
-            else:
-                frame = failed_frame(tid, held.generation, result.error or "failed", result.reason)
-                outcome = "failure"
-        elif reason in (HUB_CANCEL, REASSIGN):
-            frame, outcome = None, reason
-        elif reason == SHUTDOWN:
-            frame = failed_frame(
-                tid, held.generation, "sidecar shut down while the task ran", "sidecar_shutdown"
-            )
-            outcome = "shutdown"
-        elif started_at is not None:
-            frame = failed_frame(tid, held.generation, f"timed out after {timeout_s:g} s", "timeout")
-            outcome = "timeout"
-        else:
-            frame = failed_frame(tid, held.generation, "task ended before it started", "internal_error")
-            outcome = "failure"
-        if result is not None and reason == REASSIGN:
-            frame = None
+            discard_task_files(self.config, tid)
+        end = decide_end(
+            tid,
+            held.generation,
+            result,
+            held.cancel_reason,
+            started=started_at is not None,
+            timeout_s=timeout_s,
+        )
+        frame, outcome = end.frame, end.outcome
         with trio.move_on_after(10):
             await self.store.finish(tid, frame)
         elapsed = None if started_at is None else round(trio.current_time() - started_at, 3)

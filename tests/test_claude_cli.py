@@ -24,6 +24,7 @@ from sidecar.executors.claude import ClaudeExecutor
 from sidecar.messages import Outcome, ProgressEvent, parse_task
 from sidecar.progress import ProgressSender, open_progress
 from tests.fakes.anthropic_api import FakeAnthropic, Scenario, serve_fake_anthropic
+from tests.fakes.proc_helpers import task_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLAUDE_BIN = os.environ.get("SIDECAR_TEST_CLAUDE_BIN") or str(ROOT / ".tools/claude/node_modules/.bin/claude")
@@ -57,7 +58,7 @@ class Run:
 
     @property
     def marker(self) -> str:
-        return procs.marker_for(self.config.agent_id, "t-1")
+        return procs.task_marker(self.config.agent_id, "t-1")
 
     def of(self, kind: str) -> list[ProgressEvent]:
         return [e for e in self.events if e.event_type == kind]
@@ -77,7 +78,7 @@ class Run:
             ctx = ExecContext(config=self.config, http=http, state_dir=self.tmp_path / "state")
             try:
                 self.outcome = await ClaudeExecutor(ctx, env=self.env)(
-                    parse_task(frame), ProgressSender(send, "t-1")
+                    task_run(ctx, parse_task(frame), ProgressSender(send, "t-1"))
                 )
             finally:
                 await send.aclose()

@@ -26,6 +26,7 @@ from sidecar.executors import ExecContext
 from sidecar.executors.claude import ClaudeExecutor, cli_model, usage_tokens
 from sidecar.messages import Outcome, ProgressEvent, parse_task
 from sidecar.progress import ProgressSender, open_progress
+from tests.fakes.proc_helpers import task_run
 
 STANDIN = Path(__file__).parent / "fakes" / "claude_standin.py"
 REC = Path(__file__).parent / "fakes" / "claude_recordings"
@@ -71,12 +72,12 @@ class Harness:
         data: dict[str, Any] = json.loads(self.record.read_text())
         return data
 
-    async def run(self, task_fields: dict[str, Any] | None = None) -> Outcome:
+    async def run(self, task_fields: dict[str, Any] | None = None, marker: str | None = None) -> Outcome:
         frame = {"type": "task_assign", "task_id": "t-1", "description": "Say hello.", **(task_fields or {})}
         async with httpx.AsyncClient() as http:
             ctx = ExecContext(config=self.config, http=http, state_dir=self.tmp_path / "state")
             ex = ClaudeExecutor(ctx, env=self.env)
-            return await ex(parse_task(frame), ProgressSender(self.send, "t-1"))
+            return await ex(task_run(ctx, parse_task(frame), ProgressSender(self.send, "t-1"), marker))
 
 
 MakeHarness = Callable[..., Harness]
@@ -97,7 +98,7 @@ def harness(make_config: Callable[..., Config], standin: str, tmp_path: Path) ->
 
 
 def marked_alive(config: Config, task_id: str = "t-1") -> list[int]:
-    return procs.find_marked(procs.marker_for(config.agent_id, task_id))
+    return procs.find_marked(procs.task_marker(config.agent_id, task_id))
 
 
 # ---------------------------------------------------------------------------
@@ -296,7 +297,7 @@ async def test_env_passes_through_and_secrets_are_dropped(harness: MakeHarness, 
     env = json.loads(dump.read_text())
     assert env["ANTHROPIC_BASE_URL"] == "http://h:1"
     assert "LEAKY" not in env and "SIDECAR_TOKEN" not in env
-    assert env[procs.MARKER_VAR] == procs.marker_for(h.config.agent_id, "t-1")
+    assert env[procs.MARKER_VAR] == procs.task_marker(h.config.agent_id, "t-1")
 
 
 @pytest.mark.parametrize("binary", ["/nonexistent/dir/claude", "definitely-not-a-claude-binary-xyz"])
@@ -417,12 +418,8 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-async def test_supervisor_marker_is_used(harness: MakeHarness) -> None:
+async def test_the_runs_marker_reaches_the_cli(harness: MakeHarness) -> None:
     h = harness("--standin-replay", str(REC / "success.jsonl"))
-    token = procs.CURRENT_MARKER.set("supervisor-marker-42")
-    try:
-        out = await h.run()
-    finally:
-        procs.CURRENT_MARKER.reset(token)
+    out = await h.run(marker="supervisor-marker-42")
     assert out.ok
     assert h.recorded()["marker"] == "supervisor-marker-42"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,14 +18,15 @@ import trio.testing
 
 from sidecar.cost import CostModel
 from sidecar.dispatcher import (
-    RETRY_POLICIES,
     Dispatcher,
     DispatchResult,
     UnknownTargetError,
     target_of,
 )
+from sidecar.executors.registry import REGISTRY
 from sidecar.messages import Outcome, ProgressEvent, Task, parse_task
 from sidecar.progress import ProgressSender, open_progress
+from sidecar.taskrun import TaskRun
 
 # ---------------------------------------------------------------- helpers
 
@@ -47,6 +49,10 @@ def make_task(
     return parse_task(frame)
 
 
+def as_run(task: Task, progress: ProgressSender) -> TaskRun:
+    return TaskRun(task=task, progress=progress, marker="m", log_path=Path("/nonexistent"), workdir=Path("/"))
+
+
 def routed(target: str) -> Task:
     return make_task({"target_type": target})
 
@@ -59,7 +65,7 @@ class Scripted:
         self.calls: list[float] = []
         self.hang = hang
 
-    async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
+    async def __call__(self, run: TaskRun) -> Outcome:
         self.calls.append(trio.current_time())
         if self.hang:
             await trio.sleep_forever()
@@ -100,7 +106,7 @@ async def dispatch(
     progress = Progress()
     dispatcher = Dispatcher({kind: fake}, cost)
     task = task or routed({"shell": "sidecar"}.get(kind, kind))
-    result = await dispatcher.run(task, progress.sender)
+    result = await dispatcher.run(as_run(task, progress.sender))
     return result, progress.texts()
 
 
@@ -143,7 +149,7 @@ def test_target_of_unknown_type_raises() -> None:
 async def test_unknown_target_fails_naming_it(cost: CostModel) -> None:
     fakes = {k: Scripted([Outcome(ok=True)]) for k in ("shell", "ollama", "claude", "wake")}
     progress = Progress()
-    result = await Dispatcher(fakes, cost).run(routed("gpu_cluster"), progress.sender)
+    result = await Dispatcher(fakes, cost).run(as_run(routed("gpu_cluster"), progress.sender))
     assert not result.ok
     assert result.error is not None and "gpu_cluster" in result.error
     assert result.reason == "unknown_target_type"
@@ -154,7 +160,7 @@ async def test_unknown_target_fails_naming_it(cost: CostModel) -> None:
 async def test_missing_executor_fails_clearly(cost: CostModel) -> None:
     progress = Progress()
     result = await Dispatcher({"shell": Scripted([Outcome(ok=True)])}, cost).run(
-        routed("ollama"), progress.sender
+        as_run(routed("ollama"), progress.sender)
     )
     assert not result.ok and result.executor == "ollama"
     assert result.error is not None and "ollama" in result.error
@@ -165,7 +171,7 @@ async def test_missing_executor_fails_clearly(cost: CostModel) -> None:
 async def test_routes_to_executor_by_kind(cost: CostModel, kind: str) -> None:
     fakes = {k: Scripted([Outcome(ok=True)]) for k in ("shell", "ollama", "claude", "wake")}
     task = routed({"shell": "sidecar"}.get(kind, kind))
-    result = await Dispatcher(fakes, cost).run(task, Progress().sender)
+    result = await Dispatcher(fakes, cost).run(as_run(task, Progress().sender))
     assert result.ok and result.executor == kind
     assert {k: len(f.calls) for k, f in fakes.items()} == {k: int(k == kind) for k in fakes}
 
@@ -265,7 +271,7 @@ async def test_cancel_during_backoff_propagates_and_stops(
     finished: list[DispatchResult] = []
 
     async def runner() -> None:
-        finished.append(await dispatcher.run(routed("claude"), progress.sender))
+        finished.append(await dispatcher.run(as_run(routed("claude"), progress.sender)))
 
     t0 = trio.current_time()
     with trio.CancelScope() as scope:
@@ -290,7 +296,7 @@ async def test_cancel_during_attempt_not_retried(
     progress = Progress()
     dispatcher = Dispatcher({"claude": fake}, cost)
     with trio.move_on_after(5) as scope:
-        await dispatcher.run(routed("claude"), progress.sender)
+        await dispatcher.run(as_run(routed("claude"), progress.sender))
     assert scope.cancelled_caught
     assert len(fake.calls) == 1
     assert progress.texts() == []
@@ -304,12 +310,12 @@ async def test_injected_sleep_is_used(cost: CostModel) -> None:
 
     fake = Scripted([TRANSIENT])
     dispatcher = Dispatcher({"claude": fake}, cost, sleep=fake_sleep)
-    result = await dispatcher.run(routed("claude"), Progress().sender)
+    result = await dispatcher.run(as_run(routed("claude"), Progress().sender))
     assert slept == [2.0, 4.0, 8.0] and result.attempts == 4
 
 
 def test_policy_table() -> None:
-    assert {k: p.max_retries for k, p in RETRY_POLICIES.items()} == {
+    assert {k: spec.retry.max_retries for k, spec in REGISTRY.items()} == {
         "ollama": 2,
         "claude": 3,
         "shell": 1,
@@ -349,11 +355,11 @@ def assert_result_types(result: dict[str, Any]) -> None:
 
 
 async def test_shell_result(autojump_clock: trio.testing.MockClock, cost: CostModel) -> None:
-    async def shell(task: Task, progress: ProgressSender) -> Outcome:
+    async def shell(run: TaskRun) -> Outcome:
         await trio.sleep(1.5)
         return Outcome(ok=True, output="hi\n", exit_code=0, output_truncated=True)
 
-    result = await Dispatcher({"shell": shell}, cost).run(routed("sidecar"), Progress().sender)
+    result = await Dispatcher({"shell": shell}, cost).run(as_run(routed("sidecar"), Progress().sender))
     assert result.ok and result.result is not None and result.executor == "shell"
     assert set(result.result) == BASE_KEYS | {"exit_code"}
     assert_result_types(result.result)
@@ -452,11 +458,11 @@ async def test_price_override_used_in_result(make_config: Any) -> None:
 async def test_wake_result_passed_through(autojump_clock: trio.testing.MockClock, cost: CostModel) -> None:
     own = {"status": "success", "output": "agent did it", "custom": [1, 2]}
 
-    async def wake(task: Task, progress: ProgressSender) -> Outcome:
+    async def wake(run: TaskRun) -> Outcome:
         await trio.sleep(3)
         return Outcome(ok=True, output="ignored", result=own)
 
-    result = await Dispatcher({"wake": wake}, cost).run(make_task(), Progress().sender)
+    result = await Dispatcher({"wake": wake}, cost).run(as_run(make_task(), Progress().sender))
     assert result.ok and result.executor == "wake"
     assert result.result == {**own, "execution_ms": 3000, "attempts": 1}
     assert "execution_ms" not in own  # the executor's object is not mutated

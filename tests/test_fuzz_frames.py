@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.executors import ExecContext, Executor
-from sidecar.messages import FrameError, Outcome, Task, decode_frame
-from sidecar.progress import ProgressSender
+from sidecar.messages import FrameError, Outcome, decode_frame
 from sidecar.store import Store
+from sidecar.taskrun import TaskRun
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "250"))
 FRAMES_PER_EXAMPLE = 48
@@ -145,8 +145,8 @@ def frames(draw: st.DrawFn) -> str | bytes:
     return text
 
 
-async def _fast(task: Task, progress: ProgressSender) -> Outcome:
-    await progress.emit("stdout", "ran " + task.task_id[:20])
+async def _fast(run: TaskRun) -> Outcome:
+    await run.progress.emit("stdout", "ran " + run.task_id[:20])
     return Outcome(ok=True, output="ok")
 
 

@@ -17,6 +17,7 @@ from sidecar.executors.ollama import DEFAULT_URL, OllamaExecutor, resolve_url
 from sidecar.messages import Outcome, ProgressEvent, Task, parse_task
 from sidecar.progress import ProgressSender, open_progress
 from tests.fakes.ollama_server import OllamaServer, Script, open_ollama_server
+from tests.fakes.proc_helpers import task_run
 
 MakeConfig = Callable[..., Config]
 
@@ -56,7 +57,8 @@ class Run:
     """Runs the executor with a progress channel and collects the events."""
 
     def __init__(self, config: Config, http: httpx.AsyncClient, tmp_path: Path) -> None:
-        self.executor = OllamaExecutor(ExecContext(config, http, tmp_path))
+        self.ctx = ExecContext(config, http, tmp_path)
+        self.executor = OllamaExecutor(self.ctx)
         self.events: list[ProgressEvent] = []
         self.got_event = trio.Event()
 
@@ -72,7 +74,7 @@ class Run:
 
             nursery.start_soon(drain)
             async with send:
-                outcome = await self.executor(task, ProgressSender(send, task.task_id))
+                outcome = await self.executor(task_run(self.ctx, task, ProgressSender(send, task.task_id)))
         assert outcome is not None
         return outcome
 
@@ -108,7 +110,8 @@ async def test_many_chunks_through_a_small_channel_arrive_in_order(
     """Chunks queue without waiting while there is room and wait when the channel
     is full: nothing is lost or reordered either way."""
     srv.scripts["qwen3:8b"] = Script(chunks=5000, flush_every=64)
-    executor = OllamaExecutor(ExecContext(make_config(), http, tmp_path))
+    ctx = ExecContext(make_config(), http, tmp_path)
+    executor = OllamaExecutor(ctx)
     send, recv = open_progress(4)
     seen: list[int | None] = []
     async with trio.open_nursery() as nursery:
@@ -120,7 +123,7 @@ async def test_many_chunks_through_a_small_channel_arrive_in_order(
 
         nursery.start_soon(slow_drain)
         async with send:
-            out = await executor(make_task(host_port(srv.url)), ProgressSender(send, "t-1"))
+            out = await executor(task_run(ctx, make_task(host_port(srv.url)), ProgressSender(send, "t-1")))
     assert out.ok and out.tokens_out == 5000
     assert seen == list(range(1, 5001))
 
@@ -128,10 +131,11 @@ async def test_many_chunks_through_a_small_channel_arrive_in_order(
 async def test_progress_channel_gone_does_not_fail_the_task(
     srv: OllamaServer, make_config: MakeConfig, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    executor = OllamaExecutor(ExecContext(make_config(), http, tmp_path))
+    ctx = ExecContext(make_config(), http, tmp_path)
+    executor = OllamaExecutor(ctx)
     send, recv = open_progress(1)
     recv.close()  # the batcher is gone (shutdown)
-    out = await executor(make_task(host_port(srv.url)), ProgressSender(send, "t-1"))
+    out = await executor(task_run(ctx, make_task(host_port(srv.url)), ProgressSender(send, "t-1")))
     assert out.ok and out.output == "Echo: say something nice"
 
 

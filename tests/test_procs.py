@@ -362,15 +362,6 @@ def test_task_marker_is_deterministic_safe_and_agent_prefixed() -> None:
     assert a.isascii() and "\0" not in a
 
 
-async def test_marker_for_prefers_the_supervisor_marker() -> None:
-    assert procs.marker_for("a", "t") == task_marker("a", "t")
-    token = procs.CURRENT_MARKER.set("sup-marker")
-    try:
-        assert procs.marker_for("a", "t") == "sup-marker"
-    finally:
-        procs.CURRENT_MARKER.reset(token)
-
-
 async def test_token_is_absent_from_the_child_environment(tmp_path: Path) -> None:
     m = marker()
     base = {**os.environ, "SIDECAR_TOKEN": "hub-token-xyz", "OTHER": "hub-token-xyz"}

@@ -22,7 +22,7 @@ from sidecar.executors.wake import WakeExecutor
 from sidecar.messages import parse_task
 from sidecar.procs import MARKER_VAR, task_marker
 from sidecar.store import Store
-from tests.fakes.proc_helpers import RecordingProgress, make_ctx
+from tests.fakes.proc_helpers import RecordingProgress, make_ctx, task_run
 from tests.harness import running_link
 
 
@@ -89,7 +89,7 @@ async def test_wake_ignores_result_files_left_by_a_killed_run(make_config: Any, 
     ex = WakeExecutor(make_ctx(cfg))
     task = parse_task({"type": "task_assign", "task_id": "task-1", "description": "x", "generation": 2})
     with trio.fail_after(20):
-        outcome = await ex(task, RecordingProgress(task.task_id))
+        outcome = await ex(task_run(ex.ctx, task, RecordingProgress(task.task_id)))
     assert outcome.ok and outcome.output == "did task-1"
     assert list(results.iterdir()) == []
 

@@ -13,7 +13,7 @@ from sidecar import procs
 from sidecar.executors.shell import NO_COMMAND, PROGRESS_TEXT_MAX, ShellExecutor
 from sidecar.messages import parse_task
 from sidecar.output import OutputCapture
-from tests.fakes.proc_helpers import RecordingProgress, make_ctx, wait_dead
+from tests.fakes.proc_helpers import RecordingProgress, make_ctx, task_run, wait_dead
 
 
 def shell_task(command: object = None, task_id: str = "t1") -> object:
@@ -29,11 +29,12 @@ def executor(make_config, tmp_path: Path) -> ShellExecutor:  # type: ignore[no-u
 
 
 async def run(
-    executor: ShellExecutor, command: object, task_id: str = "t1"
+    executor: ShellExecutor, command: object, task_id: str = "t1", marker: str | None = None
 ) -> tuple[object, RecordingProgress]:
     progress = RecordingProgress(task_id)
     with trio.fail_after(30):
-        outcome = await executor(shell_task(command, task_id), progress)  # type: ignore[arg-type]
+        run = task_run(executor.ctx, shell_task(command, task_id), progress, marker)  # type: ignore[arg-type]
+        outcome = await executor(run)
     return outcome, progress
 
 
@@ -103,12 +104,8 @@ async def test_token_is_not_in_the_child_environment(
     assert f"{procs.MARKER_VAR}={marker}\n" in outcome.output  # type: ignore[attr-defined]
 
 
-async def test_supervisor_marker_is_used_when_set(executor: ShellExecutor) -> None:
-    token = procs.CURRENT_MARKER.set("from-supervisor")
-    try:
-        outcome, _ = await run(executor, 'printf %s "$SIDECAR_TASK_MARKER"')
-    finally:
-        procs.CURRENT_MARKER.reset(token)
+async def test_the_runs_marker_is_what_children_carry(executor: ShellExecutor) -> None:
+    outcome, _ = await run(executor, 'printf %s "$SIDECAR_TASK_MARKER"', marker="from-supervisor")
     assert outcome.output == "from-supervisor"  # type: ignore[attr-defined]
 
 
@@ -169,7 +166,7 @@ async def test_cancel_kills_the_group_and_propagates(executor: ShellExecutor) ->
     with trio.fail_after(20):
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(executor, task, progress)
+                nursery.start_soon(executor, task_run(executor.ctx, task, progress))  # type: ignore[arg-type]
                 await seen.wait()
                 scope.cancel()
     assert scope.cancelled_caught
@@ -221,5 +218,5 @@ def test_capture_does_not_break_multibyte_characters_at_the_cut(tmp_path: Path) 
 async def test_log_file_is_closed_even_on_cancel(executor: ShellExecutor) -> None:
     before = set(os.listdir("/proc/self/fd"))
     with trio.move_on_after(0.2):
-        await executor(shell_task("sleep 1000"), RecordingProgress("t1"))  # type: ignore[arg-type]
+        await executor(task_run(executor.ctx, shell_task("sleep 1000"), RecordingProgress("t1")))  # type: ignore[arg-type]
     assert set(os.listdir("/proc/self/fd")) == before

@@ -21,7 +21,7 @@ import trio
 from sidecar.executors import wake
 from sidecar.executors.wake import RETRY_DELAYS_S, WakeExecutor
 from sidecar.messages import Outcome, parse_task
-from tests.fakes.proc_helpers import RecordingProgress, kill_quietly, make_ctx, wait_dead
+from tests.fakes.proc_helpers import RecordingProgress, kill_quietly, make_ctx, task_run, wait_dead
 
 AGENT = Path(__file__).parent / "fakes" / "proc_wake_agent.py"
 
@@ -71,7 +71,7 @@ def wake_task(task_id: str = "task-1", description: str = "do the thing") -> Any
 async def run(ex: WakeExecutor, task: Any = None) -> tuple[Outcome, RecordingProgress]:
     task = task or wake_task()
     progress = RecordingProgress(task.task_id)
-    outcome = await ex(task, progress)
+    outcome = await ex(task_run(ex.ctx, task, progress))
     return outcome, progress
 
 
@@ -148,7 +148,7 @@ async def test_confirmed_agent_is_waited_for_past_the_confirmation_timeout(
     async with trio.open_nursery() as nursery:
 
         async def go() -> None:
-            box.append(await ex(wake_task(), progress))
+            box.append(await ex(task_run(ex.ctx, wake_task(), progress)))
 
         nursery.start_soon(go)
         await progress.wait_for("agent confirmed")
@@ -268,7 +268,7 @@ async def test_cancel_while_waiting_removes_files_and_kills_agent(make_wake, dir
     progress = RecordingProgress("task-1")
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ex, wake_task(), progress)
+            nursery.start_soon(ex, task_run(ex.ctx, wake_task(), progress))
             await progress.wait_for("agent confirmed")
             assert (results / "task-1.started").exists()
             scope.cancel()

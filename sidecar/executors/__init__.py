@@ -1,13 +1,15 @@
 """Executors: one module each. An executor is an async callable
-`(task, progress) -> Outcome`, built once with an `ExecContext`.
+`(run: TaskRun) -> Outcome`, built once with an `ExecContext`.
 
 Executors do not retry, price, or time themselves: the dispatcher retries and
 prices, and the supervisor's cancel scope bounds the time. On cancellation an
 executor cleans up (shielded, bounded) and lets `trio.Cancelled` propagate.
+Every kind is one entry of the registry (`registry.SPECS`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -17,8 +19,9 @@ import httpx
 from ..config import Config
 from ..messages import Outcome, Task
 from ..progress import ProgressSender
+from ..taskrun import TaskRun, safe_file_name
 
-Executor = Callable[[Task, ProgressSender], Awaitable[Outcome]]
+Executor = Callable[[TaskRun], Awaitable[Outcome]]
 
 
 @attrs.frozen
@@ -35,8 +38,21 @@ class ExecContext:
 
     def log_path(self, task_id: str) -> Path:
         """Per-task output log (full output; the result's output is capped)."""
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:150]
-        return self.log_dir / f"{safe}.log"
+        return self.log_dir / f"{safe_file_name(task_id)}.log"
 
     def workdir(self) -> Path:
+        """The default working directory: `repo_dir`, else the state directory."""
         return Path(self.config.repo_dir) if self.config.repo_dir else self.state_dir
+
+    def new_run(
+        self, task: Task, progress: ProgressSender, marker: str, *, deadline: float = math.inf
+    ) -> TaskRun:
+        """The `TaskRun` for one run of `task` in the default working directory."""
+        return TaskRun(
+            task=task,
+            progress=progress,
+            marker=marker,
+            log_path=self.log_path(task.task_id),
+            workdir=self.workdir(),
+            deadline=deadline,
+        )

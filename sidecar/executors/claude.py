@@ -23,7 +23,6 @@ import shutil
 import signal
 from collections import deque
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -33,6 +32,7 @@ from ..log import get_logger
 from ..messages import Outcome, Task
 from ..progress import ProgressSender
 from ..prompt import build_prompt
+from ..taskrun import TaskRun
 from . import ExecContext
 
 log = get_logger(__name__)
@@ -161,12 +161,10 @@ class ClaudeExecutor:
         base = {**os.environ, **self._extra_env}
         return procs.child_env(base, marker, secrets=[self._ctx.config.token])
 
-    async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
+    async def __call__(self, run: TaskRun) -> Outcome:
         cfg = self._ctx.config
+        task, progress, marker, workdir = run.task, run.progress, run.marker, run.workdir
         tlog = log.bind(task_id=task.task_id)
-        # The supervisor's per-task marker when it set one (it sweeps that at task
-        # end and after a crash), else one derived from agent and task ids.
-        marker = procs.marker_for(cfg.agent_id, task.task_id)
         env = self.child_environment(marker)
         binary = resolve_binary(cfg.claude.binary, env.get("PATH"))
         if binary is None:
@@ -188,21 +186,21 @@ class ClaudeExecutor:
                 model_used="claude",
             )
         argv = self.argv(binary, task)
-        run = _Run()
+        state = _Run()
 
         async def on_stdout(line: str) -> None:
-            await self._on_line(line, run, progress, tlog)
+            await self._on_line(line, state, progress, tlog)
 
         async def on_stderr(line: str) -> None:
             if line.strip():
-                run.stderr_tail.append(line)
+                state.stderr_tail.append(line)
                 await progress.emit("stderr", line)
 
-        tlog.info("claude_start", argv=argv[1:], cwd=str(self._ctx.workdir()), prompt_chars=len(prompt))
+        tlog.info("claude_start", argv=argv[1:], cwd=str(workdir), prompt_chars=len(prompt))
         try:
             child = await procs.run_child(
                 argv,
-                cwd=Path(self._ctx.workdir()),
+                cwd=workdir,
                 env=env,
                 marker=marker,
                 on_stdout=on_stdout,
@@ -215,7 +213,7 @@ class ClaudeExecutor:
             tlog.warning("claude_spawn_failed", error=str(exc))
             return Outcome(
                 ok=False,
-                error=f"cannot start Claude Code CLI {binary!r} in {self._ctx.workdir()}: {exc}",
+                error=f"cannot start Claude Code CLI {binary!r} in {workdir}: {exc}",
                 reason="claude_spawn_failed",
                 transient=False,
                 model_used="claude",
@@ -224,14 +222,14 @@ class ClaudeExecutor:
             # Cancelled (deadline, hub cancel, shutdown): the CLI got SIGINT and
             # usually printed a final result with the cost so far; log it, then
             # let the cancellation go on.
-            res = run.result or {}
+            res = state.result or {}
             tlog.info(
                 "claude_cancelled",
                 cost_usd=res.get("total_cost_usd"),
-                result_seen=run.result is not None,
+                result_seen=state.result is not None,
             )
             raise
-        return self._outcome(run, child.returncode, tlog)
+        return self._outcome(state, child.returncode, tlog)
 
     async def _on_line(self, line: str, run: _Run, progress: ProgressSender, tlog: Any) -> None:
         text = line.strip()
@@ -249,59 +247,52 @@ class ClaudeExecutor:
             await progress.emit("stderr", _short(text, 2000))
             return
         run.started = True
-        kind = obj.get("type")
-        if kind == "stream_event":
-            event = obj.get("event")
-            if isinstance(event, dict) and event.get("type") == "content_block_delta":
-                delta = event.get("delta")
-                if isinstance(delta, dict) and delta.get("type") == "text_delta":
-                    piece = delta.get("text")
-                    if isinstance(piece, str) and piece:
-                        run.partial_in_message = True
-                        run.token_count += 1
-                        await progress.emit("token", piece, tokens_so_far=run.token_count, model=run.model)
-        elif kind == "assistant":
-            await self._on_assistant(obj, run, progress)
-        elif kind == "result":
-            run.result = obj
-            if run.model is None:
-                run.model = _main_model(obj)
-        elif kind == "system" and obj.get("subtype") == "init":
-            model = obj.get("model")
-            if isinstance(model, str) and model:
-                run.model = model
-            await progress.emit(
-                "status", f"Claude Code started (model {run.model or 'default'})", model=run.model
-            )
+        match obj:
+            case {
+                "type": "stream_event",
+                "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": str(piece)}},
+            } if piece:
+                run.partial_in_message = True
+                run.token_count += 1
+                await progress.emit("token", piece, tokens_so_far=run.token_count, model=run.model)
+            case {"type": "assistant", "message": dict(message)}:
+                await self._on_assistant(message, run, progress)
+            case {"type": "result"}:
+                run.result = obj
+                if run.model is None:
+                    run.model = _main_model(obj)
+            case {"type": "system", "subtype": "init"}:
+                match obj.get("model"):
+                    case str(model) if model:
+                        run.model = model
+                await progress.emit(
+                    "status", f"Claude Code started (model {run.model or 'default'})", model=run.model
+                )
 
-    async def _on_assistant(self, obj: dict[str, Any], run: _Run, progress: ProgressSender) -> None:
-        message = obj.get("message")
-        if not isinstance(message, dict):
-            return
-        model = message.get("model")
-        if run.model is None and isinstance(model, str) and model and not model.startswith("<"):
-            run.model = model
-        content = message.get("content")
+    async def _on_assistant(self, message: dict[str, Any], run: _Run, progress: ProgressSender) -> None:
+        match message.get("model"):
+            case str(model) if run.model is None and model and not model.startswith("<"):
+                run.model = model
         had_partial, run.partial_in_message = run.partial_in_message, False
-        if not isinstance(content, list):
-            return
+        match message.get("content"):
+            case list(content):
+                pass
+            case _:
+                return
         for block in content:
-            if not isinstance(block, dict):
-                continue
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                run.assistant_text.append(block["text"])
-                if not had_partial and block["text"]:
-                    # No partial deltas (an older CLI, or extra_args without
-                    # --include-partial-messages): relay the whole text.
-                    run.token_count += 1
-                    await progress.emit(
-                        "token", block["text"], tokens_so_far=run.token_count, model=run.model
-                    )
-            elif block.get("type") == "tool_use":
-                name = block.get("name") if isinstance(block.get("name"), str) else "tool"
-                args = block.get("input")
-                shown = json.dumps(args, ensure_ascii=False) if args is not None else ""
-                await progress.emit("status", _short(f"tool {name}: {shown}"), model=run.model)
+            match block:
+                case {"type": "text", "text": str(text)}:
+                    run.assistant_text.append(text)
+                    if not had_partial and text:
+                        # No partial deltas (an older CLI, or extra_args without
+                        # --include-partial-messages): relay the whole text.
+                        run.token_count += 1
+                        await progress.emit("token", text, tokens_so_far=run.token_count, model=run.model)
+                case {"type": "tool_use"}:
+                    name = block.get("name") if isinstance(block.get("name"), str) else "tool"
+                    args = block.get("input")
+                    shown = json.dumps(args, ensure_ascii=False) if args is not None else ""
+                    await progress.emit("status", _short(f"tool {name}: {shown}"), model=run.model)
 
     def _outcome(self, run: _Run, returncode: int, tlog: Any) -> Outcome:
         cfg = self._ctx.config

@@ -19,6 +19,7 @@ from ..log import get_logger
 from ..messages import Outcome, Task
 from ..progress import ProgressSender
 from ..prompt import build_prompt
+from ..taskrun import TaskRun
 from . import ExecContext
 
 log = get_logger(__name__)
@@ -97,7 +98,8 @@ class OllamaExecutor:
     def request_body(self, task: Task, model: str) -> dict[str, Any]:
         return {"model": model, "messages": build_prompt(task).messages(), "stream": True}
 
-    async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
+    async def __call__(self, run: TaskRun) -> Outcome:
+        task, progress = run.task, run.progress
         url, model = self.target(task)
         body = self.request_body(task, model)
         parts: list[str] = []

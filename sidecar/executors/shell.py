@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from ..log import get_logger
-from ..messages import Outcome, Task
+from ..messages import Outcome
 from ..output import OutputCapture
-from ..procs import child_env, describe_returncode, marker_for, run_child
-from ..progress import ProgressSender
+from ..procs import child_env, describe_returncode, run_child
+from ..taskrun import TaskRun
 from . import ExecContext
 
 log = get_logger(__name__)
@@ -53,12 +53,13 @@ class ShellExecutor:
     def __init__(self, ctx: ExecContext) -> None:
         self.ctx = ctx
 
-    async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
+    async def __call__(self, run: TaskRun) -> Outcome:
         cfg = self.ctx.config
-        command = task.shell_command
+        progress = run.progress
+        command = run.task.shell_command
         if command is None:
             return Outcome(ok=False, error=NO_COMMAND, reason="no_command", transient=False)
-        cwd = self.ctx.workdir()
+        cwd = run.workdir
         if not cwd.is_dir():
             return Outcome(
                 ok=False,
@@ -66,11 +67,11 @@ class ShellExecutor:
                 reason="no_workdir",
                 transient=False,
             )
-        marker = marker_for(cfg.agent_id, task.task_id)
+        marker = run.marker
         env = child_env(os.environ, marker, secrets=[cfg.token])
 
         with (
-            _open_capture(cfg.output_cap_bytes, self.ctx.log_path(task.task_id)) as out,
+            _open_capture(cfg.output_cap_bytes, run.log_path) as out,
             OutputCapture(_STDERR_KEEP, None) as err,
         ):
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -130,4 +131,3 @@ class ShellExecutor:
                 exit_code=res.returncode,
                 output_truncated=out.truncated,
             )
-

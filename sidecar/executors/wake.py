@@ -30,8 +30,9 @@ from ..config import Config
 from ..log import get_logger
 from ..messages import Outcome, Task, converter
 from ..output import OutputCapture
-from ..procs import child_env, describe_returncode, kill_marked, marker_for, run_child
+from ..procs import child_env, describe_returncode, kill_marked, run_child
 from ..progress import ProgressSender
+from ..taskrun import TaskRun
 from . import ExecContext
 from .shell import clip_progress
 
@@ -102,8 +103,9 @@ class WakeExecutor:
     def results_dir(self) -> Path:
         return results_dir_of(self.ctx.config, self.ctx.state_dir)
 
-    async def __call__(self, task: Task, progress: ProgressSender) -> Outcome:
+    async def __call__(self, run: TaskRun) -> Outcome:
         cfg = self.ctx.config
+        task, progress = run.task, run.progress
         if not cfg.wake_command:
             return Outcome(
                 ok=False,
@@ -120,13 +122,13 @@ class WakeExecutor:
             )
         results = self.results_dir
         started, result = result_files(results, task.task_id)
-        marker = marker_for(cfg.agent_id, task.task_id)
+        marker = run.marker
         try:
             results.mkdir(parents=True, exist_ok=True)
             # Files a killed earlier run of this task left behind are not this run's.
             for path in (started, result):
                 path.unlink(missing_ok=True)
-            error = await self._wake(task, progress, cfg.wake_command, marker)
+            error = await self._wake(run, cfg.wake_command)
             if error is not None:
                 return Outcome(ok=False, error=error, reason="wake_failed", transient=False)
             timeout_ms = cfg.confirmation_timeout_ms
@@ -151,14 +153,15 @@ class WakeExecutor:
             _unlink_quietly((started, result))
             kill_marked(marker)
 
-    async def _wake(self, task: Task, progress: ProgressSender, template: str, marker: str) -> str | None:
+    async def _wake(self, run: TaskRun, template: str) -> str | None:
         """Run the wake command with retries; None on success, else the last error."""
         cfg = self.ctx.config
+        task, progress, marker = run.task, run.progress, run.marker
         env = child_env(os.environ, marker, secrets=[cfg.token])
         env["TASK_ID"] = _env_safe(task.task_id)
         env["TASK_JSON"] = _env_safe(task_json(task))
         env["TASK_DESCRIPTION"] = _env_safe(task.description)
-        cwd = self.ctx.workdir()
+        cwd = run.workdir
         if not cwd.is_dir():
             cwd = self.ctx.state_dir if self.ctx.state_dir.is_dir() else Path("/")
         attempts = len(RETRY_DELAYS_S) + 1

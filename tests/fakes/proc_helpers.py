@@ -9,10 +9,12 @@ from typing import Any, cast
 
 import trio
 
+from sidecar import procs
 from sidecar.config import Config
 from sidecar.executors import ExecContext
-from sidecar.messages import ProgressEvent
+from sidecar.messages import ProgressEvent, Task
 from sidecar.progress import ProgressSender
+from sidecar.taskrun import TaskRun
 
 
 class RecordingProgress(ProgressSender):
@@ -90,3 +92,8 @@ def kill_quietly(pid: int) -> None:
         os.kill(pid, 9)
     except OSError:
         pass
+
+
+def task_run(ctx: ExecContext, task: Task, progress: ProgressSender, marker: str | None = None) -> TaskRun:
+    """The TaskRun the supervisor would hand an executor for `task` (default working directory)."""
+    return ctx.new_run(task, progress, marker or procs.task_marker(ctx.config.agent_id, task.task_id))
