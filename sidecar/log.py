@@ -1,7 +1,12 @@
-"""Structured logging: one event per line, key=value on a terminal, JSON elsewhere.
+"""Structured logging on structlog: one event per line, key=value on a terminal, JSON elsewhere.
 
 Use `log = get_logger(__name__)` then `log.info("task_accepted", task_id=..., generation=...)`.
-Registered secrets (the hub token) are replaced by `***` in every line.
+Every line carries `ts`, `level`, `logger` and `event`, then the event's fields.
+Registered secrets (the hub token) are replaced by `***` in every line, by the
+last processor before anything is written. Records of the standard `logging`
+module (hypercorn, httpx) go through the same renderers.
+
+Tests read events with `structlog.testing.capture_logs()`.
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
 from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
 _SECRETS: set[str] = set()
 
@@ -22,6 +31,8 @@ _SECRETS: set[str] = set()
 _CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "sidecar_log_context", default=None
 )
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def bind_context(**fields: Any) -> None:
@@ -38,7 +49,7 @@ def context_fields() -> dict[str, Any]:
 
 
 def register_secret(value: str) -> None:
-    """Never print `value`: every formatted log line is scrubbed of it."""
+    """Never print `value`: every rendered log line is scrubbed of it."""
     if value and len(value) >= 3:
         _SECRETS.add(value)
 
@@ -50,6 +61,45 @@ def scrub(text: str) -> str:
     return text
 
 
+# -- processors ----------------------------------------------------------------
+
+
+def task_context(_logger: WrappedLogger, _name: str, event: EventDict) -> EventDict:
+    """The trio task's bound fields first, so that the event's own fields win; `logger` named."""
+    event["logger"] = event.pop("logger_name", "sidecar")
+    bound = context_fields()
+    if bound:
+        return {**bound, **event}
+    return event
+
+
+def _ordered(_logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """`ts`, `level`, `logger`, `event` first, then the fields; `exc_info` rendered as `exc`."""
+    now = time.time()
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    out: dict[str, Any] = {
+        "ts": ts,
+        "level": "warning" if method == "warn" else method,
+        "logger": event.pop("logger", "sidecar"),
+        "event": event.pop("event", ""),
+    }
+    exc_info = event.pop("exc_info", None)
+    out.update(event)
+    if exc_info:
+        out["exc"] = _format_exc(exc_info)
+    return out
+
+
+def _format_exc(exc_info: Any) -> str:
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    if not isinstance(exc_info, tuple) or exc_info[0] is None:
+        return ""
+    return logging.Formatter().formatException(exc_info)
+
+
 def _fmt_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     if text == "" or any(c in text for c in ' ="\n\t'):
@@ -57,64 +107,90 @@ def _fmt_value(value: Any) -> str:
     return text
 
 
-class StructuredFormatter(logging.Formatter):
-    def __init__(self, json_lines: bool) -> None:
-        super().__init__()
-        self.json_lines = json_lines
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "fields", {})
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        if self.json_lines:
-            obj: dict[str, Any] = {
-                "ts": ts,
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "event": record.getMessage(),
-            }
-            obj.update(fields)
-            if record.exc_info:
-                obj["exc"] = self.formatException(record.exc_info)
-            line = json.dumps(obj, default=str, ensure_ascii=False)
-        else:
-            parts = [ts, f"{record.levelname.lower():7}", record.getMessage()]
-            parts += [f"{k}={_fmt_value(v)}" for k, v in fields.items()]
-            line = " ".join(parts)
-            if record.exc_info:
-                line += "\n" + self.formatException(record.exc_info)
-        return scrub(line)
+def render_json(event: MutableMapping[str, Any]) -> str:
+    return scrub(json.dumps(event, default=str, ensure_ascii=False))
 
 
-class Logger:
-    """A thin wrapper so call sites read `log.info("event", key=value)`."""
-
-    def __init__(self, name: str, **bound: Any) -> None:
-        self._logger = logging.getLogger(name)
-        self._bound = bound
-
-    def bind(self, **fields: Any) -> Logger:
-        return Logger(self._logger.name, **{**self._bound, **fields})
-
-    def _log(self, level: int, event: str, exc_info: bool, fields: dict[str, Any]) -> None:
-        if self._logger.isEnabledFor(level):
-            merged = {**context_fields(), **self._bound, **fields}
-            self._logger.log(level, event, exc_info=exc_info, extra={"fields": merged})
-
-    def debug(self, event: str, **fields: Any) -> None:
-        self._log(logging.DEBUG, event, False, fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._log(logging.INFO, event, False, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._log(logging.WARNING, event, False, fields)
-
-    def error(self, event: str, *, exc_info: bool = False, **fields: Any) -> None:
-        self._log(logging.ERROR, event, exc_info, fields)
+def render_kv(event: MutableMapping[str, Any]) -> str:
+    fields = dict(event)
+    exc = fields.pop("exc", None)
+    ts, level, event_name = fields.pop("ts"), fields.pop("level"), fields.pop("event")
+    fields.pop("logger", None)
+    parts = [ts, f"{level:7}", str(event_name)] + [f"{k}={_fmt_value(v)}" for k, v in fields.items()]
+    line = " ".join(parts)
+    if exc:
+        line += "\n" + exc
+    return scrub(line)
 
 
-def get_logger(name: str, **bound: Any) -> Logger:
-    return Logger(name, **bound)
+# -- outputs -------------------------------------------------------------------
+
+
+class _Outputs:
+    """Where rendered lines go: the main stream (JSON or key=value) and an optional JSON file."""
+
+    def __init__(self) -> None:
+        self.stream: TextIO | None = None
+        self.json_lines = True
+        self.file: TextIO | None = None
+
+    def write(self, event: MutableMapping[str, Any]) -> None:
+        stream = self.stream if self.stream is not None else sys.stderr
+        try:
+            stream.write((render_json(event) if self.json_lines else render_kv(event)) + "\n")
+            stream.flush()
+            if self.file is not None:
+                self.file.write(render_json(event) + "\n")
+                self.file.flush()
+        except (OSError, ValueError):
+            # A full disk or a closed stream must not turn a log line into a crash.
+            pass
+
+
+_OUT = _Outputs()
+
+
+class _Sink:
+    """The structlog 'logger': gets the finished event dict as keyword arguments."""
+
+    def _write(self, **event: Any) -> None:
+        _OUT.write(event)
+
+    debug = info = warning = warn = error = critical = exception = msg = _write
+
+
+def _sink_factory(*_args: Any) -> _Sink:
+    return _Sink()
+
+
+def _configure(level: int) -> None:
+    structlog.configure(
+        processors=[task_context, _ordered],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=_sink_factory,
+        cache_logger_on_first_use=False,
+    )
+
+
+_configure(logging.WARNING)
+
+
+def get_logger(name: str, **bound: Any) -> FilteringBoundLogger:
+    """A bound logger: `.info(event, **fields)`, `.bind(**fields)`, `.error(..., exc_info=True)`."""
+    # A lazy proxy: the level and processors in force are read at each call. Bound as
+    # `logger_name` (structlog's own `logger` parameter would clash), shown as `logger`.
+    logger: FilteringBoundLogger = structlog.get_logger(logger_name=name, **bound)
+    return logger
+
+
+class _StdlibBridge(logging.Handler):
+    """Records of the `logging` module (libraries) rendered like our own events."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event: dict[str, Any] = {"logger": record.name, "event": record.getMessage()}
+        if record.exc_info:
+            event["exc_info"] = record.exc_info
+        _OUT.write(_ordered(None, record.levelname.lower(), event))
 
 
 def setup_logging(
@@ -123,20 +199,19 @@ def setup_logging(
     json_lines: bool | None = None,
     log_file: str | None = None,
 ) -> None:
-    """Configure the root logger once, for the CLI."""
+    """Configure logging once, for the CLI."""
     stream = stream or sys.stderr
-    if json_lines is None:
-        json_lines = not stream.isatty()
+    _OUT.stream = stream
+    _OUT.json_lines = (not stream.isatty()) if json_lines is None else json_lines
+    if _OUT.file is not None:
+        _OUT.file.close()
+        _OUT.file = None
+    if log_file:
+        _OUT.file = open(log_file, "a", encoding="utf-8")
+    numeric = _LEVELS.get(level.lower(), logging.INFO)
+    _configure(numeric)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler: logging.Handler = logging.StreamHandler(stream)
-    handler.setFormatter(StructuredFormatter(json_lines))
-    root.addHandler(handler)
-    if log_file:
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(StructuredFormatter(True))
-        root.addHandler(fh)
-    root.setLevel(level.upper())
-    for noisy in ("trio-websocket", "hypercorn", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root.addHandler(_StdlibBridge())
+    root.setLevel(max(numeric, logging.WARNING))

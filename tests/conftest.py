@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 
 from sidecar.config import Config, config_from_mapping
+from sidecar.log import task_context
 
 # A suite started in the background of a non-interactive shell (`.ci/run &`)
 # inherits SIGINT ignored, and so would every child it starts: a shell then
@@ -32,3 +39,29 @@ def make_config(tmp_path: Path):  # type: ignore[no-untyped-def]
         return config_from_mapping(data, base_dir=tmp_path)
 
     return _make
+
+
+class Logs:
+    """Events logged while the `logs` fixture is active, as dicts (`event`, `log_level`, `logger`, fields)."""
+
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        self.entries = entries
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e.get("event") == event]
+
+    @property
+    def text(self) -> str:
+        """Every event as JSON, unscrubbed: a secret found here reached a log call."""
+        return "\n".join(json.dumps(e, default=str) for e in self.entries)
+
+
+@pytest.fixture
+def logs() -> Iterator[Logs]:
+    """Capture every log event (debug and up) with the trio task's bound context."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs(processors=[task_context]) as entries:
+            yield Logs(entries)
+    finally:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -23,6 +23,7 @@ from sidecar.executors import ExecContext
 from sidecar.executors.claude import ClaudeExecutor
 from sidecar.messages import Outcome, ProgressEvent, parse_task
 from sidecar.progress import ProgressSender, open_progress
+from tests.conftest import Logs
 from tests.fakes.anthropic_api import FakeAnthropic, Scenario, serve_fake_anthropic
 from tests.fakes.proc_helpers import task_run
 
@@ -216,11 +217,10 @@ async def test_unreachable_api_is_transient(make_run: Callable[..., Run]) -> Non
 
 
 async def test_slow_stream_cancelled_with_sigint(
-    api: FakeAnthropic, make_run: Callable[..., Run], caplog: pytest.LogCaptureFixture
+    api: FakeAnthropic, make_run: Callable[..., Run], logs: Logs
 ) -> None:
     api.scenario = Scenario(kind="slow", text="tick ", delay_s=0.05)
     run = make_run()
-    caplog.set_level("INFO", logger="sidecar.executors.claude")
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
@@ -232,8 +232,8 @@ async def test_slow_stream_cancelled_with_sigint(
     assert run.outcome is None  # cancellation propagated
     assert procs.find_marked(run.marker) == []
     # SIGINT made the CLI stop and print its final result, well inside the 5 s grace.
-    cancelled = [r for r in caplog.records if r.getMessage() == "claude_cancelled"]
-    assert cancelled and cancelled[0].fields["result_seen"] is True  # type: ignore[attr-defined]
+    cancelled = logs.named("claude_cancelled")
+    assert cancelled and cancelled[0]["result_seen"] is True
     assert elapsed < 4.0
 
 

@@ -26,6 +26,7 @@ from sidecar.executors import ExecContext
 from sidecar.executors.claude import ClaudeExecutor, cli_model, usage_tokens
 from sidecar.messages import Outcome, ProgressEvent, parse_task
 from sidecar.progress import ProgressSender, open_progress
+from tests.conftest import Logs
 from tests.fakes.proc_helpers import task_run
 
 STANDIN = Path(__file__).parent / "fakes" / "claude_standin.py"
@@ -367,9 +368,8 @@ async def _run_until_token_then_cancel(h: Harness) -> tuple[Outcome | None, floa
 
 
 async def test_hang_after_last_line_cancelled_with_sigint(
-    harness: MakeHarness, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    harness: MakeHarness, tmp_path: Path, logs: Logs
 ) -> None:
-    caplog.set_level("INFO", logger="sidecar.executors.claude")
     cut = tmp_path / "cut.jsonl"
     cut.write_text("".join(json.dumps(o) + "\n" for o in lines("success") if o.get("type") != "result"))
     h = harness("--standin-replay", str(cut), "--standin-hang", "--standin-orphan", str(tmp_path / "orphan"))
@@ -377,8 +377,8 @@ async def test_hang_after_last_line_cancelled_with_sigint(
     assert outcome is None  # Cancelled propagated
     assert elapsed < 4.0  # SIGINT ended it, not SIGKILL after the 5 s grace
     # SIGINT came first: the stand-in answers it, as the CLI does, with a final result.
-    cancelled = [r for r in caplog.records if r.getMessage() == "claude_cancelled"]
-    assert cancelled and cancelled[0].fields["result_seen"] is True  # type: ignore[attr-defined]
+    cancelled = logs.named("claude_cancelled")
+    assert cancelled and cancelled[0]["result_seen"] is True
     assert marked_alive(h.config) == []
     orphan = int((tmp_path / "orphan").read_text())
     assert not _alive(orphan)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 from decimal import Decimal
 from typing import Any
@@ -13,6 +12,7 @@ from genai_prices.types import TieredPrices
 
 from sidecar.config import Config
 from sidecar.cost import CostModel
+from tests.conftest import Logs
 
 # Published Anthropic list prices, USD per million tokens (input, output).
 # Each row is also checked against the catalogue's own data below, so a wrong
@@ -117,14 +117,12 @@ def test_equivalent_claude_cost_uses_baseline(make_config: Any) -> None:
     assert opus.equivalent_claude_cost(100_000, 10_000) == pytest.approx((100_000 * 15 + 10_000 * 75) / 1e6)
 
 
-def test_unknown_model_is_none_and_logged_once(make_config: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_model_is_none_and_logged_once(make_config: Any, logs: Logs) -> None:
     cost = CostModel(make_config())
-    with caplog.at_level(logging.WARNING, logger="sidecar.cost"):
-        assert cost.cost_usd("claude", 1000, 1000, provider="anthropic") is None
-        assert cost.cost_usd("claude", 5, 5, provider="anthropic") is None
-        assert cost.cost_usd("no-such-model-xyz", 1, 1, provider=None) is None
-    lines = [r for r in caplog.records if r.getMessage() == "price_unknown"]
-    assert [r.fields["model"] for r in lines] == ["claude", "no-such-model-xyz"]  # type: ignore[attr-defined]
+    assert cost.cost_usd("claude", 1000, 1000, provider="anthropic") is None
+    assert cost.cost_usd("claude", 5, 5, provider="anthropic") is None
+    assert cost.cost_usd("no-such-model-xyz", 1, 1, provider=None) is None
+    assert [e["model"] for e in logs.named("price_unknown")] == ["claude", "no-such-model-xyz"]
 
 
 def test_unknown_provider_is_none(make_config: Any) -> None:

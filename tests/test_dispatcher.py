@@ -7,7 +7,6 @@ Executor signature and `Outcome`, not with any real executor.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from sidecar.executors.registry import REGISTRY
 from sidecar.messages import Outcome, ProgressEvent, Task, parse_task
 from sidecar.progress import ProgressSender, open_progress
 from sidecar.taskrun import TaskRun
+from tests.conftest import Logs
 
 # ---------------------------------------------------------------- helpers
 
@@ -252,14 +252,14 @@ async def test_timeout_never_retried(autojump_clock: trio.testing.MockClock, cos
 
 
 async def test_executor_crash_is_a_failure_not_retried(
-    autojump_clock: trio.testing.MockClock, cost: CostModel, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock, cost: CostModel, logs: Logs
 ) -> None:
     fake = Scripted([RuntimeError("boom")])
     result, _ = await dispatch(cost, "claude", fake)
     assert not result.ok and len(fake.calls) == 1
     assert result.error is not None and "RuntimeError: boom" in result.error
     assert result.reason == "executor_crashed"
-    assert any(r.getMessage() == "executor_crashed" for r in caplog.records)
+    assert logs.named("executor_crashed")
 
 
 async def test_cancel_during_backoff_propagates_and_stops(
@@ -440,12 +440,11 @@ async def test_cost_and_tokens_summed_over_attempts(
     assert result.tokens_used == 330
 
 
-async def test_unknown_model_costs_zero_and_logs(cost: CostModel, caplog: pytest.LogCaptureFixture) -> None:
+async def test_unknown_model_costs_zero_and_logs(cost: CostModel, logs: Logs) -> None:
     ok = Outcome(ok=True, output="x", model_used="claude", tokens_in=10, tokens_out=10)
-    with caplog.at_level(logging.WARNING, logger="sidecar.cost"):
-        result, _ = await dispatch(cost, "claude", Scripted([ok]))
+    result, _ = await dispatch(cost, "claude", Scripted([ok]))
     assert result.result is not None and result.result["estimated_cost_usd"] == 0.0
-    assert [r.getMessage() for r in caplog.records if r.name == "sidecar.cost"] == ["price_unknown"]
+    assert [e["event"] for e in logs.entries if e["logger"] == "sidecar.cost"] == ["price_unknown"]
 
 
 async def test_price_override_used_in_result(make_config: Any) -> None:

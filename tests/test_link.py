@@ -9,7 +9,6 @@ mistaken for idleness while minutes of backoff pass in milliseconds.
 from __future__ import annotations
 
 import itertools
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import trio.testing
 
 from sidecar.app import open_sidecar
 from sidecar.devhub import DevHub, RateLimits, TierLimit, open_dev_hub
+from tests.conftest import Logs
 from tests.harness import running_link
 
 AGENT, TOKEN = "agent-1", "link-test-token-9"
@@ -34,9 +34,8 @@ def identify_times(hub: DevHub) -> list[float]:
 
 
 async def test_wrong_token_is_logged_clearly_and_retried_slowly(
-    clock: trio.testing.MockClock, make_config: Any, caplog: pytest.LogCaptureFixture
+    clock: trio.testing.MockClock, make_config: Any, logs: Logs
 ) -> None:
-    caplog.set_level(logging.INFO)
     async with open_dev_hub(tokens={AGENT: "the-right-one"}) as hub:
         cfg = make_config(hub_url=hub.ws_url, token=TOKEN, auth_backoff_s=300.0)
         async with running_link(cfg):
@@ -44,16 +43,15 @@ async def test_wrong_token_is_logged_clearly_and_retried_slowly(
         times = identify_times(hub)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(gap >= 300 for gap in gaps), gaps
-    refusals = [r for r in caplog.records if r.getMessage() == "auth_refused"]
-    assert refusals and refusals[0].fields["error"] == "invalid_token"  # type: ignore[attr-defined]
-    assert "token" in refusals[0].fields["hint"]  # type: ignore[attr-defined]
-    assert TOKEN not in caplog.text
+    refusals = logs.named("auth_refused")
+    assert refusals and refusals[0]["error"] == "invalid_token"
+    assert "token" in refusals[0]["hint"]
+    assert TOKEN not in logs.text
 
 
 async def test_reconnect_backoff_doubles_with_jitter_to_cap(
-    clock: trio.testing.MockClock, make_config: Any, caplog: pytest.LogCaptureFixture
+    clock: trio.testing.MockClock, make_config: Any, logs: Logs
 ) -> None:
-    caplog.set_level(logging.INFO)
     # A port with nothing listening: every connect fails at once.
     sock = trio.socket.socket()
     await sock.bind(("127.0.0.1", 0))
@@ -62,7 +60,7 @@ async def test_reconnect_backoff_doubles_with_jitter_to_cap(
     cfg = make_config(hub_url=f"ws://127.0.0.1:{port}/ws", backoff_initial_s=1.0, backoff_max_s=16.0)
     async with running_link(cfg):
         await trio.sleep(200)
-    delays = [r.fields["delay_s"] for r in caplog.records if r.getMessage() == "reconnect_wait"]  # type: ignore[attr-defined]
+    delays = [e["delay_s"] for e in logs.named("reconnect_wait")]
     assert len(delays) >= 8
     for i, delay in enumerate(delays[:8]):
         base = min(1.0 * 2**i, 16.0)
@@ -199,7 +197,7 @@ async def test_waiter_from_before_failed_reconnects_wakes_on_identify(
 
 
 async def test_hub_that_accepts_tcp_but_never_answers_the_upgrade_is_retried(
-    clock: trio.testing.MockClock, make_config: Any, caplog: pytest.LogCaptureFixture
+    clock: trio.testing.MockClock, make_config: Any, logs: Logs
 ) -> None:
     """Regression (found by the chaos soak: an agent went silent for 27 s until
     SIGTERM). trio-websocket 0.12's `connect_timeout` raises, but its reader
@@ -207,7 +205,6 @@ async def test_hub_that_accepts_tcp_but_never_answers_the_upgrade_is_retried(
     returns against a peer that accepted the TCP connection and then says
     nothing (a hub restarting behind its listening socket, a proxy whose
     backend is down). The link must give up on that attempt and try again."""
-    caplog.set_level(logging.INFO)
     accepted: list[trio.SocketStream] = []
     changed = trio.Event()
 
@@ -231,4 +228,4 @@ async def test_hub_that_accepts_tcp_but_never_answers_the_upgrade_is_retried(
         servers.cancel_scope.cancel()
     # Each attempt ends about connect_timeout_s (plus a margin) after it began.
     assert took < 3 * (5.0 + 2.0 + 2.0), took
-    assert sum(r.getMessage() == "connect_timeout" for r in caplog.records) >= 2
+    assert len(logs.named("connect_timeout")) >= 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from pathlib import Path
@@ -16,6 +15,7 @@ from sidecar import reports
 from sidecar.app import open_sidecar
 from sidecar.devhub import open_dev_hub
 from sidecar.devhub.schemas import validate_ws_message
+from tests.conftest import Logs
 
 TOKEN = "metrics-secret-token"
 SIDECAR = {"target_type": "sidecar"}
@@ -72,8 +72,7 @@ def _value(fams: dict[str, Any], name: str, sample: str | None = None, **labels:
     raise AssertionError(f"no sample {sample or name} {labels} in {fam.samples}")
 
 
-async def test_metrics_and_healthz_scraped(make_config: Any, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
+async def test_metrics_and_healthz_scraped(make_config: Any, logs: Logs) -> None:
     async with open_dev_hub(tokens={"agent-1": TOKEN}, max_retries=0) as hub:
         config = make_config(token=TOKEN, hub_url=hub.ws_url, metrics_listen="127.0.0.1:0", capacity=2)
         async with open_sidecar(config) as sc, httpx.AsyncClient() as http:
@@ -138,23 +137,22 @@ async def test_metrics_and_healthz_scraped(make_config: Any, caplog: pytest.LogC
     # Every event a task logged while it ran carries task_id, generation and attempt.
     started: set[str] = set()
     checked = 0
-    for rec in caplog.records:
-        fields: dict[str, Any] = getattr(rec, "fields", {})
-        tid = fields.get("task_id")
-        if rec.getMessage() == "task_started":
+    for fields in logs.entries:
+        tid, event, name = fields.get("task_id"), fields["event"], fields["logger"]
+        if event == "task_started":
             started.add(str(tid))
-        if tid in started and rec.getMessage() not in ("task_started",):
+        if tid in started and event not in ("task_started",):
             # Outbox/accept delivery runs outside the task (after it ended): task_id and
             # generation only. The supervisor's inbound handlers run before any attempt.
-            if rec.name.startswith(("sidecar.delivery", "sidecar.app", "sidecar.link", "sidecar.batcher")):
+            if name.startswith(("sidecar.delivery", "sidecar.app", "sidecar.link", "sidecar.batcher")):
                 continue
-            if rec.name == "sidecar.supervisor" and rec.getMessage() != "task_finished":
+            if name == "sidecar.supervisor" and event != "task_finished":
                 continue
-            assert isinstance(fields.get("generation"), int), (rec.getMessage(), fields)
-            assert isinstance(fields.get("attempt"), int), (rec.getMessage(), fields)
+            assert isinstance(fields.get("generation"), int), (event, fields)
+            assert isinstance(fields.get("attempt"), int), (event, fields)
             checked += 1
     assert started == {ok, bad, slow} and checked >= 3
-    assert TOKEN not in caplog.text
+    assert TOKEN not in logs.text
 
 
 async def test_healthz_503_until_identified(make_config: Any) -> None:
