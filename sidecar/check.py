@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import TextIO
@@ -30,11 +29,14 @@ import httpx
 import trio
 import trio_websocket
 
+from . import procs
 from .config import ENV_OVERRIDES, Config, ConfigError, load_config
 from .log import register_secret
 from .messages import FrameError, decode_frame, encode_frame, identify_frame
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
+# Marks the processes `sidecar check` starts (swept like a task's).
+CHECK_MARKER = "sc-check"
 _COLOUR = {OK: "\x1b[32m", FAIL: "\x1b[31;1m", WARN: "\x1b[33m", SKIP: "\x1b[2m"}
 
 
@@ -146,18 +148,16 @@ async def check_claude(cfg: Config, timeout_s: float = 15.0) -> Row:
     exe = shutil.which(cfg.claude.binary)
     if exe is None:
         return Row("claude", WARN, f"{cfg.claude.binary!r} not found on PATH (Claude tasks will fail)")
+    env = procs.child_env(os.environ, CHECK_MARKER, secrets=[cfg.token])
     try:
-        with trio.fail_after(timeout_s):
-            proc = await trio.run_process(
-                [exe, "--version"],
-                capture_stdout=True,
-                capture_stderr=True,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
-    except (OSError, trio.TooSlowError) as exc:
+        proc = await procs.capture(
+            [exe, "--version"], cwd=Path.cwd(), env=env, marker=CHECK_MARKER, timeout_s=timeout_s, grace_s=1.0
+        )
+    except OSError as exc:
         return Row("claude", WARN, f"{exe} --version: {type(exc).__name__}: {exc}"[:200])
-    first = (proc.stdout.decode("utf-8", "replace").strip().splitlines() or [""])[0]
+    if proc.timed_out:
+        return Row("claude", WARN, f"{exe} --version: no answer within {timeout_s:g} s")
+    first = (proc.stdout.strip().splitlines() or [""])[0]
     if proc.returncode != 0:
         return Row("claude", WARN, f"{exe} --version exited {proc.returncode}")
     return Row("claude", OK, f"{exe} {first}"[:200])

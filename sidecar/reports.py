@@ -7,19 +7,22 @@ omitted, as the hub's schema allows.
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
-import trio
 
+from . import procs
 from .log import get_logger
 from .messages import now_ms
 
 log = get_logger("sidecar.reports")
 
+# Marks the processes the resource report starts (nvidia-smi).
+REPORT_MARKER = "sc-report"
 FIRST_REPORT_DELAY_S = 5.0
 REPORT_INTERVAL_S = 30.0
 
@@ -34,27 +37,23 @@ async def read_vram(nvidia_smi: str | None = None) -> tuple[int, int] | None:
     exe = nvidia_smi or shutil.which("nvidia-smi")
     if exe is None:
         return None
+    argv = [exe, "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"]
+    env = procs.child_env(os.environ, REPORT_MARKER)
     try:
-        with trio.move_on_after(5):
-            proc = await trio.run_process(
-                [exe, "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
-                capture_stdout=True,
-                capture_stderr=True,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
-            if proc.returncode != 0:
-                return None
-            used = total = 0
-            for line in proc.stdout.decode("utf-8", "replace").splitlines():
-                parts = [p.strip() for p in line.split(",")]
-                if len(parts) == 2 and all(p.isdigit() for p in parts):
-                    used += int(parts[0]) * 1024 * 1024  # MiB
-                    total += int(parts[1]) * 1024 * 1024
-            return (used, total) if total else None
+        proc = await procs.capture(
+            argv, cwd=Path("/"), env=env, marker=REPORT_MARKER, timeout_s=5, grace_s=1.0
+        )
     except OSError:
         return None
-    return None
+    if proc.returncode != 0:
+        return None
+    used = total = 0
+    for line in proc.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            used += int(parts[0]) * 1024 * 1024  # MiB
+            total += int(parts[1]) * 1024 * 1024
+    return (used, total) if total else None
 
 
 async def resource_report(nvidia_smi: str | None = None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from sidecar.executors import ExecContext
 from sidecar.executors.claude import ClaudeExecutor
 from sidecar.messages import Outcome, ProgressEvent, parse_task
 from sidecar.progress import ProgressSender, open_progress
+from sidecar.taskrun import run_and_sweep
 from tests.conftest import Logs
 from tests.fakes.anthropic_api import FakeAnthropic, Scenario, serve_fake_anthropic
 from tests.fakes.proc_helpers import task_run
@@ -78,9 +79,9 @@ class Run:
             nursery.start_soon(collect)
             ctx = ExecContext(config=self.config, http=http, state_dir=self.tmp_path / "state")
             try:
-                self.outcome = await ClaudeExecutor(ctx, env=self.env)(
-                    task_run(ctx, parse_task(frame), ProgressSender(send, "t-1"))
-                )
+                run = task_run(ctx, parse_task(frame), ProgressSender(send, "t-1"))
+                # As the supervisor runs it: the end-of-task sweep is part of the run.
+                self.outcome = await run_and_sweep(ClaudeExecutor(ctx, env=self.env), run)
             finally:
                 await send.aclose()
         return self.outcome

@@ -26,6 +26,7 @@ from sidecar.executors import ExecContext
 from sidecar.executors.claude import ClaudeExecutor, cli_model, usage_tokens
 from sidecar.messages import Outcome, ProgressEvent, parse_task
 from sidecar.progress import ProgressSender, open_progress
+from sidecar.taskrun import run_and_sweep
 from tests.conftest import Logs
 from tests.fakes.proc_helpers import task_run
 
@@ -78,7 +79,8 @@ class Harness:
         async with httpx.AsyncClient() as http:
             ctx = ExecContext(config=self.config, http=http, state_dir=self.tmp_path / "state")
             ex = ClaudeExecutor(ctx, env=self.env)
-            return await ex(task_run(ctx, parse_task(frame), ProgressSender(self.send, "t-1"), marker))
+            run = task_run(ctx, parse_task(frame), ProgressSender(self.send, "t-1"), marker)
+            return await run_and_sweep(ex, run)  # as the supervisor runs it
 
 
 MakeHarness = Callable[..., Harness]

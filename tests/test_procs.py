@@ -372,3 +372,39 @@ async def test_token_is_absent_from_the_child_environment(tmp_path: Path) -> Non
         )
     assert f"{MARKER_VAR}={m}" in out.items
     assert not any("hub-token-xyz" in line for line in out.items)
+
+
+async def test_capture_keeps_both_streams_and_their_tails(tmp_path: Path) -> None:
+    m = marker()
+    env = procs.child_env(os.environ, m)
+    res = await procs.capture(
+        ["/bin/sh", "-c", "echo out; echo err >&2; head -c 5000 /dev/zero | tr '\\0' x; exit 3"],
+        cwd=tmp_path,
+        env=env,
+        marker=m,
+        timeout_s=30,
+        cap_bytes=1000,
+    )
+    assert res.returncode == 3 and not res.ok and not res.timed_out
+    assert res.stderr == "err\n"
+    assert len(res.stdout) == 1000 and res.stdout.endswith("x" * 100)
+    assert res.describe().startswith("exit code 3: ")
+
+
+async def test_capture_time_limit_kills_the_group(tmp_path: Path) -> None:
+    # A real clock: the limit is what is tested, and a MockClock would jump past
+    # it while the child still starts.
+    m = marker()
+    pidfile = tmp_path / "pid"
+    res = await procs.capture(
+        ["/bin/sh", "-c", f"trap '' TERM; sleep 1000 & echo $! > {pidfile}; wait"],
+        cwd=tmp_path,
+        env=procs.child_env(os.environ, m),
+        marker=m,
+        timeout_s=2,
+        grace_s=0.5,
+    )
+    assert res.timed_out and res.returncode is None and not res.ok
+    assert "timed out after" in res.describe()
+    assert await wait_dead(int(pidfile.read_text()))
+    assert procs.find_marked(m) == []

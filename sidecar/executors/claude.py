@@ -208,6 +208,7 @@ class ClaudeExecutor:
                 stdin=prompt.encode("utf-8", "surrogatepass"),
                 grace_s=cfg.kill_grace_s,
                 first_signal=signal.SIGINT,
+                sweep_marker=False,  # the task's end sweeps the marker (run_and_sweep)
             )
         except OSError as exc:
             tlog.warning("claude_spawn_failed", error=str(exc))

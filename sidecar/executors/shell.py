@@ -96,6 +96,7 @@ class ShellExecutor:
                     on_stderr=on_stderr,
                     grace_s=cfg.kill_grace_s,
                     batch_lines=True,
+                    sweep_marker=False,  # the task's end sweeps the marker (run_and_sweep)
                 )
             except OSError as exc:
                 out.log_bytes(f"=== could not start: {exc}\n".encode())
