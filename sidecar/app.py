@@ -25,6 +25,23 @@ from .delivery import AcceptTracker, Outbox
 from .dispatcher import Dispatcher
 from .executors import ExecContext, Executor
 from .executors.registry import build_executors
+from .frames import (
+    BadTaskAssign,
+    HubError,
+    Identified,
+    Ignored,
+    InboundFrame,
+    Pong,
+    RateLimited,
+    RateLimitWarning,
+    RestartSidecar,
+    StateReportAck,
+    TaskAck,
+    TaskAssign,
+    TaskCancelled,
+    TaskContinue,
+    TaskReassign,
+)
 from .link import HubLink
 from .log import get_logger, register_secret
 from .messages import FrameError
@@ -44,20 +61,6 @@ OPTIONAL_TYPES = frozenset({"resource_report", "ollama_report"})
 # Exit status after the hub's restart_sidecar (EX_TEMPFAIL): "start me again".
 RESTART_EXIT_CODE = 75
 
-# Chat traffic for interactive agents: ignored quietly (protocol.md).
-_IGNORED = frozenset(
-    {
-        "message",
-        "agent_joined",
-        "agent_left",
-        "status_changed",
-        "channel_message",
-        "room_message",
-        "ollama_report_ack",
-        "identified",
-        "pong",
-    }
-)
 
 
 class Sidecar:
@@ -133,69 +136,61 @@ class Sidecar:
         if frame["type"] not in self.refused_types:
             await link.send(frame)
 
-    async def on_frame(self, frame: dict[str, Any]) -> None:
-        kind = frame["type"]
+    async def on_frame(self, frame: InboundFrame) -> None:
         try:
-            await self._route(kind, frame)
-        except FrameError as exc:
-            self.bad_frames += 1
-            log.warning("bad_frame", type=kind, field=exc.path, problem=exc.problem)
+            await self._route(frame)
         except Exception:
-            # A frame this code did not foresee (a bug of ours, found by fuzzing
-            # before): one frame is lost, never the process and its tasks.
+            # A frame this code did not foresee (a bug of ours): one frame is
+            # lost, never the process and its tasks.
             self.bad_frames += 1
-            log.error("frame_handler_failed", type=kind[:64], exc_info=True)
+            log.error("frame_handler_failed", frame=type(frame).__name__, exc_info=True)
 
-    async def _route(self, kind: str, frame: dict[str, Any]) -> None:
-        if kind == "task_assign":
-            await self.supervisor.on_task_assign(frame)
-        elif kind == "task_cancelled":
-            self.supervisor.on_task_cancelled(_task_id(frame))
-        elif kind == "task_continue":
-            gen = frame.get("generation")
-            gen = gen if isinstance(gen, int) and not isinstance(gen, bool) else None
-            await self.supervisor.on_task_continue(_task_id(frame), gen)
-        elif kind == "task_reassign":
-            await self.supervisor.on_task_reassign(_task_id(frame))
-        elif kind == "state_report_ack":
-            if frame.get("action") == "abort":
-                await self.supervisor.on_task_reassign(_task_id(frame))
-            else:
-                await self.supervisor.on_task_continue(_task_id(frame), None)
-        elif kind == "task_ack":
-            self.accepts.on_frame(frame)
-            self.outbox.on_frame(frame)
-        elif kind == "error":
-            mtype = frame.get("message_type")
-            if (
-                frame.get("error") == "validation_failed"
-                and isinstance(mtype, str)
-                and mtype in OPTIONAL_TYPES
-            ):
-                self.refused_types.add(mtype)
-            log.warning(
-                "hub_error",
-                error=str(frame.get("error"))[:300],
-                message_type=frame.get("message_type"),
-                errors=str(frame.get("errors"))[:500] if frame.get("errors") is not None else None,
-            )
-            self.outbox.on_frame(frame)
-        elif kind == "rate_limited":
-            retry = frame.get("retry_after_ms")
-            self.batcher.on_rate_limited(float(retry) / 1000 if isinstance(retry, (int, float)) else 1.0)
-            self.accepts.on_frame(frame)
-            self.outbox.on_frame(frame)
-        elif kind == "rate_limit_warning":
-            log.info("rate_limit_warning", tier=frame.get("tier"), remaining=frame.get("remaining"))
-            self.batcher.on_rate_limit_warning()
-        elif kind == "restart_sidecar":
-            # Stop gracefully and exit with RESTART_EXIT_CODE: the service manager
-            # (deploy/sidecar.service, Restart=always) starts us again.
-            log.warning("restart_requested", reason=str(frame.get("reason"))[:200], action="graceful restart")
-            self.exit_code = RESTART_EXIT_CODE
-            self.stop_requested.set()
-        elif kind not in _IGNORED:
-            log.debug("frame_ignored", type=kind[:64])
+    async def _route(self, frame: InboundFrame) -> None:
+        sup = self.supervisor
+        match frame:
+            case TaskAssign(task=task):
+                await sup.on_task_assign(task)
+            case BadTaskAssign():
+                self.bad_frames += 1
+                await sup.on_bad_task_assign(frame)
+            case TaskCancelled(task_id=tid):
+                sup.on_task_cancelled(tid)
+            case TaskContinue(task_id=tid, generation=gen):
+                await sup.on_task_continue(tid, gen)
+            case TaskReassign(task_id=tid) | StateReportAck(task_id=tid, action="abort"):
+                await sup.on_task_reassign(tid)
+            case StateReportAck(task_id=tid):
+                await sup.on_task_continue(tid, None)
+            case TaskAck():
+                self.accepts.on_frame(frame)
+                self.outbox.on_frame(frame)
+            case HubError(error=error, message_type=mtype, errors=errors):
+                if error == "validation_failed" and mtype in OPTIONAL_TYPES:
+                    self.refused_types.add(mtype)
+                log.warning(
+                    "hub_error",
+                    error=error[:300],
+                    message_type=mtype,
+                    errors=str(errors)[:500] if errors is not None else None,
+                )
+                self.outbox.on_frame(frame)
+            case RateLimited(retry_after_ms=retry):
+                self.batcher.on_rate_limited(retry / 1000 if retry is not None else 1.0)
+                self.accepts.on_frame(frame)
+                self.outbox.on_frame(frame)
+            case RateLimitWarning(tier=tier, remaining=remaining):
+                log.info("rate_limit_warning", tier=tier, remaining=remaining)
+                self.batcher.on_rate_limit_warning()
+            case RestartSidecar(reason=reason):
+                # Stop gracefully and exit with RESTART_EXIT_CODE: the service manager
+                # (deploy/sidecar.service, Restart=always) starts us again.
+                log.warning("restart_requested", reason=(reason or "")[:200], action="graceful restart")
+                self.exit_code = RESTART_EXIT_CODE
+                self.stop_requested.set()
+            case Ignored(type=kind):
+                log.debug("frame_ignored", type=kind)
+            case Identified() | Pong():
+                pass
 
     def on_disconnected(self) -> None:
         self.accepts.on_disconnected()
@@ -203,7 +198,14 @@ class Sidecar:
 
     def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
         self.bad_frames += 1
-        log.warning("bad_frame", problem=str(error), size=len(raw))
+        log.warning(
+            "bad_frame",
+            type=(error.frame_type or "")[:64] or None,
+            field=error.path,
+            problem=error.problem[:300],
+            task_id=error.task_id,
+            size=len(raw),
+        )
 
     # -- main ----------------------------------------------------------------
 
@@ -237,13 +239,6 @@ class Sidecar:
         )
         self.link.close()
         self.stopped.set()
-
-
-def _task_id(frame: dict[str, Any]) -> str:
-    tid = frame.get("task_id")
-    if not isinstance(tid, str) or not tid:
-        raise FrameError("task_id", "missing or not a string")
-    return tid
 
 
 @asynccontextmanager

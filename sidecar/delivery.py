@@ -12,10 +12,10 @@ the hub answers `task_ack` `accepted`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
+from .frames import HubError, RateLimited, TaskAck
 from .link import HubLink
 from .log import get_logger
 from .store import OutboxItem, Store
@@ -102,37 +102,31 @@ class Outbox:
             self._inflight = None
             self._empty.set()  # wakes wait_empty to re-check
 
-    def on_frame(self, frame: dict[str, Any]) -> None:
+    def on_frame(self, frame: TaskAck | HubError | RateLimited) -> None:
         item = self._inflight
         if item is None:
             return
-        kind = frame.get("type")
-        if (
-            kind == "task_ack"
-            and frame.get("task_id") == item.task_id
-            and isinstance(frame.get("status"), str)
-            and frame["status"] in _RESULT_ACKS
-        ):
-            log.info("result_acked", task_id=item.task_id, generation=item.generation, status=frame["status"])
-            self.delivered += 1
-            self._answered.set()
-        elif kind == "error":
-            err = str(frame.get("error", ""))
-            mtype = frame.get("message_type")
-            if err.startswith(_REFUSALS) or (err == "validation_failed" and mtype == item.frame.get("type")):
+        match frame:
+            case TaskAck(task_id=tid, status=status) if tid == item.task_id and status in _RESULT_ACKS:
+                log.info("result_acked", task_id=item.task_id, generation=item.generation, status=status)
+                self.delivered += 1
+                self._answered.set()
+            case HubError(error=err, message_type=mtype, errors=errors) if err.startswith(_REFUSALS) or (
+                err == "validation_failed" and mtype == item.frame.get("type")
+            ):
                 log.warning(
                     "result_refused",
                     task_id=item.task_id,
                     generation=item.generation,
                     error=err[:300],
-                    errors=frame.get("errors"),
+                    errors=errors,
                     action="retired",
                 )
                 self.refused += 1
                 self._answered.set()
-        elif kind == "rate_limited":
-            # The hub may have dropped our result: send it again after the pause.
-            self._resend.set()
+            case RateLimited():
+                # The hub may have dropped our result: send it again after the pause.
+                self._resend.set()
 
     def on_disconnected(self) -> None:
         self._resend.set()
@@ -156,12 +150,12 @@ class AcceptTracker:
     def forget(self, task_id: str) -> None:
         self._pending.pop(task_id, None)
 
-    def on_frame(self, frame: dict[str, Any]) -> None:
-        kind = frame.get("type")
-        if kind == "task_ack" and frame.get("status") == "accepted":
-            self._pending.pop(str(frame.get("task_id")), None)
-        elif kind == "rate_limited" and self._pending:
-            self._wake.set()
+    def on_frame(self, frame: TaskAck | RateLimited) -> None:
+        match frame:
+            case TaskAck(task_id=tid, status="accepted"):
+                self._pending.pop(tid, None)
+            case RateLimited() if self._pending:
+                self._wake.set()
 
     def on_disconnected(self) -> None:
         # After a reconnect the hub has reclaimed our tasks: the recovery

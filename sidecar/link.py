@@ -19,8 +19,9 @@ import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
 from .config import Config
+from .frames import HubError, Identified, InboundFrame, Pong, RateLimited, read_frame
 from .log import get_logger
-from .messages import FrameError, decode_frame, encode_frame, identify_frame
+from .messages import FrameError, encode_frame, identify_frame
 
 log = get_logger("sidecar.link")
 
@@ -52,14 +53,17 @@ class LinkHandler(Protocol):
     async def on_identified(self, link: HubLink) -> None:
         """Runs (in the session nursery) after every successful identify."""
 
-    async def on_frame(self, frame: dict[str, Any]) -> None:
+    async def on_frame(self, frame: InboundFrame) -> None:
         """Every inbound frame that is not link business (pong, identified, ...)."""
 
     def on_disconnected(self) -> None:
         """The session ended; owners of unacked frames should plan to resend."""
 
     def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
-        """An inbound frame that is not a JSON object with a type."""
+        """An inbound frame that cannot be used: not JSON, no type, or a bad field."""
+
+    def busy(self) -> bool:
+        """True while tasks are held (the half-open remedy reconnects only when idle)."""
 
 
 class HubLink:
@@ -264,32 +268,32 @@ class HubLink:
         await ws.send_message(encode_frame(frame))
         with trio.fail_after(cfg.connect_timeout_s):
             while True:
-                reply = await self._next_frame(ws)
-                kind = reply["type"]
-                if kind == "identified":
-                    self.identified = True
-                    self.last_pong_at = trio.current_time()
-                    self._identified_event.set()
-                    self._wake()
-                    log.info("identified", agent_id=cfg.agent_id)
-                    return None
-                if kind == "error" and reply.get("error") in ("invalid_token", "token_agent_mismatch"):
-                    raise AuthRefused(str(reply.get("error")))
-                if kind == "rate_limited":
-                    retry = _retry_after_s(reply)
-                    log.warning("identify_rate_limited", retry_in_s=retry)
-                    return retry
-                if kind == "error":
-                    log.warning("identify_error", error=str(reply.get("error"))[:200])
-                    return None
-                # Anything else before `identified` (chat traffic) is ignored.
+                match await self._next_frame(ws):
+                    case Identified():
+                        self.identified = True
+                        self.last_pong_at = trio.current_time()
+                        self._identified_event.set()
+                        self._wake()
+                        log.info("identified", agent_id=cfg.agent_id)
+                        return None
+                    case HubError(error=("invalid_token" | "token_agent_mismatch") as error):
+                        raise AuthRefused(error)
+                    case RateLimited() as limited:
+                        retry = _retry_after_s(limited)
+                        log.warning("identify_rate_limited", retry_in_s=retry)
+                        return retry
+                    case HubError(error=error):
+                        log.warning("identify_error", error=error[:200])
+                        return None
+                    case _:
+                        pass  # anything else before `identified` (chat traffic) is ignored
 
-    async def _next_frame(self, ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
-        """The next inbound JSON object with a type; anything else goes to on_bad_frame."""
+    async def _next_frame(self, ws: trio_websocket.WebSocketConnection) -> InboundFrame:
+        """The next usable inbound frame, typed; anything else goes to on_bad_frame."""
         while True:
             raw = await ws.get_message()
             try:
-                return decode_frame(raw)
+                return read_frame(raw)
             except FrameError as exc:
                 self.handler.on_bad_frame(exc, raw)
 
@@ -304,18 +308,18 @@ class HubLink:
                 log.warning("hub_cooldown", retry_in_s=cooldown)
         scope.cancel()
 
-    async def _dispatch(self, frame: dict[str, Any]) -> None:
-        kind = frame["type"]
-        if kind == "pong":
-            self.last_pong_at = trio.current_time()
-            self._pong.set()
-            return
-        if kind == "rate_limited":
-            retry = _retry_after_s(frame)
-            self.rate_limited_hits += 1
-            self.paused_until = max(self.paused_until, trio.current_time() + retry)
-            log.warning("rate_limited", tier=str(frame.get("tier")), retry_after_s=retry)
-            self._wake()
+    async def _dispatch(self, frame: InboundFrame) -> None:
+        match frame:
+            case Pong():
+                self.last_pong_at = trio.current_time()
+                self._pong.set()
+                return
+            case RateLimited(tier=tier):
+                retry = _retry_after_s(frame)
+                self.rate_limited_hits += 1
+                self.paused_until = max(self.paused_until, trio.current_time() + retry)
+                log.warning("rate_limited", tier=tier, retry_after_s=retry)
+                self._wake()
         await self.handler.on_frame(frame)
 
     async def _heartbeat(self, scope: trio.CancelScope) -> None:
@@ -343,8 +347,7 @@ class HubLink:
         while idle, so no running task is reclaimed by it.
         """
         await trio.sleep_until(dropped_at + 65)
-        busy = getattr(self.handler, "busy", None)
-        if callable(busy) and busy():
+        if self.handler.busy():
             log.info("half_open_remedy_skipped", reason="tasks running")
             return
         log.info("half_open_remedy", detail="clean reconnect after an unclean drop")
@@ -362,14 +365,9 @@ class HubLink:
         self._state_changed = trio.Event()
 
 
-def _retry_after_s(frame: dict[str, Any]) -> float:
-    value = frame.get("retry_after_ms")
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
+def _retry_after_s(frame: RateLimited) -> float:
+    value = frame.retry_after_ms
+    if value is None or not math.isfinite(value) or value < 0:
         return 1.0
     # Capped well below the hub's 60 s acceptance clock: a bogus huge value
     # must not stop every lifecycle frame long enough to lose our tasks.

@@ -9,6 +9,7 @@ names match the hub's schema exactly.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -44,11 +45,15 @@ EVENT_TYPES = frozenset({"token", "stdout", "stderr", "status", "error"})
 class FrameError(ValueError):
     """A frame from the hub that cannot be used; `path` names the bad field."""
 
-    def __init__(self, path: str, problem: str, task_id: str | None = None) -> None:
+    def __init__(
+        self, path: str, problem: str, task_id: str | None = None, frame_type: str | None = None
+    ) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
         self.task_id = task_id
+        # The frame's `type`, when it could be read although the frame is bad.
+        self.frame_type = frame_type
 
 
 def now_ms() -> int:
@@ -218,12 +223,47 @@ def parse_task(frame: dict[str, Any]) -> Task:
     return attrs.evolve(task, raw=frame)
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise _NonFinite(f"{name} is not a JSON number")
+
+
+def _type_and_task(text: str) -> tuple[str | None, str | None]:
+    """`type` and `task_id` of a frame refused for its numbers, read leniently."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    kind, tid = obj.get("type"), obj.get("task_id")
+    return (kind if isinstance(kind, str) else None), (tid if isinstance(tid, str) and tid else None)
+
+
 def decode_frame(text: str | bytes) -> dict[str, Any]:
-    """Decode one inbound frame into a JSON object with a string `type`."""
+    """Decode one inbound frame into a JSON object with a string `type`.
+
+    Python's json module reads `NaN`, `Infinity` and `1e400` (as inf); none is
+    JSON a hub should send, and any of them as a delay or count is absurd, so
+    each makes the whole frame bad.
+    """
     if isinstance(text, bytes):
         raise FrameError("$", "binary frame (the protocol uses text frames)")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except _NonFinite as exc:
+        kind, tid = _type_and_task(text)
+        raise FrameError("$", f"non-finite number: {exc}", task_id=tid, frame_type=kind) from exc
     except (ValueError, RecursionError) as exc:
         raise FrameError("$", f"not JSON ({type(exc).__name__})") from exc
     if not isinstance(obj, dict):

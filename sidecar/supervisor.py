@@ -32,6 +32,7 @@ from .delivery import AcceptTracker, Outbox
 from .dispatcher import DispatchResult
 from .executors import ExecContext
 from .executors.registry import discard_task_files
+from .frames import BadTaskAssign
 from .log import bind_context, get_logger
 from .messages import (
     LIMITS,
@@ -162,12 +163,7 @@ class Supervisor:
 
     # -- inbound -------------------------------------------------------------
 
-    async def on_task_assign(self, frame: dict[str, Any]) -> None:
-        try:
-            task = parse_task(frame)
-        except FrameError as exc:
-            await self._refuse_bad_assign(frame, exc)
-            return
+    async def on_task_assign(self, task: Task) -> None:
         tid, gen = task.task_id, task.generation
         held = self.held.get(tid)
         view = None if held is None else HeldView(held.generation, held.ending())
@@ -177,7 +173,7 @@ class Supervisor:
             view, stored, gen, closing=self.closing, held_count=len(self.held), limit=limit
         )
         if held is not None and action is not AssignAction.ACCEPT:
-            await self._on_assign_held(action, held, task, frame)
+            await self._on_assign_held(action, held, task)
             return
         if action is AssignAction.IGNORE_FINISHED:
             log.info("duplicate_assign_finished", task_id=tid, generation=gen, action="ignored")
@@ -190,22 +186,19 @@ class Supervisor:
         else:
             await self._accept_new(task)
 
-    async def _refuse_bad_assign(self, frame: dict[str, Any], exc: FrameError) -> None:
-        log.warning("bad_task_assign", field=exc.path, problem=exc.problem, task_id=exc.task_id)
-        if exc.task_id is not None and exc.task_id not in self.held:
-            gen = frame.get("generation")
-            gen = gen if isinstance(gen, int) and not isinstance(gen, bool) else 0
-            error = f"invalid task_assign: field '{exc.path}' {exc.problem}"
-            await self._fail_unheld(exc.task_id, gen, error, "invalid_task")
+    async def on_bad_task_assign(self, bad: BadTaskAssign) -> None:
+        """A task_assign we cannot run as sent: fail its task at once (unless a run of it is held)."""
+        log.warning("bad_task_assign", field=bad.path, problem=bad.problem, task_id=bad.task_id)
+        if bad.task_id not in self.held:
+            error = f"invalid task_assign: field '{bad.path}' {bad.problem}"
+            await self._fail_unheld(bad.task_id, bad.generation, error, "invalid_task")
 
-    async def _on_assign_held(
-        self, action: AssignAction, held: Held, task: Task, frame: dict[str, Any]
-    ) -> None:
+    async def _on_assign_held(self, action: AssignAction, held: Held, task: Task) -> None:
         tid, gen = task.task_id, task.generation
         if action is AssignAction.AFTER_TEARDOWN:
             log.info("assign_after_teardown", task_id=tid, generation=gen, ending=held.ending())
             assert self._nursery is not None
-            self._nursery.start_soon(self._assign_when_done, held, frame)
+            self._nursery.start_soon(self._assign_when_done, held, task)
         elif action is AssignAction.REACCEPT:
             log.info("duplicate_assign", task_id=tid, generation=gen, action="re-acknowledged")
             await self.accepts.accept(tid)
@@ -254,9 +247,9 @@ class Supervisor:
         if dropped:
             log.info("stale_results_dropped", task_id=task_id, generation=generation, dropped=dropped)
 
-    async def _assign_when_done(self, held: Held, frame: dict[str, Any]) -> None:
+    async def _assign_when_done(self, held: Held, task: Task) -> None:
         await held.done.wait()
-        await self.on_task_assign(frame)
+        await self.on_task_assign(task)
 
     def on_task_cancelled(self, task_id: str) -> None:
         held = self.held.get(task_id)

@@ -15,12 +15,13 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import trio
 
 from sidecar.config import Config
+from sidecar.frames import InboundFrame, read_frame
 from sidecar.link import HubLink
 from sidecar.messages import FrameError
 
@@ -163,9 +164,12 @@ class LinkRecorder:
         self.identified += 1
         self._wake()
 
-    async def on_frame(self, frame: dict[str, Any]) -> None:
+    async def on_frame(self, frame: InboundFrame) -> None:
         self.frames.append(frame)
         self._wake()
+
+    def busy(self) -> bool:
+        return False
 
     def on_disconnected(self) -> None:
         self.disconnects += 1
@@ -185,3 +189,19 @@ async def running_link(config: Config) -> AsyncIterator[tuple[HubLink, LinkRecor
         yield link, rec
         link.close()
         nursery.cancel_scope.cancel()
+
+
+class FrameHandler(Protocol):
+    async def on_frame(self, frame: InboundFrame) -> None: ...
+    def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None: ...
+
+
+async def feed(handler: FrameHandler, frame: dict[str, Any] | str) -> None:
+    """Hand `frame` to a sidecar as the link does: typed, or to on_bad_frame if unusable."""
+    raw = frame if isinstance(frame, str) else json.dumps(frame)
+    try:
+        typed = read_frame(raw)
+    except FrameError as exc:
+        handler.on_bad_frame(exc, raw)
+        return
+    await handler.on_frame(typed)

@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.executors import ExecContext, Executor
-from sidecar.messages import FrameError, Outcome, decode_frame
+from sidecar.frames import read_frame
+from sidecar.messages import FrameError, Outcome
 from sidecar.store import Store
 from sidecar.taskrun import TaskRun
+from tests.harness import feed
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "250"))
 FRAMES_PER_EXAMPLE = 48
@@ -163,7 +165,7 @@ async def _one_batch(config: Config, batch: list[str | bytes], n: int) -> None:
                 await nursery.start(sc.run)
                 for raw in batch:
                     try:
-                        frame = decode_frame(raw)
+                        frame = read_frame(raw)
                     except FrameError as exc:
                         sc.on_bad_frame(exc, raw)
                         continue
@@ -178,7 +180,7 @@ async def _one_batch(config: Config, batch: list[str | bytes], n: int) -> None:
                     "generation": 7,
                     "routing_decision": {"target_type": "sidecar"},
                 }
-                await sc.on_frame(valid)
+                await feed(sc, valid)
                 with trio.fail_after(20):
                     while True:  # the store has no change event: poll it
                         items = await store.outbox()

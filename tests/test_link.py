@@ -18,6 +18,7 @@ import trio.testing
 
 from sidecar.app import open_sidecar
 from sidecar.devhub import DevHub, RateLimits, TierLimit, open_dev_hub
+from sidecar.frames import RateLimited
 from tests.conftest import Logs
 from tests.harness import running_link
 
@@ -108,12 +109,12 @@ async def test_rate_limited_pauses_normal_frames(clock: trio.testing.MockClock, 
             for _ in range(3):
                 assert await link.send({"type": "task_progress", "task_id": "t"})
             limited = await rec.wait(
-                lambda: next((f for f in rec.frames if f["type"] == "rate_limited"), None)
+                lambda: next((f for f in rec.frames if isinstance(f, RateLimited)), None)
             )
             assert link.paused_until > trio.current_time()
             before = trio.current_time()
             await link.wait_ready()
-            assert trio.current_time() - before >= limited["retry_after_ms"] / 1000 - 0.01
+            assert trio.current_time() - before >= (limited.retry_after_ms or 0) / 1000 - 0.01
 
 
 async def test_result_dropped_by_rate_limit_is_resent_until_acked(

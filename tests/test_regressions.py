@@ -19,11 +19,12 @@ from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.devhub import open_dev_hub
 from sidecar.executors.wake import WakeExecutor
+from sidecar.frames import RateLimited
 from sidecar.messages import parse_task
 from sidecar.procs import MARKER_VAR, task_marker
 from sidecar.store import Store
 from tests.fakes.proc_helpers import RecordingProgress, make_ctx, task_run
-from tests.harness import running_link
+from tests.harness import feed, running_link
 
 
 @asynccontextmanager
@@ -108,7 +109,7 @@ async def test_absurd_rate_limited_pause_stays_below_the_hub_acceptance_clock(ma
                 await rec.wait(lambda: rec.identified >= 1)
                 await hub.send_frame("agent-1", {"type": "rate_limited", "retry_after_ms": 1e308})
                 # The link sets its pause, then hands the frame on.
-                await rec.wait(lambda: any(f["type"] == "rate_limited" for f in rec.frames))
+                await rec.wait(lambda: any(isinstance(f, RateLimited) for f in rec.frames))
             assert link.rate_limited_hits == 1
             assert link.paused_until - trio.current_time() <= 30.0
 
@@ -121,20 +122,20 @@ async def test_unhashable_fields_in_ack_and_error_frames_are_not_a_crash(make_co
 
     config = make_config(backoff_initial_s=60.0)
     async with offline_sidecar(config) as (sc, _store):
-        await sc.on_frame(shell_assign("t-1", "echo hi"))
+        await feed(sc, shell_assign("t-1", "echo hi"))
         with trio.fail_after(20):
             while True:  # the outbox has no public "taken up" event: poll it
                 if sc.outbox._inflight is not None:
                     break
                 await trio.sleep(0.01)
-        await sc.on_frame({"type": "task_ack", "task_id": "t-1", "status": ["complete"]})
-        await sc.on_frame({"type": "error", "error": "validation_failed", "message_type": [1, 2]})
-        await sc.on_frame({"type": "error", "error": ["stale_generation"], "message_type": {}})
+        await feed(sc, {"type": "task_ack", "task_id": "t-1", "status": ["complete"]})
+        await feed(sc, {"type": "error", "error": "validation_failed", "message_type": [1, 2]})
+        await feed(sc, {"type": "error", "error": ["stale_generation"], "message_type": {}})
         assert not sc.outbox._answered.is_set()  # none of those answered the result
         assert sc.refused_types == set()
         # (No hub here, so the link never connects: the outbox cannot retire the
         # item until it is ready; the answer itself is what a valid ack gives.)
-        await sc.on_frame({"type": "task_ack", "task_id": "t-1", "status": "complete"})
+        await feed(sc, {"type": "task_ack", "task_id": "t-1", "status": "complete"})
         assert sc.outbox._answered.is_set()
 
 
@@ -164,7 +165,7 @@ async def test_wake_files_of_a_task_reassigned_after_a_crash_are_removed(
 
     async with offline_sidecar(config, db.name) as (sc, store):
         held = sc.supervisor.held["w-1"]  # recovered, waiting for the hub's answer
-        await sc.on_frame({"type": "task_reassign", "task_id": "w-1"})
+        await feed(sc, {"type": "task_reassign", "task_id": "w-1"})
         with trio.fail_after(10):
             await held.done.wait()
         assert [p.name for p in left if p.exists()] == []
@@ -194,9 +195,9 @@ async def test_results_of_older_generations_leave_the_outbox_when_the_task_comes
                         return
                     await trio.sleep(0.01)
 
-        await sc.on_frame(shell_assign("t-1", "echo run-1", generation=1))
+        await feed(sc, shell_assign("t-1", "echo run-1", generation=1))
         await wait_for_result("t-1", 1)
-        await sc.on_frame(shell_assign("t-1", "echo run-3", generation=3))
+        await feed(sc, shell_assign("t-1", "echo run-3", generation=3))
         await wait_for_result("t-1", 3)
         assert await results_of("t-1") == [3]
 
@@ -211,7 +212,7 @@ async def test_a_process_that_escaped_the_end_of_task_scan_is_killed_soon_after(
 
     config = make_config(backoff_initial_s=60.0)
     async with offline_sidecar(config) as (sc, _store):
-        await sc.on_frame(shell_assign("t-esc", "true"))
+        await feed(sc, shell_assign("t-esc", "true"))
         with trio.fail_after(20):
             await sc.supervisor.held["t-esc"].done.wait()
         env = {**os.environ, MARKER_VAR: task_marker(config.agent_id, "t-esc")}

@@ -31,6 +31,7 @@ from sidecar.config import config_from_mapping
 from sidecar.store import Store
 from sidecar.supervisor import HUB_CANCEL, SHUTDOWN, Held
 from tests.fakes.ollama_server import OllamaServer, open_ollama_server
+from tests.harness import feed
 
 from .procscan import marked_processes
 
@@ -167,7 +168,7 @@ async def _run_once(tmp: Path, kind: str, n: int, cancel_at: int | None, ollama:
 
             inst.cancel_fn = cancel
             # Count from the assign: the frame handler runs in this task.
-            await sc.on_frame(_frame(kind, tid, ollama))
+            await feed(sc, _frame(kind, tid, ollama))
             held = sup.held.get(tid)
             if held is not None:
                 with trio.fail_after(30):
@@ -245,7 +246,7 @@ async def test_assign_handler_cancelled_at_every_checkpoint_never_strands_a_task
                     inst = _HandlerCanceller(trio.lowlevel.current_task(), scope, n)
                     trio.lowlevel.add_instrument(inst)
                     try:
-                        await sc.on_frame(frame)
+                        await feed(sc, frame)
                     finally:
                         trio.lowlevel.remove_instrument(inst)
                 completed = not scope.cancelled_caught

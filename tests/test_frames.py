@@ -1,0 +1,115 @@
+"""Inbound frames: decoded once, typed strictly, bad fields named by path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sidecar.frames import (
+    BadTaskAssign,
+    HubError,
+    Identified,
+    Ignored,
+    Pong,
+    RateLimited,
+    RateLimitWarning,
+    RestartSidecar,
+    StateReportAck,
+    TaskAck,
+    TaskAssign,
+    TaskCancelled,
+    TaskContinue,
+    TaskReassign,
+    parse_inbound,
+)
+from sidecar.messages import FrameError, decode_frame
+
+
+def parse(text: str) -> object:
+    return parse_inbound(decode_frame(text))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"type":"identified","agent_id":"a1"}', Identified("a1")),
+        ('{"type":"task_ack","task_id":"t","status":"complete"}', TaskAck("t", "complete")),
+        ('{"type":"task_cancelled","task_id":"t","timestamp":5}', TaskCancelled("t")),
+        ('{"type":"task_continue","task_id":"t","generation":3}', TaskContinue("t", 3)),
+        ('{"type":"task_continue","task_id":"t"}', TaskContinue("t", None)),
+        ('{"type":"task_continue","task_id":"t","generation":null}', TaskContinue("t", None)),
+        ('{"type":"task_reassign","task_id":"t"}', TaskReassign("t")),
+        ('{"type":"state_report_ack","task_id":"t","action":"abort"}', StateReportAck("t", "abort")),
+        ('{"type":"restart_sidecar","reason":"upgrade"}', RestartSidecar("upgrade")),
+        ('{"type":"pong","timestamp":1733000000000}', Pong(1733000000000.0)),
+        ('{"type":"error","error":"not_identified"}', HubError("not_identified")),
+        (
+            '{"type":"error","error":"validation_failed","message_type":"state_report","errors":["x"]}',
+            HubError("validation_failed", "state_report", ["x"]),
+        ),
+        (
+            '{"type":"rate_limit_warning","tier":"normal","remaining":5,"capacity":60}',
+            RateLimitWarning("normal", 5, 60),
+        ),
+        ('{"type":"rate_limited","retry_after_ms":1500,"tier":"normal"}', RateLimited(1500.0, "normal")),
+        ('{"type":"room_message","text":"hi"}', Ignored("room_message")),
+        ('{"type":"something_new"}', Ignored("something_new")),
+    ],
+)
+def test_known_frames(text: str, expected: object) -> None:
+    assert parse(text) == expected
+
+
+def test_task_assign_is_a_task() -> None:
+    frame = parse('{"type":"task_assign","task_id":"t1","generation":2,"metadata":{"shell_command":"true"}}')
+    assert isinstance(frame, TaskAssign)
+    assert frame.task.task_id == "t1" and frame.task.generation == 2 and frame.task.shell_command == "true"
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ('{"type":"task_ack","task_id":"t","status":["complete"]}', "status"),
+        ('{"type":"task_ack","status":"complete"}', "task_id"),
+        ('{"type":"task_continue","task_id":"t","generation":"3"}', "generation"),
+        ('{"type":"task_continue","task_id":"t","generation":true}', "generation"),
+        ('{"type":"error","error":{"nested":1}}', "error"),
+        ('{"type":"rate_limited","retry_after_ms":"soon"}', "retry_after_ms"),
+        ('{"type":"task_cancelled","task_id":7}', "task_id"),
+    ],
+)
+def test_bad_fields_are_named(text: str, path: str) -> None:
+    with pytest.raises(FrameError) as info:
+        parse(text)
+    assert info.value.path == path
+
+
+def test_a_bad_task_assign_that_names_its_task_is_a_value_not_an_error() -> None:
+    frame = parse('{"type":"task_assign","task_id":"t9","generation":4,"metadata":[]}')
+    assert frame == BadTaskAssign("t9", 4, "metadata", "expected an object, got list")
+
+
+def test_a_task_assign_without_a_task_id_is_an_error() -> None:
+    with pytest.raises(FrameError) as info:
+        parse('{"type":"task_assign","metadata":{}}')
+    assert info.value.path == "task_id"
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity", "-Infinity", "1E999"])
+def test_non_finite_numbers_make_a_frame_bad(number: str) -> None:
+    text = '{"type":"rate_limited","retry_after_ms":' + number + ',"tier":"normal"}'
+    with pytest.raises(FrameError) as info:
+        decode_frame(text)
+    assert "non-finite" in info.value.problem and info.value.frame_type == "rate_limited"
+
+
+def test_a_non_finite_task_assign_still_names_its_task() -> None:
+    with pytest.raises(FrameError) as info:
+        decode_frame('{"type":"task_assign","task_id":"t5","metadata":{"timeout_ms":1e400}}')
+    assert info.value.task_id == "t5" and info.value.frame_type == "task_assign"
+
+
+def test_big_finite_numbers_are_fine() -> None:
+    obj: dict[str, Any] = decode_frame('{"type":"rate_limited","retry_after_ms":1e300}')
+    assert parse_inbound(obj) == RateLimited(1e300, None)
