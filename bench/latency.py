@@ -14,7 +14,12 @@ records (trio clock): `task_assign` handed to the socket → `task_accepted`
 received, and → `task_complete` received. They include the dev hub's own
 work (hypercorn, JSON, validation) on both legs, on the same 2 cores.
 
-Also printed: CPU seconds the sidecar and this process (the hub) spent per task.
+Also printed: CPU seconds the sidecar and this process (the hub) spent per task,
+and the floor measured in the same run, before and after the sidecar's tasks:
+a bare `subprocess.Popen(["true"]).wait()` and a loopback WebSocket round trip
+(trio-websocket client and echo server in this process). Each median is also
+given as a ratio to its floor: one round trip for assign -> accepted, one round
+trip plus one bare spawn for assign -> complete.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import trio
+import trio_websocket
 
 from sidecar.devhub import DevHub, open_dev_hub
 
@@ -100,6 +107,45 @@ class Sidecar:
                 await self.proc.wait()
 
 
+def bare_spawn_ms(n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.Popen(["true"], stdin=subprocess.DEVNULL).wait()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+async def ws_round_trip_ms(n: int) -> list[float]:
+    """Round trips of a small text frame through a loopback trio-websocket echo server."""
+
+    async def echo(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    out = []
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, echo, "127.0.0.1", 0, None)
+        port = server.port
+        async with trio_websocket.open_websocket("127.0.0.1", port, "/", use_ssl=False) as ws:
+            frame = json.dumps({"type": "task_accepted", "task_id": "t" * 36, "protocol_version": 1})
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await ws.send_message(frame)
+                await ws.get_message()
+                out.append((time.perf_counter() - t0) * 1000)
+        nursery.cancel_scope.cancel()
+    return out
+
+
+async def floors(n: int) -> dict[str, list[float]]:
+    return {"spawn_ms": bare_spawn_ms(n), "ws_rtt_ms": await ws_round_trip_ms(n)}
+
+
 def cpu_s(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return float(t.user + t.system)
@@ -147,6 +193,7 @@ def describe(name: str, ms: list[float]) -> str:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    before = await floors(args.floor)
     with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
         async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None) as hub:
             sc = Sidecar(Path(tmp) / "sc", hub.ws_url, log_level=args.log_level)
@@ -168,7 +215,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     await trio.Path(args.keep_log).write_bytes(await trio.Path(sc.log_path).read_bytes())
             finally:
                 await sc.cleanup()
+    after = await floors(args.floor)
     return {
+        "spawn_ms": before["spawn_ms"] + after["spawn_ms"],
+        "ws_rtt_ms": before["ws_rtt_ms"] + after["ws_rtt_ms"],
         "accept_ms": acc,
         "complete_ms": comp,
         "wall_s": wall,
@@ -186,6 +236,7 @@ def main() -> None:
     ap.add_argument("--state-dir", default=None, help="parent of the sidecar's state dir (default: $TMPDIR)")
     ap.add_argument("--profile", default=None, help="run the sidecar under cProfile, stats to this file")
     ap.add_argument("--keep-log", default=None, help="copy the sidecar's JSON log here")
+    ap.add_argument("--floor", type=int, default=300, help="floor samples, before and after (default 300)")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = ap.parse_args()
     if args.profile:
@@ -198,6 +249,14 @@ def main() -> None:
     )
     print(describe("assign -> task_accepted", r["accept_ms"]))
     print(describe("assign -> task_complete", r["complete_ms"]))
+    spawn, rtt = statistics.median(r["spawn_ms"]), statistics.median(r["ws_rtt_ms"])
+    acc, comp = statistics.median(r["accept_ms"]), statistics.median(r["complete_ms"])
+    print(describe("floor: bare spawn", r["spawn_ms"]))
+    print(describe("floor: ws round trip", r["ws_rtt_ms"]))
+    print(
+        f"ratio to floor        : accepted {acc / rtt:5.2f}x one round trip,"
+        f" complete {comp / (rtt + spawn):5.2f}x one round trip + one spawn"
+    )
     print(
         f"throughput            : {args.tasks / r['wall_s']:6.1f} tasks/s"
         f"  CPU per task: sidecar {r['sidecar_cpu_ms_per_task']:.2f} ms,"

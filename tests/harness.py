@@ -17,13 +17,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import psutil
 import trio
 
+from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.frames import InboundFrame, read_frame
 from sidecar.link import HubLink
 from sidecar.messages import FrameError
+from sidecar.store import Store
 
 TOKEN = "e2e-secret-token-42"
 AGENT = "agent-1"
@@ -205,3 +208,28 @@ async def feed(handler: FrameHandler, frame: dict[str, Any] | str) -> None:
         handler.on_bad_frame(exc, raw)
         return
     await handler.on_frame(typed)
+
+
+@asynccontextmanager
+async def offline_sidecar(config: Config, db: str = "r.db") -> AsyncIterator[tuple[Sidecar, Store]]:
+    """A real Sidecar (store, supervisor, executors) with no hub: nothing leaves its outbox."""
+    store = await Store.open(Path(config.resolved_state_dir()) / db, durable=False)
+    try:
+        async with httpx.AsyncClient() as http:
+            sc = Sidecar(config, store, http)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sc.run)
+                yield sc, store
+                sc.stopped.set()
+    finally:
+        await store.close()
+
+
+def shell_assign(task_id: str, command: str, generation: int = 1) -> dict[str, Any]:
+    return {
+        "type": "task_assign",
+        "task_id": task_id,
+        "generation": generation,
+        "metadata": {"shell_command": command},
+        "routing_decision": {"target_type": "sidecar"},
+    }

@@ -10,6 +10,7 @@ import trio.testing
 
 from sidecar.app import open_sidecar
 from sidecar.devhub import open_dev_hub
+from tests.harness import feed, offline_sidecar, shell_assign
 
 AGENT, TOKEN = "agent-1", "app-test-token-7"
 
@@ -113,3 +114,27 @@ async def test_new_assign_while_a_timed_out_run_is_torn_down_runs_it_again(
     assert [f["generation"] for f in failed if f["generation"] >= new_gen] == []
     complete = hub.frames(AGENT, type="task_complete")[-1].frame
     assert complete is not None and complete["generation"] == new_gen
+
+
+async def test_ack_and_error_frames_with_mistyped_fields_answer_nothing(make_config: Any) -> None:
+    """A `task_ack` whose `status` is a list and `error` frames whose fields have
+    the wrong types are bad frames: none answers the result in flight, nor
+    marks a type as refused; a well-formed ack afterwards still answers it."""
+
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, _store):
+        await feed(sc, shell_assign("t-1", "echo hi"))
+        with trio.fail_after(20):
+            while True:  # the outbox has no public "taken up" event: poll it
+                if sc.outbox._inflight is not None:
+                    break
+                await trio.sleep(0.01)
+        await feed(sc, {"type": "task_ack", "task_id": "t-1", "status": ["complete"]})
+        await feed(sc, {"type": "error", "error": "validation_failed", "message_type": [1, 2]})
+        await feed(sc, {"type": "error", "error": ["stale_generation"], "message_type": {}})
+        assert not sc.outbox._answered.is_set()  # none of those answered the result
+        assert sc.refused_types == set()
+        # (No hub here, so the link never connects: the outbox cannot retire the
+        # item until it is ready; the answer itself is what a valid ack gives.)
+        await feed(sc, {"type": "task_ack", "task_id": "t-1", "status": "complete"})
+        assert sc.outbox._answered.is_set()

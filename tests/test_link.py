@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from sidecar.app import open_sidecar
+from sidecar.config import Config
 from sidecar.devhub import DevHub, RateLimits, TierLimit, open_dev_hub
 from sidecar.frames import RateLimited
 from tests.conftest import Logs
@@ -230,3 +231,33 @@ async def test_hub_that_accepts_tcp_but_never_answers_the_upgrade_is_retried(
     # Each attempt ends about connect_timeout_s (plus a margin) after it began.
     assert took < 3 * (5.0 + 2.0 + 2.0), took
     assert len(logs.named("connect_timeout")) >= 2
+
+
+async def test_a_session_ended_by_our_side_reports_the_disconnect(make_config: Any) -> None:
+    """Every session that ends under the owners of unacknowledged frames is reported
+    to them, also one ended by our own side (a failed or stalled send,
+    `force_reconnect`, the half-open remedy): the outbox resends at once instead
+    of waiting out its answer time-out."""
+    async with open_dev_hub(tokens={"agent-1": "secret-token-123"}) as hub:
+        cfg: Config = make_config(hub_url=hub.ws_url, backoff_initial_s=0.01, backoff_max_s=0.05)
+        async with running_link(cfg) as (link, rec):
+            with trio.fail_after(10):
+                await rec.wait(lambda: rec.identified >= 1)
+                link.force_reconnect()
+                await rec.wait(lambda: rec.identified >= 2)
+            assert rec.disconnects == 1
+
+
+async def test_a_huge_retry_after_pauses_at_most_30_s(make_config: Any) -> None:
+    """A `rate_limited` asking for an absurd pause (1e308 ms) pauses lifecycle
+    frames for at most 30 s, well inside the hub's 60 s acceptance clock."""
+    async with open_dev_hub(tokens={"agent-1": "secret-token-123"}) as hub:
+        cfg: Config = make_config(hub_url=hub.ws_url, backoff_initial_s=0.01)
+        async with running_link(cfg) as (link, rec):
+            with trio.fail_after(10):
+                await rec.wait(lambda: rec.identified >= 1)
+                await hub.send_frame("agent-1", {"type": "rate_limited", "retry_after_ms": 1e308})
+                # The link sets its pause, then hands the frame on.
+                await rec.wait(lambda: any(isinstance(f, RateLimited) for f in rec.frames))
+            assert link.rate_limited_hits == 1
+            assert link.paused_until - trio.current_time() <= 30.0

@@ -279,3 +279,23 @@ async def test_cancel_while_waiting_removes_files_and_kills_agent(make_wake, dir
         assert await wait_dead(pid, limit_s=2)
     finally:
         kill_quietly(pid)
+
+
+async def test_result_files_of_an_earlier_run_are_not_this_runs(make_config: Any, tmp_path: Path) -> None:
+    """Result files an earlier, killed run of the task left behind are removed
+    before the agent is woken: only what the newly woken agent writes counts."""
+    results, repo = tmp_path / "results", tmp_path / "repo"
+    results.mkdir()
+    repo.mkdir()
+    (results / "task-1.started").write_text("")
+    (results / "task-1.json").write_text(json.dumps({"status": "success", "output": "stale"}))
+    agent = Path(__file__).parent / "fakes" / "proc_wake_agent.py"
+    # Like a real wake command: start the agent in the background and return.
+    cmd = f'(sleep 0.3; {sys.executable} {agent} {results} success "${{TASK_ID}}") >/dev/null 2>&1 &'
+    cfg = make_config(repo_dir=str(repo), results_dir=str(results), wake_command=cmd, kill_grace_s=0.5)
+    ex = WakeExecutor(make_ctx(cfg))
+    task = parse_task({"type": "task_assign", "task_id": "task-1", "description": "x", "generation": 2})
+    with trio.fail_after(20):
+        outcome = await ex(task_run(ex.ctx, task, RecordingProgress(task.task_id)))
+    assert outcome.ok and outcome.output == "did task-1"
+    assert list(results.iterdir()) == []

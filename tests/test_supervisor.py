@@ -1,0 +1,100 @@
+"""The supervisor with a real store, executors and progress path, and no hub: what it keeps and removes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from sidecar.procs import MARKER_VAR, task_marker
+from sidecar.store import Store
+from tests.harness import feed, offline_sidecar, shell_assign
+
+
+async def test_wake_files_of_a_task_that_never_ran_here_are_removed(
+    make_config: Any, tmp_path: Path
+) -> None:
+    """A wake task recovered from the store after a crash and then taken away by
+    the hub never reaches the wake executor here: its result files are removed
+    at its end all the same, and only that task's files."""
+    results = tmp_path / "results"
+    results.mkdir()
+    config = make_config(backoff_initial_s=60.0, results_dir=str(results), wake_command="true")
+    frame = {"type": "task_assign", "task_id": "w-1", "generation": 3, "description": "wake me"}
+    db = Path(config.resolved_state_dir()) / "r.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # What a kill -9 mid-task leaves: the task in the store, the agent's files on disk.
+    store = await Store.open(db, durable=False)
+    await store.put_task("w-1", 3, frame, task_marker(config.agent_id, "w-1"))
+    await store.mark_running("w-1")
+    await store.close()
+    left = [results / "w-1.started", results / "w-1.json"]
+    for path in left:
+        path.write_text("{}")
+    unrelated = results / "other.json"
+    unrelated.write_text("{}")
+
+    async with offline_sidecar(config, db.name) as (sc, store):
+        held = sc.supervisor.held["w-1"]  # recovered, waiting for the hub's answer
+        await feed(sc, {"type": "task_reassign", "task_id": "w-1"})
+        with trio.fail_after(10):
+            await held.done.wait()
+        assert [p.name for p in left if p.exists()] == []
+        assert unrelated.exists()  # only that task's files
+        assert await store.outbox() == []  # reassigned: no result of ours
+
+
+async def test_results_of_older_generations_leave_the_outbox_when_the_task_comes_back(
+    make_config: Any,
+) -> None:
+    """Once the hub gives a task out again as generation N, stored results of
+    generations below N are dropped: the hub would only refuse them as stale,
+    one round trip at a time, ahead of the results that matter."""
+
+    config = make_config(backoff_initial_s=60.0)  # no hub: nothing leaves the outbox
+    async with offline_sidecar(config) as (sc, store):
+
+        async def results_of(tid: str) -> list[int]:
+            return [i.generation for i in await store.outbox() if i.task_id == tid]
+
+        async def wait_for_result(tid: str, gen: int) -> None:
+            with trio.fail_after(20):
+                while True:  # the store has no change event: poll it
+                    if gen in await results_of(tid):
+                        return
+                    await trio.sleep(0.01)
+
+        await feed(sc, shell_assign("t-1", "echo run-1", generation=1))
+        await wait_for_result("t-1", 1)
+        await feed(sc, shell_assign("t-1", "echo run-3", generation=3))
+        await wait_for_result("t-1", 3)
+        assert await results_of("t-1") == [3]
+
+
+async def test_a_process_that_escaped_the_end_of_task_scan_is_killed_soon_after(
+    make_config: Any,
+) -> None:
+    """A process caught mid-exec by the end-of-task scan escapes it; a later sweep
+    of the task's marker kills it. Stand-in: a process carrying the marker that
+    appears right after the task ended."""
+
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, _store):
+        await feed(sc, shell_assign("t-esc", "true"))
+        with trio.fail_after(20):
+            await sc.supervisor.held["t-esc"].done.wait()
+        env = {**os.environ, MARKER_VAR: task_marker(config.agent_id, "t-esc")}
+        escapee = await trio.lowlevel.open_process(
+            ["sleep", "30"], env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            with trio.fail_after(5):
+                code = await escapee.wait()
+        finally:
+            if escapee.returncode is None:
+                escapee.kill()
+        assert code == -signal.SIGKILL
