@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
+from .. import procs
+from ..agentic import wants_agentic
+from ..agentic.runner import run_agentic, scratch_workdir
 from ..log import get_logger
 from ..messages import Outcome, Task
 from ..progress import ProgressSender
@@ -101,6 +105,8 @@ class OllamaExecutor:
     async def __call__(self, run: TaskRun) -> Outcome:
         task, progress = run.task, run.progress
         url, model = self.target(task)
+        if wants_agentic(task, self._ctx.config.ollama.agentic):
+            return await self._agentic(task, progress, url, model)
         body = self.request_body(task, model)
         parts: list[str] = []
         try:
@@ -121,6 +127,26 @@ class OllamaExecutor:
             model_used=model,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
+        )
+
+    async def _agentic(self, task: Task, progress: ProgressSender, url: str, model: str) -> Outcome:
+        """The tool loop (sidecar/agentic), in repo_dir or a scratch dir under the state dir."""
+        cfg = self._ctx.config
+        if cfg.repo_dir:
+            workdir = Path(cfg.repo_dir)
+        else:
+            workdir = await trio.to_thread.run_sync(scratch_workdir, self._ctx.state_dir, task.task_id)
+        return await run_agentic(
+            cfg,
+            self._http,
+            task,
+            progress,
+            url=url,
+            model=model,
+            workdir=workdir,
+            marker=procs.marker_for(cfg.agent_id, task.task_id),
+            deadline=trio.current_effective_deadline(),
+            http_timeout=self._timeout,
         )
 
     async def _stream(
