@@ -175,7 +175,8 @@ async def test_tool_call_tags_with_closing_tag_inside_content(agent: Agent, work
     block = json.dumps(
         {"name": "write_file", "parameters": json.dumps({"path": "d.txt", "content": content})}
     )
-    text = f"<tool_call>{block}</tool_call>\n<tool_call>{json.dumps({'name': 'read_file', 'parameters': {'path': 'd.txt'}})}</tool_call>"
+    read = json.dumps({"name": "read_file", "parameters": {"path": "d.txt"}})
+    text = f"<tool_call>{block}</tool_call>\n<tool_call>{read}</tool_call>"
     async with open_tool_server([Step(text), Step("ok")]) as srv:
         out = await agent(make_task(srv))
     assert out.ok
@@ -300,7 +301,7 @@ async def test_tokens_are_summed_over_turns_and_priced_once_by_the_dispatcher(
     cost = CostModel(make_config())
     dispatcher = Dispatcher({"ollama": agent.executor}, cost)
     async with open_tool_server(steps) as srv:
-        send, recv = open_progress(1024)
+        send, _recv = open_progress(1024)
         res = await dispatcher.run(make_task(srv), ProgressSender(send, "t-1"))
     assert res.ok and res.result is not None
     r = res.result
@@ -367,3 +368,51 @@ async def test_bwrap_required_but_missing_fails_clearly(
         out = await agent(make_task(srv))
     assert not out.ok and out.reason == "agentic_sandbox_unavailable" and "bwrap" in (out.error or "")
     assert srv.chat_requests == []
+
+
+# -- cancellation ---------------------------------------------------------------------
+
+
+async def test_cancel_mid_turn_closes_the_http_stream(agent: Agent) -> None:
+    async with open_tool_server([Step("one two three four", stall_after=2)]) as srv:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent, make_task(srv))
+                while len(agent.of("token")) < 2:
+                    await agent.seen.wait()
+                nursery.cancel_scope.cancel()
+            await srv.chat_requests[0].client_gone.wait()
+    assert [e.text for e in agent.of("token")] == ["one", " two"]
+
+
+async def test_cancel_mid_run_command_through_the_loop_leaves_no_survivors(
+    agent: Agent, workspace: Path
+) -> None:
+    import os
+
+    import psutil
+
+    from sidecar import procs
+
+    os.mkfifo(workspace / "started")
+    script = "sleep 600 & setsid sleep 600 & echo $$ $! > started; wait"
+    steps = [Step(calls=[call("run_command", command=f"sh -c '{script}'", timeout_s=600)]), Step("never")]
+    pids: list[int] = []
+
+    def read_pids() -> None:
+        with open(workspace / "started") as f:
+            pids.extend(int(p) for p in f.read().split())
+
+    marker = procs.marker_for(agent.config.agent_id, "t-1")
+    async with open_tool_server(steps) as srv:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent, make_task(srv))
+                await trio.to_thread.run_sync(read_pids)
+                marked = procs.find_marked(marker)
+                assert set(pids) <= set(marked) and len(marked) >= 3
+                nursery.cancel_scope.cancel()
+    assert procs.find_marked(marker) == []
+    for pid in marked:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert len(srv.chat_requests) == 1  # no turn after the cancel
