@@ -16,7 +16,7 @@ import trio
 from sidecar import procs
 from sidecar.agentic.files import MAX_ENTRIES, MAX_FILE_BYTES
 from sidecar.agentic.parse import ArgumentError, ToolCall, coerce_arguments, parse_calls
-from sidecar.agentic.sandbox import Workspace, bwrap_argv, command_env
+from sidecar.agentic.sandbox import Workspace, bwrap_argv, command_env, find_bwrap
 from sidecar.agentic.tools import SCHEMAS_BY_NAME, ToolContext, ToolResult, run_tool
 
 TOKEN = "hub-token-0123456789"
@@ -332,6 +332,10 @@ async def test_cancel_mid_run_command_leaves_no_survivors(ws: Path) -> None:
         assert not _alive(pid), pid
 
 
+def _exists(path: str | Path) -> bool:
+    return os.path.exists(path)
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -349,3 +353,106 @@ def test_bwrap_argv_binds_only_the_workspace_writable(tmp_path: Path) -> None:
         and ("--chdir", str(tmp_path)) in pairs
     )
     assert "--unshare-all" in argv and "--die-with-parent" in argv
+
+
+# -- bubblewrap (where the host has it) ----------------------------------------------
+
+needs_bwrap = pytest.mark.skipif(find_bwrap() is None, reason="no bwrap binary on this host")
+
+
+@needs_bwrap
+async def test_bwrap_jail_contains_writes_tmp_network_and_the_state_dir(
+    tmp_path: Path, outside: Path
+) -> None:
+    state = tmp_path / "state"
+    ws = state / "agentic" / "t-1"  # the scratch workspace lives inside the hidden state dir
+    ws.mkdir(parents=True)
+    (state / "sidecar.db").write_text("private")
+    ctx = ctx_for(ws, bwrap=find_bwrap(), hidden=(state,))
+
+    async def sh(script: str) -> dict[str, Any]:
+        r = await tool(ctx, "run_command", command=f"sh -c '{script}'")
+        assert r.success, r
+        out: dict[str, Any] = r.output
+        return out
+
+    assert (await sh("pwd; echo made > inside.txt"))["exit_code"] == 0
+    assert (ws / "inside.txt").read_text() == "made\n"
+    denied = await sh(f"echo pwned > {outside}/secret.txt")  # /tmp is the jail's own
+    assert denied["exit_code"] != 0
+    assert (outside / "secret.txt").read_text() == "top secret\n"
+    probe = Path(__file__).with_name("jail-probe.txt")  # outside /tmp: the read-only root
+    denied = await sh(f"echo pwned > {probe}")
+    assert denied["exit_code"] != 0 and "Read-only file system" in denied["output"]
+    assert not _exists(probe)
+    await sh("echo x > /tmp/jailed-tmp-file")
+    assert not _exists("/tmp/jailed-tmp-file")
+    hidden = await sh(f"cat {state}/sidecar.db")
+    assert hidden["exit_code"] != 0 and "private" not in hidden["output"]
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    net = await sh(f'python3 -c "import socket; socket.create_connection((\\"127.0.0.1\\", {port}), 2)"')
+    listener.close()
+    assert net["exit_code"] != 0 and "ConnectionRefused" in net["output"]
+
+
+@needs_bwrap
+async def test_bwrap_cancel_leaves_no_survivors(ws: Path) -> None:
+    fifo = ws / "started"
+    os.mkfifo(fifo)
+    ctx = ctx_for(ws, bwrap=find_bwrap())
+    script = "sleep 600 & echo go > started; wait"
+
+    def wait_started() -> None:
+        with open(fifo) as f:
+            f.read()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_tool, ctx, ToolCall("run_command", {"command": f"sh -c '{script}'"}))
+            await trio.to_thread.run_sync(wait_started)
+            marked = procs.find_marked(ctx.marker)
+            assert len(marked) >= 3  # bwrap, its child, sh, sleep
+            nursery.cancel_scope.cancel()
+    assert procs.find_marked(ctx.marker) == []
+    # The PID namespace's init may still be in its exit (reaping the namespace,
+    # empty cmdline) for a moment after the sweep: bounded wait for it to go.
+    procs_left = [p for p in (_proc(pid) for pid in marked) if p is not None]
+    _gone, alive = await trio.to_thread.run_sync(lambda: psutil.wait_procs(procs_left, timeout=5))
+    assert not alive, [(p.pid, p.status(), p.cmdline()) for p in alive]
+
+
+def _proc(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+async def test_a_command_leaving_a_background_process_returns_and_leaves_nothing(ws: Path) -> None:
+    ctx = ctx_for(ws)
+    with trio.fail_after(5):
+        r = await tool(ctx, "run_command", command="sh -c 'sleep 600 & echo started'")
+    assert r.success and r.output["output"] == "started\n"
+    assert procs.find_marked(ctx.marker) == []
+
+
+@pytest.mark.parametrize(
+    ("ollama", "field"),
+    [
+        ({"agentic": "sometimes"}, "ollama.agentic"),
+        ({"agentic_sandbox": "docker"}, "ollama.agentic_sandbox"),
+        ({"agentic_max_iterations": {"huge": 3}}, "ollama.agentic_max_iterations.huge"),
+        ({"agentic_max_iterations": {"standard": 0}}, "ollama.agentic_max_iterations.standard"),
+        ({"agentic_env": {"SIDECAR_TOKEN": "x"}}, "ollama.agentic_env"),
+        ({"agentic_command_timeout_s": 0}, "ollama.agentic_command_timeout_s"),
+    ],
+)
+def test_agentic_config_errors_name_the_field(make_config: Any, ollama: dict[str, Any], field: str) -> None:
+    from sidecar.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make_config(ollama=ollama)
+    assert info.value.field == field

@@ -101,6 +101,7 @@ async def run_agentic(
         command_timeout_s=cfg.agentic_command_timeout_s,
         grace_s=config.kill_grace_s,
         bwrap=bwrap,
+        hidden=(config.resolved_state_dir(),),
     )
 
     async def chat(messages: list[dict[str, Any]], on_token: TokenCallback) -> Reply:

@@ -98,17 +98,32 @@ def find_bwrap() -> str | None:
     return shutil.which("bwrap")
 
 
-def bwrap_argv(bwrap: str, workdir: Path, argv: list[str]) -> list[str]:
+def bwrap_argv(bwrap: str, workdir: Path, argv: list[str], hide: Iterable[Path] = ()) -> list[str]:
     """`argv` inside bubblewrap: read-only /, writable `workdir`, fresh /tmp, /dev
-    and /proc, no network, own PID namespace, dies with the sidecar."""
+    and /proc, no network, own PID namespace, dies with the sidecar.
+
+    Each `hide` path (the state dir) is covered: a directory by an empty tmpfs,
+    a file by /dev/null. One that holds the workspace is covered before the
+    workspace is bound, so the workspace stays visible inside it.
+    """
     wd = str(workdir)
+    before: list[str] = []
+    after: list[str] = []
+    for path in hide:
+        if not path.exists():
+            continue
+        cover = ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)]
+        holds_workdir = _inside(Path(os.path.realpath(workdir)), Path(os.path.realpath(path)))
+        (before if holds_workdir else after).extend(cover)
     return [
         bwrap,
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
         "--tmpfs", "/tmp",
+        *before,
         "--bind", wd, wd,
+        *after,
         "--chdir", wd,
         "--unshare-all",
         "--die-with-parent",

@@ -12,6 +12,7 @@ import json
 import re
 import shlex
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -24,6 +25,9 @@ from .parse import ArgumentError, ToolCall, coerce_arguments
 from .sandbox import ToolError, Workspace, bwrap_argv
 
 COMMAND_OUTPUT_CAP = 32 * 1024  # bytes of a command's output the model gets back (head + tail)
+# How long a command's pipes are read after it exited or was killed: a background
+# process still holding them (`sleep 99 &`) must not hold up the turn or a cancel.
+COMMAND_DRAIN_S = 0.25
 
 
 def _fn(name: str, description: str, props: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -109,6 +113,7 @@ class ToolContext:
     command_timeout_s: float = 30.0
     grace_s: float = 5.0
     bwrap: str | None = None  # path of the bwrap binary when commands run jailed
+    hidden: tuple[Path, ...] = ()  # paths bwrap covers (the state dir)
 
 
 @attrs.frozen
@@ -216,7 +221,7 @@ async def _run_command(ctx: ToolContext, args: dict[str, Any]) -> Any:
     limit = min(float(wanted) if wanted and wanted > 0 else ctx.command_timeout_s, left)
     root = ctx.workspace.root
     if ctx.bwrap is not None:
-        argv = bwrap_argv(ctx.bwrap, root, argv)
+        argv = bwrap_argv(ctx.bwrap, root, argv, ctx.hidden)
     out = OutputCapture(COMMAND_OUTPUT_CAP, None)
 
     async def collect(block: str) -> None:
@@ -232,6 +237,7 @@ async def _run_command(ctx: ToolContext, args: dict[str, Any]) -> Any:
                 on_stdout=collect,
                 on_stderr=collect,
                 grace_s=ctx.grace_s,
+                drain_grace_s=COMMAND_DRAIN_S,
                 batch_lines=True,
             )
         except FileNotFoundError:
