@@ -21,7 +21,7 @@ from ..log import get_logger
 from ..progress import ProgressSender
 from .chat import ModelError, Reply
 from .parse import ToolCall, parse_calls, strip_think
-from .tools import TOOL_SCHEMAS, WRITE_TOOLS, ToolContext, args_summary, run_tool
+from .tools import WRITE_TOOLS, ToolContext, args_summary, run_tool
 
 log = get_logger(__name__)
 
@@ -221,7 +221,3 @@ def _output(st: _State) -> str:
     if st.last_text:
         lines.append(st.last_text)
     return "\n".join(lines)
-
-
-def tool_schemas() -> list[dict[str, Any]]:
-    return TOOL_SCHEMAS
