@@ -416,3 +416,26 @@ async def test_cancel_mid_run_command_through_the_loop_leaves_no_survivors(
     for pid in marked:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert len(srv.chat_requests) == 1  # no turn after the cancel
+
+
+async def test_config_always_runs_the_loop_for_a_plain_task(
+    make_config: MakeConfig, http: httpx.AsyncClient, tmp_path: Path, workspace: Path
+) -> None:
+    agent = Agent(
+        make_config(repo_dir=str(workspace), ollama={"agentic": "always"}), http, tmp_path / "state"
+    )
+    async with open_tool_server([Step("nothing to do")]) as srv:
+        task = parse_task({**make_task(srv).raw, "metadata": {}})
+        out = await agent(task)
+    assert out.ok and out.fields is not None and out.fields["termination_reason"] == "final_answer"
+    assert srv.chat_requests[0].json["tools"]
+
+
+async def test_missing_repo_dir_fails_clearly_before_any_turn(
+    make_config: MakeConfig, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    agent = Agent(make_config(repo_dir=str(tmp_path / "gone")), http, tmp_path / "state")
+    async with open_tool_server([Step("never asked")]) as srv:
+        out = await agent(make_task(srv))
+    assert not out.ok and out.reason == "no_workdir" and "gone" in (out.error or "")
+    assert srv.chat_requests == []
