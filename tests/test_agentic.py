@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 
+from sidecar import procs
 from sidecar.agentic import wants_agentic
 from sidecar.config import Config
 from sidecar.cost import CostModel
@@ -52,6 +53,7 @@ class Agent:
         self.executor = OllamaExecutor(self.ctx)
         self.events: list[ProgressEvent] = []
         self.seen = trio.Event()
+        self.marker = procs.task_marker(config.agent_id, "t-1")
 
     async def __call__(self, task: Task) -> Outcome:
         send, recv = open_progress(16)
@@ -66,7 +68,8 @@ class Agent:
 
             nursery.start_soon(drain)
             async with send:
-                outcome = await self.executor(task, ProgressSender(send, task.task_id))
+                run = self.ctx.new_run(task, ProgressSender(send, task.task_id), self.marker)
+                outcome = await self.executor(run)
         assert outcome is not None
         return outcome
 
@@ -302,7 +305,9 @@ async def test_tokens_are_summed_over_turns_and_priced_once_by_the_dispatcher(
     dispatcher = Dispatcher({"ollama": agent.executor}, cost)
     async with open_tool_server(steps) as srv:
         send, _recv = open_progress(1024)
-        res = await dispatcher.run(make_task(srv), ProgressSender(send, "t-1"))
+        res = await dispatcher.run(
+            agent.ctx.new_run(make_task(srv), ProgressSender(send, "t-1"), agent.marker)
+        )
     assert res.ok and res.result is not None
     r = res.result
     assert (r["tokens_in"], r["tokens_out"]) == (450, 31)
@@ -392,8 +397,6 @@ async def test_cancel_mid_run_command_through_the_loop_leaves_no_survivors(
 
     import psutil
 
-    from sidecar import procs
-
     os.mkfifo(workspace / "started")
     script = "sleep 600 & setsid sleep 600 & echo $$ $! > started; wait"
     steps = [Step(calls=[call("run_command", command=f"sh -c '{script}'", timeout_s=600)]), Step("never")]
@@ -403,7 +406,7 @@ async def test_cancel_mid_run_command_through_the_loop_leaves_no_survivors(
         with open(workspace / "started") as f:
             pids.extend(int(p) for p in f.read().split())
 
-    marker = procs.marker_for(agent.config.agent_id, "t-1")
+    marker = agent.marker
     async with open_tool_server(steps) as srv:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:

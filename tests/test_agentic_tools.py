@@ -456,3 +456,32 @@ def test_agentic_config_errors_name_the_field(make_config: Any, ollama: dict[str
     with pytest.raises(ConfigError) as info:
         make_config(ollama=ollama)
     assert info.value.field == field
+
+
+async def test_a_state_dir_inside_the_workspace_is_off_limits(ws: Path) -> None:
+    state = ws / "state"
+    (state / "logs").mkdir(parents=True)
+    (state / "sidecar.db").write_text("needle private")
+    (ws / "code.txt").write_text("needle public\n")
+    ctx = ToolContext(
+        workspace=Workspace(ws, reserved=[state]),
+        marker="m",
+        deadline=math.inf,
+        env={},
+    )
+    for name, args in [
+        ("read_file", {"path": "state/sidecar.db"}),
+        ("write_file", {"path": "state/logs/x.log", "content": "x"}),
+        ("list_directory", {"path": "state"}),
+        ("search_files", {"pattern": "needle", "path": "state"}),
+    ]:
+        r = await tool(ctx, name, **args)
+        assert r.code == "PATH_RESERVED", (name, r)
+    assert (await tool(ctx, "search_files", pattern="needle")).output["matches"] == [
+        "code.txt:1: needle public"
+    ]
+    assert (await tool(ctx, "list_directory", depth=3)).output["entries"] == ["code.txt", "inside.txt"]
+    # A workspace inside the state dir (the scratch case) is not reserved itself.
+    inner = state / "agentic" / "t"
+    inner.mkdir(parents=True)
+    assert Workspace(inner, reserved=[state]).reserved == ()

@@ -103,6 +103,8 @@ def list_tree(ws: Workspace, path: Path, depth: int) -> dict[str, object]:
                 truncated = True
                 return
             rel = ws.relative(Path(item.path))
+            if ws.is_reserved(Path(item.path)):
+                continue
             if item.is_symlink():
                 entries.append(rel + "@")
             elif item.is_dir(follow_symlinks=False):
@@ -121,7 +123,9 @@ def _files(ws: Workspace, path: Path) -> list[Path]:
         return [path]
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in SKIP_DIRS and not ws.is_reserved(Path(dirpath) / d)
+        )
         for name in sorted(filenames):
             out.append(Path(dirpath) / name)
     return out

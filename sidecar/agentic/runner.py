@@ -94,7 +94,7 @@ async def run_agentic(
         os.environ, marker, passed=cfg.agentic_env_pass, added=cfg.agentic_env, secrets=[config.token]
     )
     tools = ToolContext(
-        workspace=Workspace(workdir),
+        workspace=Workspace(workdir, reserved=(config.resolved_state_dir(),)),
         marker=marker,
         deadline=deadline,
         env=env,

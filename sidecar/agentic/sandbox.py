@@ -36,10 +36,19 @@ class ToolError(Exception):
 
 
 class Workspace:
-    """The directory the tools work in; every path is resolved inside it."""
+    """The directory the tools work in; every path is resolved inside it.
 
-    def __init__(self, root: Path) -> None:
+    `reserved` paths inside it (the sidecar's state dir, when it lies in the
+    repository) are refused with PATH_RESERVED and left out of walks.
+    """
+
+    def __init__(self, root: Path, reserved: Iterable[Path] = ()) -> None:
         self.root = Path(os.path.realpath(root))
+        real = (Path(os.path.realpath(p)) for p in reserved)
+        self.reserved = tuple(p for p in real if p != self.root and _inside(p, self.root))
+
+    def is_reserved(self, real: Path) -> bool:
+        return any(_inside(real, p) for p in self.reserved)
 
     def relative(self, path: Path) -> str:
         """`path` as shown to the model: relative to the root, "." for the root."""
@@ -64,6 +73,8 @@ class Workspace:
         real = Path(os.path.realpath(lexical))
         if not _inside(real, self.root):
             raise ToolError("SYMLINK_OUTSIDE_WORKSPACE", f"{raw!r} leads outside the workspace by a symlink")
+        if self.is_reserved(real):
+            raise ToolError("PATH_RESERVED", f"{raw!r} is the sidecar's own state directory")
         return real
 
 

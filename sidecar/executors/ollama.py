@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
-from .. import procs
 from ..agentic import wants_agentic
 from ..agentic.runner import run_agentic, scratch_workdir
 from ..log import get_logger
@@ -106,7 +104,7 @@ class OllamaExecutor:
         task, progress = run.task, run.progress
         url, model = self.target(task)
         if wants_agentic(task, self._ctx.config.ollama.agentic):
-            return await self._agentic(task, progress, url, model)
+            return await self._agentic(run, url, model)
         body = self.request_body(task, model)
         parts: list[str] = []
         try:
@@ -129,23 +127,22 @@ class OllamaExecutor:
             tokens_out=tokens_out,
         )
 
-    async def _agentic(self, task: Task, progress: ProgressSender, url: str, model: str) -> Outcome:
-        """The tool loop (sidecar/agentic), in repo_dir or a scratch dir under the state dir."""
-        cfg = self._ctx.config
-        if cfg.repo_dir:
-            workdir = Path(cfg.repo_dir)
-        else:
-            workdir = await trio.to_thread.run_sync(scratch_workdir, self._ctx.state_dir, task.task_id)
+    async def _agentic(self, run: TaskRun, url: str, model: str) -> Outcome:
+        """The tool loop (sidecar/agentic) in the task's working directory; a task
+        whose directory is only the state dir gets a scratch dir under it instead."""
+        workdir = run.workdir
+        if workdir == self._ctx.state_dir:
+            workdir = await trio.to_thread.run_sync(scratch_workdir, self._ctx.state_dir, run.task_id)
         return await run_agentic(
-            cfg,
+            self._ctx.config,
             self._http,
-            task,
-            progress,
+            run.task,
+            run.progress,
             url=url,
             model=model,
             workdir=workdir,
-            marker=procs.marker_for(cfg.agent_id, task.task_id),
-            deadline=trio.current_effective_deadline(),
+            marker=run.marker,
+            deadline=run.deadline,
             http_timeout=self._timeout,
         )
 
