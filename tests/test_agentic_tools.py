@@ -14,9 +14,10 @@ import pytest
 import trio
 
 from sidecar import procs
-from sidecar.agentic.files import MAX_ENTRIES, MAX_FILE_BYTES
+from sidecar.agentic.files import MAX_ENTRIES
 from sidecar.agentic.parse import ArgumentError, ToolCall, coerce_arguments, parse_calls
 from sidecar.agentic.sandbox import Workspace, bwrap_argv, command_env, find_bwrap
+from sidecar.agentic.searcher import MAX_FILE_BYTES
 from sidecar.agentic.tools import SCHEMAS_BY_NAME, ToolContext, ToolResult, run_tool
 
 TOKEN = "hub-token-0123456789"
@@ -485,3 +486,15 @@ async def test_a_state_dir_inside_the_workspace_is_off_limits(ws: Path) -> None:
     inner = state / "agentic" / "t"
     inner.mkdir(parents=True)
     assert Workspace(inner, reserved=[state]).reserved == ()
+
+
+async def test_a_backtracking_search_is_killed_at_its_time_limit(
+    ws: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    (ws / "evil.txt").write_text("a" * 64 + "!\n")
+    ctx = ctx_for(ws, command_timeout_s=10.0)
+    t0 = trio.current_time()
+    r = await tool(ctx, "search_files", pattern="^(a+)+$")
+    assert r.code == "SEARCH_TIMEOUT"
+    assert 10 <= trio.current_time() - t0 < 20
+    assert procs.find_marked(ctx.marker) == []

@@ -1,4 +1,5 @@
-"""The file tools' blocking bodies (run in a worker thread), with their limits.
+"""The file tools' blocking bodies (run in a worker thread), with their limits
+(search runs in a child: `searcher.py`).
 
 Paths given here were already resolved inside the workspace. Walks never
 follow symlinks, and a symlinked file whose real path is outside is skipped,
@@ -8,42 +9,13 @@ so a search or listing cannot wander out of the workspace either.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from .sandbox import ToolError, Workspace
+from .searcher import MAX_FILE_BYTES, SKIP_DIRS, is_binary
 
-MAX_FILE_BYTES = 1024 * 1024  # read_file, search_files, write_file
 MAX_ENTRIES = 500  # list_directory
 MAX_DEPTH = 5  # list_directory
-MAX_MATCHES = 200  # search_files
-MAX_LINE_CHARS = 500  # search_files
-# Directories a search does not enter (a listing shows them, without their contents).
-SKIP_DIRS = frozenset(
-    {
-        ".git",
-        ".hg",
-        ".svn",
-        "node_modules",
-        "__pycache__",
-        ".venv",
-        "venv",
-        ".tox",
-        ".mypy_cache",
-        ".pytest_cache",
-        ".ruff_cache",
-        "dist",
-        "build",
-        "target",
-        ".next",
-        ".gradle",
-    }
-)
-_SNIFF = 8192
-
-
-def _is_binary(head: bytes) -> bool:
-    return b"\0" in head[:_SNIFF]
 
 
 def read_text(path: Path, start: int | None, end: int | None) -> str:
@@ -56,7 +28,7 @@ def read_text(path: Path, start: int | None, end: int | None) -> str:
     if size > MAX_FILE_BYTES:
         raise ToolError("FILE_TOO_LARGE", f"{size} bytes; read_file reads at most {MAX_FILE_BYTES}")
     data = path.read_bytes()
-    if _is_binary(data):
+    if is_binary(data):
         raise ToolError("BINARY_FILE", "binary file, not read")
     try:
         text = data.decode("utf-8")
@@ -116,49 +88,3 @@ def list_tree(ws: Workspace, path: Path, depth: int) -> dict[str, object]:
 
     walk(path, 1)
     return {"entries": entries, "truncated": truncated}
-
-
-def _files(ws: Workspace, path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in SKIP_DIRS and not ws.is_reserved(Path(dirpath) / d)
-        )
-        for name in sorted(filenames):
-            out.append(Path(dirpath) / name)
-    return out
-
-
-def search_tree(ws: Workspace, path: Path, regex: re.Pattern[str]) -> dict[str, object]:
-    """`path:line: text` for each matching line, skipping binaries and big files."""
-    if not path.exists():
-        raise ToolError("FILE_NOT_FOUND", "no such file or directory")
-    matches: list[str] = []
-    skipped = 0
-    for file in _files(ws, path):
-        try:
-            real = Path(os.path.realpath(file))
-            if real != ws.root and ws.root not in real.parents:
-                skipped += 1  # a symlink out of the workspace
-                continue
-            if not real.is_file() or real.stat().st_size > MAX_FILE_BYTES:
-                skipped += 1
-                continue
-            data = real.read_bytes()
-        except OSError:
-            skipped += 1
-            continue
-        if _is_binary(data):
-            skipped += 1
-            continue
-        text = data.decode("utf-8", "replace")
-        for n, line in enumerate(text.splitlines(), 1):
-            if regex.search(line):
-                if len(line) > MAX_LINE_CHARS:
-                    line = line[:MAX_LINE_CHARS] + "…"
-                matches.append(f"{ws.relative(file)}:{n}: {line}")
-                if len(matches) >= MAX_MATCHES:
-                    return {"matches": matches, "truncated": True, "files_skipped": skipped}
-    return {"matches": matches, "truncated": False, "files_skipped": skipped}

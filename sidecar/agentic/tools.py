@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import trio
 
 from .. import procs
 from ..output import OutputCapture
-from .files import list_tree, read_text, search_tree, write_text
+from . import searcher
+from .files import list_tree, read_text, write_text
 from .parse import ArgumentError, ToolCall, coerce_arguments
 from .sandbox import ToolError, Workspace, bwrap_argv
 
@@ -28,6 +30,8 @@ COMMAND_OUTPUT_CAP = 32 * 1024  # bytes of a command's output the model gets bac
 # How long a command's pipes are read after it exited or was killed: a background
 # process still holding them (`sleep 99 &`) must not hold up the turn or a cancel.
 COMMAND_DRAIN_S = 0.25
+SEARCHER = searcher.__file__  # run as a script: `python -I searcher.py`
+SEARCH_OUTPUT_CAP = 4 * 1024 * 1024
 
 
 def _fn(name: str, description: str, props: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -201,10 +205,47 @@ async def _list_directory(ctx: ToolContext, args: dict[str, Any]) -> Any:
 async def _search_files(ctx: ToolContext, args: dict[str, Any]) -> Any:
     path = ctx.workspace.resolve(args.get("path") or ".")
     try:
-        regex = re.compile(args["pattern"], re.IGNORECASE if args.get("ignore_case") else 0)
+        re.compile(args["pattern"], re.IGNORECASE if args.get("ignore_case") else 0)
     except re.error as exc:
         raise ToolError("INVALID_REGEX", f"{args['pattern']!r}: {exc}") from None
-    return await trio.to_thread.run_sync(search_tree, ctx.workspace, path, regex, abandon_on_cancel=True)
+    if not await trio.to_thread.run_sync(path.exists):
+        raise ToolError("FILE_NOT_FOUND", "no such file or directory")
+    limit = _time_limit(ctx, None)
+    request = {
+        "root": str(ctx.workspace.root),
+        "path": str(path),
+        "pattern": args["pattern"],
+        "ignore_case": bool(args.get("ignore_case")),
+        "reserved": [str(p) for p in ctx.workspace.reserved],
+    }
+    got = await procs.capture(
+        [sys.executable, "-I", SEARCHER],
+        cwd=ctx.workspace.root,
+        env=ctx.env,
+        marker=ctx.marker,
+        timeout_s=limit,
+        cap_bytes=SEARCH_OUTPUT_CAP,
+        stdin=json.dumps(request).encode(),
+        grace_s=ctx.grace_s,
+    )
+    if got.timed_out:
+        raise ToolError(
+            "SEARCH_TIMEOUT", f"the search took longer than {limit:g} s (a regex that backtracks?)"
+        )
+    try:
+        if got.returncode != 0:
+            raise ValueError(got.stderr.strip()[-500:] or procs.describe_returncode(got.returncode or 0))
+        return json.loads(got.stdout)
+    except ValueError as exc:
+        raise ToolError("SEARCH_FAILED", str(exc)) from None
+
+
+def _time_limit(ctx: ToolContext, wanted: Any) -> float:
+    """A child's time limit: `wanted` seconds, else the default, never past the task's deadline."""
+    left = ctx.deadline - trio.current_time()
+    if left <= 0:
+        raise ToolError("NO_TIME_LEFT", "the task's time limit is reached")
+    return min(float(wanted) if wanted and wanted > 0 else ctx.command_timeout_s, left)
 
 
 async def _run_command(ctx: ToolContext, args: dict[str, Any]) -> Any:
@@ -214,11 +255,7 @@ async def _run_command(ctx: ToolContext, args: dict[str, Any]) -> Any:
         raise ToolError("INVALID_COMMAND", f"cannot split the command: {exc}") from None
     if not argv:
         raise ToolError("INVALID_COMMAND", "empty command")
-    left = ctx.deadline - trio.current_time()
-    if left <= 0:
-        raise ToolError("NO_TIME_LEFT", "the task's time limit is reached")
-    wanted = args.get("timeout_s")
-    limit = min(float(wanted) if wanted and wanted > 0 else ctx.command_timeout_s, left)
+    limit = _time_limit(ctx, args.get("timeout_s"))
     root = ctx.workspace.root
     if ctx.bwrap is not None:
         argv = bwrap_argv(ctx.bwrap, root, argv, ctx.hidden)
