@@ -498,3 +498,16 @@ async def test_a_backtracking_search_is_killed_at_its_time_limit(
     assert r.code == "SEARCH_TIMEOUT"
     assert 10 <= trio.current_time() - t0 < 20
     assert procs.find_marked(ctx.marker) == []
+
+
+async def test_an_unforeseen_tool_error_goes_back_to_the_model(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sidecar.agentic.tools as tools_mod
+
+    def broken(*_: Any) -> str:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(tools_mod, "read_text", broken)
+    r = await tool(ctx_for(ws), "read_file", path="inside.txt")
+    assert (r.success, r.code, r.message) == (False, "TOOL_FAILED", "RuntimeError: disk on fire")

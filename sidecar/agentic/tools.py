@@ -20,11 +20,14 @@ import attrs
 import trio
 
 from .. import procs
+from ..log import get_logger
 from ..output import OutputCapture
 from . import searcher
 from .files import list_tree, read_text, write_text
 from .parse import ArgumentError, ToolCall, coerce_arguments
 from .sandbox import ToolError, Workspace, bwrap_argv
+
+log = get_logger(__name__)
 
 COMMAND_OUTPUT_CAP = 32 * 1024  # bytes of a command's output the model gets back (head + tail)
 # How long a command's pipes are read after it exited or was killed: a background
@@ -181,6 +184,10 @@ async def run_tool(ctx: ToolContext, call: ToolCall) -> ToolResult:
         return ToolResult(call.name, False, None, exc.code, exc.message)
     except OSError as exc:
         return ToolResult(call.name, False, None, "IO_ERROR", f"{exc.strerror or exc}")
+    except Exception as exc:
+        # A bug of ours, or input nobody foresaw: the model hears of it, the task goes on.
+        log.error("agentic_tool_crashed", tool=call.name, exc_info=True)
+        return ToolResult(call.name, False, None, "TOOL_FAILED", f"{type(exc).__name__}: {exc}")
     return ToolResult(call.name, True, output)
 
 
