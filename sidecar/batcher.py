@@ -114,6 +114,7 @@ class _Segment:
     __slots__ = (
         "chunks",
         "event_type",
+        "extra",
         "model",
         "nbytes",
         "nevents",
@@ -133,6 +134,8 @@ class _Segment:
         self.timestamp = 0
         self.tokens_so_far: int | None = None
         self.model: str | None = None
+        # An event with extra fields (tool_call) is a segment of its own, never merged.
+        self.extra: dict[str, Any] | None = None
 
     def _seal(self) -> None:
         if self.tail:
@@ -192,6 +195,10 @@ class _Segment:
 
     def text(self) -> str:
         return "".join([c[0] for c in self.chunks] + self.tail)
+
+
+def _mergeable(a: _Segment, b: _Segment) -> bool:
+    return a.event_type == b.event_type and a.extra is None and b.extra is None
 
 
 class _TaskState:
@@ -546,6 +553,9 @@ class Batcher:
                 "model": None,
                 "timestamp": now_ms(),
             }
+        if seg is not None and seg.extra:
+            for key, value in seg.extra.items():
+                event.setdefault(key, value)
         st.seq += 1
         event["seq"] = st.seq
         d_events, d_bytes = st.dropped_events, st.dropped_bytes
@@ -588,7 +598,7 @@ class Batcher:
             self.stats.bytes_dropped += size
             return
         # Put it back in front, merged with a newer segment of the same type.
-        if st.segments and st.segments[0].event_type == seg.event_type:
+        if st.segments and _mergeable(st.segments[0], seg):
             seg.absorb(st.segments[0])
             st.segments[0] = seg
             self._count_drop(st, *seg.trim(self.max_text_bytes))
@@ -624,11 +634,12 @@ class Batcher:
             st = self._new_state(ev.task_id, now)
             st.expire_at = now + self.finish_grace_s
         segs = st.segments
-        if segs and segs[-1].event_type == ev.event_type:
+        if segs and segs[-1].event_type == ev.event_type and ev.extra is None and segs[-1].extra is None:
             seg = segs[-1]
             stats.events_coalesced += 1
         else:
             seg = _Segment(ev.event_type)
+            seg.extra = ev.extra
             segs.append(seg)
             if len(segs) + (st.inflight is not None) > self.max_segments:
                 old = segs.popleft()

@@ -44,6 +44,13 @@ class OllamaConfig:
     idle_timeout_s: float = 60.0
     connect_timeout_s: float = 10.0
     load_timeout_s: float = 300.0
+    # The agentic tool loop (docs/agentic.md).
+    agentic: str = "on_request"
+    agentic_max_iterations: dict[str, int] = attrs.field(factory=dict)
+    agentic_command_timeout_s: float = 30.0
+    agentic_env: dict[str, str] = attrs.field(factory=dict)
+    agentic_env_pass: list[str] = attrs.field(factory=list)
+    agentic_sandbox: str = "none"
 
 
 @attrs.frozen
@@ -131,7 +138,33 @@ _POSITIVE = (
 )
 
 
+AGENTIC_MODES = ("on_request", "always", "never")
+AGENTIC_SANDBOXES = ("none", "bwrap", "auto")
+_TIERS = ("trivial", "standard", "complex")
+
+
+def _validate_agentic(o: OllamaConfig) -> None:
+    if o.agentic not in AGENTIC_MODES:
+        raise ConfigError("ollama.agentic", f"must be one of {', '.join(AGENTIC_MODES)}, got {o.agentic!r}")
+    if o.agentic_sandbox not in AGENTIC_SANDBOXES:
+        raise ConfigError(
+            "ollama.agentic_sandbox",
+            f"must be one of {', '.join(AGENTIC_SANDBOXES)}, got {o.agentic_sandbox!r}",
+        )
+    for tier, n in o.agentic_max_iterations.items():
+        if tier not in _TIERS:
+            raise ConfigError(f"ollama.agentic_max_iterations.{tier}", f"not a tier ({', '.join(_TIERS)})")
+        if n < 1:
+            raise ConfigError(f"ollama.agentic_max_iterations.{tier}", f"must be at least 1, got {n!r}")
+    if o.agentic_command_timeout_s <= 0:
+        raise ConfigError("ollama.agentic_command_timeout_s", "must be positive")
+    for name in [*o.agentic_env, *o.agentic_env_pass]:
+        if not name or "=" in name or "\0" in name or name.startswith("SIDECAR_"):
+            raise ConfigError("ollama.agentic_env", f"not an allowed variable name: {name!r}")
+
+
 def _validate(cfg: Config) -> None:
+    _validate_agentic(cfg.ollama)
     for key in ("agent_id", "token"):
         value = getattr(cfg, key)
         if not value:

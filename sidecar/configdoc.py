@@ -64,6 +64,17 @@ DESCRIPTIONS: dict[str, str] = {
     "ollama.load_timeout_s": "How long Ollama may take to begin its answer (a cold model load) "
     "before the task fails (transient: retried).",
     "ollama.connect_timeout_s": "Connecting to the Ollama server.",
+    "ollama.agentic": "When Ollama tasks run the agentic tool loop (docs/agentic.md): `on_request` "
+    "(`metadata.agentic` or `routing_decision.agentic` is true), `always`, or `never`.",
+    "ollama.agentic_max_iterations": "Turn limit per tier, e.g. `{standard = 15}` (defaults: trivial 5, "
+    "standard 10, complex 20); a task's `metadata.max_iterations` wins.",
+    "ollama.agentic_command_timeout_s": "`run_command`'s time limit when the model names none "
+    "(never more than what is left of the task's limit).",
+    "ollama.agentic_env": "Variables set for `run_command` (beside PATH, HOME, LANG). Never the hub "
+    "token or a `SIDECAR_*` name.",
+    "ollama.agentic_env_pass": "Names of the sidecar's own variables passed on to `run_command`.",
+    "ollama.agentic_sandbox": "`none`, `bwrap` (run commands in bubblewrap; a task fails if the host "
+    "has no `bwrap`) or `auto` (bwrap when present).",
     "claude.binary": "The Claude Code CLI (name on PATH or path).",
     "claude.extra_args": "Extra CLI arguments, appended.",
     "claude.env": "Extra environment for the CLI (e.g. `ANTHROPIC_BASE_URL`, `CLAUDE_CODE_MAX_RETRIES`).",

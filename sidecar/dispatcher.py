@@ -250,4 +250,6 @@ class Dispatcher:
             result["exit_code"] = last.exit_code
         result["attempts"] = attempts
         result["output_truncated"] = last.output_truncated
+        if last.fields:
+            result.update({k: v for k, v in last.fields.items() if k not in result})
         return DispatchResult(True, result, None, None, tokens_used, attempts, kind)

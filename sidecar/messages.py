@@ -39,7 +39,7 @@ LIMITS: dict[str, int] = {
     "ollama_url": 512,
 }
 
-EVENT_TYPES = frozenset({"token", "stdout", "stderr", "status", "error"})
+EVENT_TYPES = frozenset({"token", "stdout", "stderr", "status", "error", "tool_call"})
 
 
 class FrameError(ValueError):
@@ -87,6 +87,8 @@ class RoutingDecision:
     fallback_reason: str | None = None
     classification_reason: str | None = None
     estimated_cost_tier: str | None = None
+    # Newer hubs: run the agentic tool loop (docs/agentic.md).
+    agentic: bool | None = None
 
 
 @attrs.frozen
@@ -290,6 +292,9 @@ class ProgressEvent:
     timestamp: int = attrs.field(factory=now_ms)
     tokens_so_far: int | None = None
     model: str | None = None
+    # Fields sent beside the standard ones in `execution_event` (tool_call's
+    # tool_name, args_summary, …). An event with extras is never coalesced.
+    extra: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -299,7 +304,8 @@ class Outcome:
     `transient` marks a failure worth retrying (per the dispatcher's tier policy).
     `cost_usd` is an authoritative cost reported by the tool itself (Claude CLI).
     `result` overrides the whole result object (the wake path reports the woken
-    agent's own result file).
+    agent's own result file). `fields` are added to the dispatcher's result
+    (the agentic loop's `termination_reason`, `iterations_used`).
     """
 
     ok: bool
@@ -314,6 +320,7 @@ class Outcome:
     exit_code: int | None = None
     output_truncated: bool = False
     result: dict[str, Any] | None = None
+    fields: dict[str, Any] | None = None
 
 
 def identify_frame(

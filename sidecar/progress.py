@@ -6,6 +6,8 @@ memory channel, and one batcher task forwards them (see `batcher.py`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from .messages import ProgressEvent
@@ -27,15 +29,20 @@ class ProgressSender:
         *,
         tokens_so_far: int | None = None,
         model: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        """Queue one event; waits only while the batcher's channel is full."""
-        event = ProgressEvent(self.task_id, event_type, text, tokens_so_far=tokens_so_far, model=model)
+        """Queue one event; waits only while the batcher's channel is full.
+
+        `extra` fields travel beside the standard ones (tool_call events).
+        """
+        event = ProgressEvent(
+            self.task_id, event_type, text, tokens_so_far=tokens_so_far, model=model, extra=extra
+        )
         try:
             await self._channel.send(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The batcher is gone (shutdown): progress is best-effort, results are not.
             pass
-
 
     def emit_nowait(
         self,

@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import trio
 
+from ..agentic import wants_agentic
+from ..agentic.runner import run_agentic, scratch_workdir
 from ..log import get_logger
 from ..messages import Outcome, Task
 from ..progress import ProgressSender
@@ -101,6 +103,8 @@ class OllamaExecutor:
     async def __call__(self, run: TaskRun) -> Outcome:
         task, progress = run.task, run.progress
         url, model = self.target(task)
+        if wants_agentic(task, self._ctx.config.ollama.agentic):
+            return await self._agentic(run, url, model)
         body = self.request_body(task, model)
         parts: list[str] = []
         try:
@@ -121,6 +125,25 @@ class OllamaExecutor:
             model_used=model,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
+        )
+
+    async def _agentic(self, run: TaskRun, url: str, model: str) -> Outcome:
+        """The tool loop (sidecar/agentic) in the task's working directory; a task
+        whose directory is only the state dir gets a scratch dir under it instead."""
+        workdir = run.workdir
+        if workdir == self._ctx.state_dir:
+            workdir = await trio.to_thread.run_sync(scratch_workdir, self._ctx.state_dir, run.task_id)
+        return await run_agentic(
+            self._ctx.config,
+            self._http,
+            run.task,
+            run.progress,
+            url=url,
+            model=model,
+            workdir=workdir,
+            marker=run.marker,
+            deadline=run.deadline,
+            http_timeout=self._timeout,
         )
 
     async def _stream(
