@@ -9,9 +9,10 @@ a line with `done: true` ends a turn well. Leaving the `async with` of
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import attrs
 import httpx
@@ -93,7 +94,10 @@ async def chat_turn(
                     f"{where} answered HTTP {status}: {_error_text(raw)}",
                     status >= 500 or status in (408, 429),
                 )
-            return await _read(response, where, idle_s, on_token)
+            # Closed explicitly when the reply ends early (done line, error, idle).
+            lines_gen = cast(AsyncGenerator[str, None], response.aiter_lines())
+            async with contextlib.aclosing(lines_gen) as lines:
+                return await _read(lines, where, idle_s, on_token)
     except ModelError:
         raise
     except httpx.ConnectError as exc:
@@ -109,10 +113,9 @@ async def chat_turn(
         raise ModelError("ollama_transport", f"{where}: {exc or type(exc).__name__}", True) from exc
 
 
-async def _read(response: httpx.Response, where: str, idle_s: float, on_token: TokenCallback) -> Reply:
+async def _read(lines: AsyncIterator[str], where: str, idle_s: float, on_token: TokenCallback) -> Reply:
     reply = Reply()
     parts: list[str] = []
-    lines = response.aiter_lines().__aiter__()
     while True:
         with trio.move_on_after(idle_s) as waited:
             try:

@@ -8,9 +8,10 @@ failure says which one it was, in `error` for people and `reason` for code.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, cast
 
 import httpx
 import trio
@@ -178,7 +179,12 @@ class OllamaExecutor:
                         f"{where} answered HTTP {status}: {_error_from_body(raw)}",
                         transient,
                     )
-                return await self._relay(response, model, where, parts, progress)
+                # Closed explicitly when we stop early (error line, done line,
+                # idle time-out): an async generator left to the garbage
+                # collector would be finalized outside any trio task.
+                source = response.aiter_bytes() if _encoded(response) else response.aiter_raw()
+                async with contextlib.aclosing(cast(AsyncGenerator[bytes, None], source)) as chunks:
+                    return await self._relay(chunks, model, where, parts, progress)
         except _Failure:
             raise
         except httpx.ConnectTimeout as exc:
@@ -205,7 +211,7 @@ class OllamaExecutor:
 
     async def _relay(
         self,
-        response: httpx.Response,
+        chunks: AsyncIterator[bytes],
         model: str,
         where: str,
         parts: list[str],
@@ -224,9 +230,6 @@ class OllamaExecutor:
         tail = b""
         ended = False
         final: dict[str, Any] | None = None
-        # We ask for no compression; raw bytes then skip httpx's decoder layer.
-        encoded = response.headers.get("content-encoding", "identity") != "identity"
-        chunks = (response.aiter_bytes() if encoded else response.aiter_raw()).__aiter__()
         # Idle time-out: one scope for the whole stream whose deadline is pushed
         # on as bytes arrive, at most every `slack` seconds (a scope per read, or
         # a deadline update per read, costs more than the parsing). It fires
@@ -284,6 +287,11 @@ class OllamaExecutor:
                 True,
             )
         return _int(final.get("prompt_eval_count")), _int(final.get("eval_count"))
+
+
+def _encoded(response: httpx.Response) -> bool:
+    """We ask for no compression; raw bytes then skip httpx's decoder layer."""
+    return bool(response.headers.get("content-encoding", "identity") != "identity")
 
 
 async def _finish_body(chunks: AsyncIterator[bytes]) -> None:
