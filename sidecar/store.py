@@ -129,7 +129,7 @@ class Store:
             )
             return _drop_older(db, task_id, generation)
 
-        return await self._run(_put)
+        return await self._run(_transaction(_put))
 
     async def set_generation(self, task_id: str, generation: int) -> int:
         """The task now runs as `generation`; older unsent results go (see `put_task`)."""
@@ -138,7 +138,7 @@ class Store:
             db.execute("UPDATE tasks SET generation=? WHERE task_id=?", (generation, task_id))
             return _drop_older(db, task_id, generation)
 
-        return await self._run(_set)
+        return await self._run(_transaction(_set))
 
     async def mark_running(self, task_id: str) -> None:
         await self._run(lambda db: db.execute("UPDATE tasks SET state=? WHERE task_id=?", (RUNNING, task_id)))
@@ -147,18 +147,16 @@ class Store:
         """Mark a task done and, in the same transaction, queue its result frame."""
 
         def _finish(db: sqlite3.Connection) -> None:
-            with db:
-                db.execute("BEGIN")
+            db.execute(
+                "UPDATE tasks SET state=?, finished_at=? WHERE task_id=?", (DONE, time.time(), task_id)
+            )
+            if frame is not None:
                 db.execute(
-                    "UPDATE tasks SET state=?, finished_at=? WHERE task_id=?", (DONE, time.time(), task_id)
+                    "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES (?, ?, ?, ?)",
+                    (task_id, int(frame.get("generation", 0)), json.dumps(frame), time.time()),
                 )
-                if frame is not None:
-                    db.execute(
-                        "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES (?, ?, ?, ?)",
-                        (task_id, int(frame.get("generation", 0)), json.dumps(frame), time.time()),
-                    )
 
-        await self._run(_finish)
+        await self._run(_transaction(_finish))
 
     async def in_flight(self) -> list[StoredTask]:
         """Tasks accepted but not finished: what a restart must recover."""
@@ -201,6 +199,28 @@ class Store:
     async def drop_results(self, task_id: str) -> None:
         """Forget unsent results of a task the hub took away (reassigned)."""
         await self._run(lambda db: db.execute("DELETE FROM outbox WHERE task_id=?", (task_id,)))
+
+
+def _transaction(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`fn` as one transaction: all its statements commit together, or none does.
+
+    The connection is in autocommit mode (`isolation_level=None`), so without
+    an explicit BEGIN each statement would commit on its own.
+    """
+
+    def run(db: sqlite3.Connection) -> T:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back (after SQLITE_FULL, for one).
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return result
+
+    return run
 
 
 def _drop_older(db: sqlite3.Connection, task_id: str, generation: int) -> int:

@@ -53,3 +53,51 @@ async def test_drop_results_and_generation(tmp_path: Path) -> None:
     await store.drop_results("t")
     assert await store.outbox() == []
     await store.close()
+
+
+def _fail_outbox_deletes(db: Path) -> None:
+    """A real SQLite trigger (from a second connection) that aborts any DELETE on the outbox:
+    the second statement of put_task / set_generation then fails after the first ran."""
+    other = sqlite3.connect(db)
+    other.execute(
+        "CREATE TRIGGER fail_drop BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'injected'); END"
+    )
+    other.commit()
+    other.close()
+
+
+async def test_put_task_is_one_transaction(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = await Store.open(db)
+    await store.put_task("t", 1, {"task_id": "t", "generation": 1}, "m1")
+    await store.finish("t", failed_frame("t", 1, "old result"))
+    _fail_outbox_deletes(db)
+    # Generation 2 replaces the row and drops the generation-1 result: the drop fails.
+    try:
+        await store.put_task("t", 2, {"task_id": "t", "generation": 2}, "m2")
+    except sqlite3.IntegrityError:
+        pass
+    else:
+        raise AssertionError("the injected failure did not happen")
+    row = await store.get_task("t")
+    assert row is not None and (row.generation, row.state, row.marker) == (1, DONE, "m1")
+    assert [i.generation for i in await store.outbox()] == [1]
+    await store.close()
+
+
+async def test_set_generation_is_one_transaction(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = await Store.open(db)
+    await store.put_task("t", 1, {"task_id": "t", "generation": 1}, "m1")
+    await store.finish("t", failed_frame("t", 1, "old result"))
+    _fail_outbox_deletes(db)
+    try:
+        await store.set_generation("t", 3)
+    except sqlite3.IntegrityError:
+        pass
+    else:
+        raise AssertionError("the injected failure did not happen")
+    row = await store.get_task("t")
+    assert row is not None and row.generation == 1
+    assert [i.generation for i in await store.outbox()] == [1]
+    await store.close()
