@@ -1,0 +1,76 @@
+"""How the state database fails: errors the store raises and what they tell an operator.
+
+Kept apart from `store` so that `sidecar check` can inspect a state database
+read-only, with the same words `sidecar run` uses, without opening a store.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+# Primary result codes (the low byte of `sqlite_errorcode`). READONLY: the file
+# system was remounted read-only (ext4 does that after I/O errors).
+CANNOT_WRITE = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY}
+)
+NOT_A_DB = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
+
+
+class StoreError(Exception):
+    """The state database cannot be opened; the message says what to do."""
+
+
+class StoreCorruptError(StoreError):
+    """The state database file is not (or no longer) SQLite: a restart cannot fix it."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(corrupt_message(path, detail))
+        self.path = path
+
+
+class StoreWriteError(Exception):
+    """The disk refused a write (full, or an I/O error); nothing of that write is stored."""
+
+    def __init__(self, path: Path, cause: sqlite3.Error) -> None:
+        self.full = error_code(cause) == sqlite3.SQLITE_FULL
+        self.problem = "state disk is full" if self.full else f"state store cannot write ({cause})"
+        super().__init__(f"{self.problem}: {path}")
+
+
+def corrupt_message(path: Path, detail: str) -> str:
+    """What `sidecar run` and `sidecar check` say about an unusable state database."""
+    return (
+        f"state database {path} is not a usable SQLite database ({detail}). To start fresh, "
+        f"move it aside (with its -wal and -shm files, if any): mv {path} {path}.broken; "
+        "the tasks and unsent results it held are lost"
+    )
+
+
+def error_code(exc: sqlite3.Error) -> int:
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def inspect(path: Path) -> tuple[int, int]:
+    """(tasks in flight, unsent results) of a state database, read-only (for `sidecar check`).
+
+    Blocking. Raises `StoreCorruptError` when the file is not SQLite, `StoreError`
+    when it cannot be read.
+    """
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            held = results = 0
+            if "tasks" in names:
+                held = db.execute("SELECT count(*) FROM tasks WHERE state != 'done'").fetchone()[0]
+            if "outbox" in names:
+                results = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            return int(held), int(results)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        if error_code(exc) in NOT_A_DB:
+            raise StoreCorruptError(path, str(exc)) from exc
+        raise StoreError(f"cannot read the state database {path}: {exc}") from exc
