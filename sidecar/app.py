@@ -215,6 +215,7 @@ class Sidecar:
             nursery.start_soon(self.batcher.run, self.progress_receive, self.link)
             nursery.start_soon(self.outbox.run)
             nursery.start_soon(self.accepts.run)
+            nursery.start_soon(self.store.watch)  # recovers the store once the disk takes writes
             nursery.start_soon(self.link.run)
             if self.config.metrics_listen:
                 await nursery.start(self.metrics.serve, self.config.metrics_listen)

@@ -299,12 +299,16 @@ class Store:
 
         await self._write(_finish)
 
-    async def mark_done(self, task_id: str, generation: int) -> None:
-        """Mark a run done whose result went from memory (see `finish`); a newer run is left alone."""
+    async def mark_done(self, task_id: str, generation: int | None = None) -> None:
+        """Mark a task done without a stored result (it went from memory); owed if refused.
+
+        With `generation`, a newer run of the task (given out again meanwhile) is left alone.
+        """
+        limit = 2**63 - 1 if generation is None else generation
         await self._settle(
             lambda db: db.execute(
                 "UPDATE tasks SET state=?, finished_at=? WHERE task_id=? AND generation<=?",
-                (DONE, time.time(), task_id, generation),
+                (DONE, time.time(), task_id, limit),
             )
         )
 
