@@ -1,24 +1,33 @@
 """Faults of the state directory, against the real `sidecar` process.
 
-A state database that is not SQLite stops `sidecar run` with exit status 2 (the
-systemd unit does not restart on 2) and one line saying what to do; `sidecar
-check` reports the same.
+A full state disk: the daemon survives, the task log is cut short and says so,
+the task still gets its terminal frame, new tasks are refused with a reason
+while the store cannot write, /healthz reports it, and all of it recovers by
+itself once space returns. A state database that is not SQLite stops `sidecar
+run` with exit status 2 (the systemd unit does not restart on 2) and one line
+saying what to do; `sidecar check` reports the same.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import trio
 
 from sidecar.devhub import DevHub, open_dev_hub
+from sidecar.output import OutputCapture
 
-from .harness import AGENT, TOKEN
+from .harness import AGENT, TOKEN, SidecarProcess
+
+SHELL = {"target_type": "sidecar"}
 
 
 @pytest.fixture
@@ -86,3 +95,119 @@ async def test_check_reports_a_corrupt_state_db_and_passes_once_it_is_moved_asid
     assert proc.returncode == 0, out
     row = next(line for line in out.splitlines() if line.startswith("state db"))
     assert " ok " in row and "created on first run" in row
+
+
+# -- a full state disk -------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 3 MB file system (tmpfs), unmounted afterwards. Needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs root to mount a 3 MB tmpfs (run the suite as root)")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_task_log_is_cut_short_on_a_full_disk(small_disk: Path) -> None:
+    path = small_disk / "logs" / "t.log"
+    block = ("0123456789" * 10 + "\n").encode()
+    with OutputCapture(4096, path) as out:
+        for _ in range(40_000):  # 4 MB into 3 MB
+            out.write(block.decode())
+    assert out.log_error == "No space left on device"
+    assert out.total_bytes == 40_000 * len(block)  # the capture itself went on
+    assert out.text().endswith("0123456789\n")
+    tail = path.read_bytes()[-300:].decode()
+    assert "=== log cut short: No space left on device; the rest of the output is not logged" in tail
+
+
+def test_task_log_on_a_device_that_refuses_every_write() -> None:
+    with OutputCapture(64, Path("/dev/full")) as out:
+        out.write("x" * 300_000)  # over the buffer: a write is attempted and refused
+        out.write("after\n")
+    assert out.log_error == "No space left on device" and out.text().endswith("after\n")
+
+
+async def _wait_for(pred: Any, timeout: float = 60) -> Any:  # noqa: ASYNC109
+    """Wait for a condition in the sidecar's log file (which offers no event to wait on).
+
+    Re-checked on a short period: this only orders the test, it measures nothing.
+    """
+    with trio.fail_after(timeout):
+        while not (value := pred()):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return value
+
+
+def _failed_reasons(hub: DevHub, tid: str) -> list[Any]:
+    return [f.get("reason") for f in hub.task(tid).failures]
+
+
+async def test_full_state_disk_the_daemon_survives_refuses_and_recovers(
+    tmp_path: Path, hub: DevHub, small_disk: Path
+) -> None:
+    sc = SidecarProcess(tmp_path / "sc", hub.ws_url, state_dir=str(small_disk), metrics_listen="127.0.0.1:0")
+    try:
+        await sc.start()
+        await hub.wait_until(lambda: hub.connected(AGENT), timeout=30)
+        url = (await _wait_for(lambda: sc.events("metrics_listening")))[0]["url"]
+
+        # 27 MB of output into a 3 MB state disk: the task log fills it.
+        line = "0123456789" * 7
+        big = hub.submit(
+            metadata={"shell_command": f"yes {line} | head -c 27000000; echo END-OF-OUTPUT"},
+            routing_decision=SHELL,
+        )
+        rec = await hub.wait_until(lambda: hub.task(big) if hub.task(big).status == "completed" else None, 60)
+        assert rec.result is not None and rec.result["output"].endswith("END-OF-OUTPUT\n")
+        assert rec.result["output_truncated"] is True
+        log_file = small_disk / "logs" / f"{big}.log"
+        assert "=== log cut short: No space left on device" in log_file.read_bytes()[-400:].decode()
+        assert sc.events("task_log_cut_short")
+        # The store could not write the result: it went from memory, and the log says so.
+        (unstored,) = sc.events("result_not_stored")
+        assert unstored["task_id"] == big and "state disk is full" in unstored["error"]
+        assert sc.events("state_store_cannot_write")
+
+        # While the store cannot write, a new task is refused at once, with the reason.
+        refused = hub.submit(metadata={"shell_command": "echo hi"}, routing_decision=SHELL, max_retries=1)
+        await hub.wait_until(lambda: hub.task(refused).status == "dead_letter", 30)
+        (failure,) = hub.task(refused).failures
+        assert failure["reason"] == "state_disk_full" and "state disk is full" in failure["error"]
+        assert "task_accepted" not in [h[0] for h in hub.task(refused).history]
+
+        async with httpx.AsyncClient(timeout=10) as http:
+            resp = await http.get(f"{url}/healthz")
+            doc = resp.json()
+            assert resp.status_code == 503 and doc["status"] == "state_store_unwritable"
+            assert doc["state_writable"] is False and doc["state_error"] == "state disk is full"
+            metrics = (await http.get(f"{url}/metrics")).text
+            assert "sidecar_state_writable 0.0" in metrics
+
+            # Space returns (the operator removes the big log): the sidecar recovers by itself.
+            log_file.unlink()
+            await _wait_for(lambda: sc.events("state_store_writable_again"), 30)
+            resp = await http.get(f"{url}/healthz")
+            assert resp.status_code == 200 and resp.json()["state_writable"] is True
+
+        after = hub.submit(metadata={"shell_command": "echo back"}, routing_decision=SHELL)
+        rec = await hub.wait_until(
+            lambda: hub.task(after) if hub.task(after).status == "completed" else None, 30
+        )
+        assert rec.result is not None and rec.result["output"] == "back\n"
+        assert sc.proc is not None and sc.proc.returncode is None  # it never died
+        assert await sc.stop(signal.SIGTERM) == 0
+        assert "Traceback" not in sc.log_text()
+        assert [(v.kind, v.detail) for v in hub.violations] == []
+    finally:
+        await sc.cleanup()
