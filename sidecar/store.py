@@ -129,8 +129,44 @@ class Store:
         except sqlite3.Error as exc:
             if error_code(exc) in NOT_A_DB:
                 raise StoreCorruptError(path, str(exc)) from exc
-            raise StoreError(f"cannot open the state database {path}: {exc}") from exc
+            raise StoreError(
+                f"cannot open the state database {path}: {exc}",
+                transient=error_code(exc) in CANNOT_WRITE,
+            ) from exc
         return cls(db, path)
+
+    @classmethod
+    async def open_when_possible(cls, path: Path, *, retry_s: float = PROBE_INTERVAL_S) -> Store:
+        """`open`, tried again every `retry_s` while the disk refuses (full, I/O error).
+
+        On a full disk even a sound database may not open (SQLite must create
+        its -shm file); exiting would only have the service manager restart us
+        into the same disk until it gives up. A corrupt file raises at once.
+        """
+        waiting_since: float | None = None
+        while True:
+            try:
+                store = await cls.open(path)
+            except StoreError as exc:
+                if not exc.transient:
+                    raise
+                if waiting_since is None:
+                    waiting_since = trio.current_time()
+                    log.error(
+                        "state_store_cannot_open",
+                        path=str(path),
+                        error=str(exc),
+                        action=f"waiting for the disk, retrying every {retry_s:g} s",
+                    )
+                await trio.sleep(retry_s)
+                continue
+            if waiting_since is not None:
+                log.warning(
+                    "state_store_opened",
+                    path=str(path),
+                    after_s=round(trio.current_time() - waiting_since, 3),
+                )
+            return store
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:

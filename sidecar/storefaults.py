@@ -18,7 +18,14 @@ NOT_A_DB = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
 
 
 class StoreError(Exception):
-    """The state database cannot be opened; the message says what to do."""
+    """The state database cannot be opened; the message says what to do.
+
+    `transient`: the disk refused (full, I/O error), so a later try may work.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class StoreCorruptError(StoreError):
@@ -73,4 +80,6 @@ def inspect(path: Path) -> tuple[int, int]:
     except sqlite3.Error as exc:
         if error_code(exc) in NOT_A_DB:
             raise StoreCorruptError(path, str(exc)) from exc
-        raise StoreError(f"cannot read the state database {path}: {exc}") from exc
+        raise StoreError(
+            f"cannot read the state database {path}: {exc}", transient=error_code(exc) in CANNOT_WRITE
+        ) from exc

@@ -24,6 +24,7 @@ import trio
 
 from sidecar.devhub import DevHub, open_dev_hub
 from sidecar.output import OutputCapture
+from sidecar.store import Store
 
 from .harness import AGENT, TOKEN, SidecarProcess
 
@@ -209,5 +210,40 @@ async def test_full_state_disk_the_daemon_survives_refuses_and_recovers(
         assert await sc.stop(signal.SIGTERM) == 0
         assert "Traceback" not in sc.log_text()
         assert [(v.kind, v.detail) for v in hub.violations] == []
+    finally:
+        await sc.cleanup()
+
+
+async def test_start_on_a_full_state_disk_waits_for_space_and_still_stops_on_sigterm(
+    tmp_path: Path, hub: DevHub, small_disk: Path
+) -> None:
+    # A sound database, closed cleanly (so SQLite must create its -shm file to open
+    # it), on a disk then filled to the last block.
+    store = await Store.open(small_disk / "sidecar.db")
+    await store.close()
+    ballast = small_disk / "ballast"
+    with ballast.open("wb", buffering=0) as f:
+        try:
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+    sc = SidecarProcess(tmp_path / "sc", hub.ws_url, state_dir=str(small_disk))
+    try:
+        await sc.start()
+        await _wait_for(lambda: sc.events("state_store_cannot_open"))
+        assert not hub.connected(AGENT)
+        assert await sc.stop(signal.SIGTERM, timeout=10) == 0  # waiting does not deafen it
+
+        await sc.start()  # as the service manager would
+        await _wait_for(lambda: len(sc.events("state_store_cannot_open")) == 2)
+        assert sc.proc is not None and sc.proc.returncode is None
+        ballast.unlink()  # space returns
+        await hub.wait_until(lambda: hub.connected(AGENT), timeout=30)
+        assert sc.events("state_store_opened")
+        tid = hub.submit(metadata={"shell_command": "echo ok"}, routing_decision=SHELL)
+        await hub.wait_until(lambda: hub.task(tid).status == "completed", 30)
+        assert await sc.stop(signal.SIGTERM) == 0
+        assert "Traceback" not in sc.log_text()
     finally:
         await sc.cleanup()
