@@ -264,6 +264,8 @@ class Store:
                 ok = await self.probe()
 
     async def close(self) -> None:
+        if self._owed:
+            await self.probe()  # a last chance for what is owed (else a restart redoes it)
         await self._run(lambda db: db.close())
 
     # -- tasks -------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,7 @@ import httpx
 import pytest
 import trio
 
+from sidecar.app import open_sidecar
 from sidecar.devhub import DevHub, open_dev_hub
 from sidecar.output import OutputCapture
 from sidecar.store import Store
@@ -247,3 +249,47 @@ async def test_start_on_a_full_state_disk_waits_for_space_and_still_stops_on_sig
         assert "Traceback" not in sc.log_text()
     finally:
         await sc.cleanup()
+
+
+async def test_in_process_a_store_that_refuses_writes_sends_results_from_memory(
+    make_config: Any, tmp_path: Path, hub: DevHub
+) -> None:
+    """No root needed: SQLite's `query_only` refuses every write, as a read-only remount does."""
+    started, go = tmp_path / "started", tmp_path / "go"
+    cfg = make_config(hub_url=hub.ws_url, token=TOKEN)
+    async with open_sidecar(cfg) as sc:
+        await hub.wait_until(lambda: hub.connected(AGENT), timeout=30)
+        waiting = hub.submit(
+            metadata={
+                "shell_command": f"touch {started}; while [ ! -e {go} ]; do sleep 0.02; done; echo finished"
+            },
+            routing_decision=SHELL,
+        )
+        await _wait_for(started.exists)
+        sc.store._db.execute("PRAGMA query_only=1")  # the store's own connection
+
+        go.touch()
+        rec = await hub.wait_until(
+            lambda: hub.task(waiting) if hub.task(waiting).status == "completed" else None, 30
+        )
+        assert rec.result is not None and rec.result["output"] == "finished\n"
+        await hub.wait_until(lambda: not sc.outbox.unstored, 30)  # acked, so forgotten
+        other = sqlite3.connect(sc.store.path)
+        assert other.execute("SELECT state FROM tasks WHERE task_id=?", (waiting,)).fetchone() == ("running",)
+
+        refused = hub.submit(metadata={"shell_command": "echo hi"}, routing_decision=SHELL, max_retries=1)
+        await hub.wait_until(lambda: hub.task(refused).status == "dead_letter", 30)
+        assert _failed_reasons(hub, refused) == ["state_store_error"]
+        status, doc = sc.metrics.health()
+        assert status == 503 and doc["status"] == "state_store_unwritable" and not doc["state_writable"]
+
+        sc.store._db.execute("PRAGMA query_only=0")  # writes work again: watch() notices
+        with trio.fail_after(10):
+            await sc.store.wait_writable()
+        assert sc.metrics.health()[0] == 200
+        # What was owed while it could not write (the task's done-mark) is on disk now.
+        assert other.execute("SELECT state FROM tasks WHERE task_id=?", (waiting,)).fetchone() == ("done",)
+        other.close()
+        again = hub.submit(metadata={"shell_command": "echo again"}, routing_decision=SHELL)
+        await hub.wait_until(lambda: hub.task(again).status == "completed", 30)
+    assert [(v.kind, v.detail) for v in hub.violations] == []
