@@ -216,7 +216,7 @@ class SidecarMetrics:
         writable = store.write_error is None
         healthy = sc.link.identified and writable
         status = "ok" if healthy else "unavailable" if not sc.link.identified else "state_store_unwritable"
-        since = store.failing_since
+        since = store.health.since
         doc = {
             "status": status,
             "agent_id": sc.config.agent_id,

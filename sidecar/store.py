@@ -31,7 +31,15 @@ import attrs
 import trio
 
 from .log import get_logger
-from .storefaults import CANNOT_WRITE, NOT_A_DB, StoreCorruptError, StoreError, StoreWriteError, error_code
+from .storefaults import (
+    CANNOT_WRITE,
+    NOT_A_DB,
+    StoreCorruptError,
+    StoreError,
+    StoreWriteError,
+    WriteHealth,
+    error_code,
+)
 
 log = get_logger("sidecar.store")
 
@@ -96,12 +104,7 @@ class Store:
         self._db = db
         self._lock = trio.Lock()
         self.path = path
-        # Why writes fail now (None while they succeed), and since when (trio time).
-        self.write_error: str | None = None
-        self.failing_since: float | None = None
-        self.writes_refused = 0
-        self._failing = trio.Event()
-        self._recovered = trio.Event()
+        self.health = WriteHealth(path, PROBE_INTERVAL_S)
         # Bookkeeping writes the disk refused, applied first in the next write that succeeds.
         self._owed: list[Write] = []
         self._retired: set[int] = set()
@@ -196,12 +199,13 @@ class Store:
                     raise
                 if owe is not None:
                     self._owed.append(owe)
-                self._refused(exc)
-                raise StoreWriteError(self.path, exc) from exc
+                error = StoreWriteError(self.path, exc)
+                self.health.refused(error)
+                raise error from exc
             self._owed.clear()
             self._retired.clear()
             self._dropped.clear()
-            self._writable()
+            self.health.took_write()
         return result
 
     async def _settle(self, write: Write) -> bool:
@@ -212,34 +216,6 @@ class Store:
             return False
         return True
 
-    def _refused(self, exc: sqlite3.Error) -> None:
-        self.writes_refused += 1
-        if self.write_error is None:
-            self.write_error = StoreWriteError(self.path, exc).problem
-            self.failing_since = trio.current_time()
-            self._failing.set()
-            self._recovered = trio.Event()
-            log.error(
-                "state_store_cannot_write",
-                path=str(self.path),
-                error=str(exc),
-                action=f"refusing new tasks; results go from memory; retrying every {PROBE_INTERVAL_S:g} s",
-            )
-
-    def _writable(self) -> None:
-        if self.write_error is None:
-            return
-        since = self.failing_since
-        self.write_error = None
-        self.failing_since = None
-        self._failing = trio.Event()
-        self._recovered.set()
-        log.warning(
-            "state_store_writable_again",
-            path=str(self.path),
-            after_s=None if since is None else round(trio.current_time() - since, 3),
-        )
-
     async def probe(self) -> bool:
         """Try one write (applying what is owed): True if the disk took it."""
         try:
@@ -248,15 +224,19 @@ class Store:
             return False
         return True
 
+    @property
+    def write_error(self) -> str | None:
+        """Why writes fail now (None while they succeed)."""
+        return self.health.error
+
     async def wait_writable(self) -> None:
         """Until writes succeed again (at once if they do)."""
-        while self.write_error is not None:
-            await self._recovered.wait()
+        await self.health.wait_writable()
 
     async def watch(self, interval_s: float = PROBE_INTERVAL_S) -> None:
         """While writes fail, `probe` every `interval_s`. Runs until cancelled."""
         while True:
-            await self._failing.wait()
+            await self.health.wait_failing()
             # Polling on purpose: nothing signals that the disk has room again.
             ok = await self.probe()
             while not ok:

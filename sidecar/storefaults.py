@@ -1,4 +1,5 @@
-"""How the state database fails: errors the store raises and what they tell an operator.
+"""How the state database fails: the errors the store raises, what they tell
+an operator, and the record of whether its disk takes writes now.
 
 Kept apart from `store` so that `sidecar check` can inspect a state database
 read-only, with the same words `sidecar run` uses, without opening a store.
@@ -8,6 +9,12 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+
+import trio
+
+from .log import get_logger
+
+log = get_logger("sidecar.store")
 
 # Primary result codes (the low byte of `sqlite_errorcode`). READONLY: the file
 # system was remounted read-only (ext4 does that after I/O errors).
@@ -83,3 +90,52 @@ def inspect(path: Path) -> tuple[int, int]:
         raise StoreError(
             f"cannot read the state database {path}: {exc}", transient=error_code(exc) in CANNOT_WRITE
         ) from exc
+
+
+class WriteHealth:
+    """Whether the store's disk takes writes, since when; logged once per change."""
+
+    def __init__(self, path: Path, retry_s: float) -> None:
+        self.path = path
+        self.retry_s = retry_s
+        # Why writes fail now (None while they succeed), and since when (trio time).
+        self.error: str | None = None
+        self.since: float | None = None
+        self.writes_refused = 0
+        self._failing = trio.Event()
+        self._writable = trio.Event()
+
+    def refused(self, exc: StoreWriteError) -> None:
+        self.writes_refused += 1
+        if self.error is not None:
+            return
+        self.error = exc.problem
+        self.since = trio.current_time()
+        self._failing.set()
+        self._writable = trio.Event()
+        log.error(
+            "state_store_cannot_write",
+            path=str(self.path),
+            error=str(exc.__cause__ or exc),
+            action=f"refusing new tasks; results go from memory; retrying every {self.retry_s:g} s",
+        )
+
+    def took_write(self) -> None:
+        if self.error is None:
+            return
+        since = self.since
+        self.error = self.since = None
+        self._failing = trio.Event()
+        self._writable.set()
+        log.warning(
+            "state_store_writable_again",
+            path=str(self.path),
+            after_s=None if since is None else round(trio.current_time() - since, 3),
+        )
+
+    async def wait_failing(self) -> None:
+        await self._failing.wait()
+
+    async def wait_writable(self) -> None:
+        while self.error is not None:
+            await self._writable.wait()

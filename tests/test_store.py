@@ -164,7 +164,7 @@ async def test_refused_bookkeeping_is_owed_and_applied_by_the_next_write(tmp_pat
     await store.mark_running("r")
     assert await store.set_generation("r", 2) == 0
     assert [i.id for i in await store.outbox()] == [third.id]
-    assert store.write_error is not None and store.writes_refused == 4
+    assert store.write_error is not None and store.health.writes_refused == 4
     # Another connection (a restart) sees none of it yet.
     other = sqlite3.connect(store.path)
     assert other.execute("SELECT count(*) FROM outbox").fetchone()[0] == 3
