@@ -48,6 +48,7 @@ from .messages import FrameError
 from .metrics import SidecarMetrics
 from .progress import open_progress
 from .store import Store
+from .storefaults import StoreError
 from .supervisor import Supervisor
 
 log = get_logger("sidecar.app")
@@ -215,6 +216,7 @@ class Sidecar:
             nursery.start_soon(self.batcher.run, self.progress_receive, self.link)
             nursery.start_soon(self.outbox.run)
             nursery.start_soon(self.accepts.run)
+            nursery.start_soon(self.store.watch)  # recovers the store once the disk takes writes
             nursery.start_soon(self.link.run)
             if self.config.metrics_listen:
                 await nursery.start(self.metrics.serve, self.config.metrics_listen)
@@ -242,12 +244,16 @@ class Sidecar:
 
 
 @asynccontextmanager
-async def open_sidecar(config: Config) -> AsyncIterator[Sidecar]:
-    """Run a sidecar for the duration of the block; leaving it shuts it down gracefully."""
+async def open_sidecar(config: Config, store: Store | None = None) -> AsyncIterator[Sidecar]:
+    """Run a sidecar for the duration of the block; leaving it shuts it down gracefully.
+
+    Opens the state store unless given one (which it then closes too).
+    """
     register_secret(config.token)
     state_dir = config.resolved_state_dir()
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    store = await Store.open(state_dir / "sidecar.db")
+    if store is None:
+        store = await Store.open(state_dir / "sidecar.db")
     log.info(
         "starting",
         agent_id=config.agent_id,
@@ -286,7 +292,12 @@ async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         # A stop request that came while the process started (entry.py kept it).
         early = take_early_signals()
-        async with open_sidecar(config) as sidecar, trio.open_nursery() as nursery:
+        store = None
+        if not early:
+            store = await _open_store_unless_stopped(config, signals)
+            if store is None:
+                return 0
+        async with open_sidecar(config, store) as sidecar, trio.open_nursery() as nursery:
             if early:
                 log.info("signal", signal=signal.Signals(early[0]).name, during="start-up")
                 sidecar.stop_requested.set()
@@ -294,6 +305,39 @@ async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]
             await sidecar.stop_requested.wait()
             nursery.cancel_scope.cancel()
     return sidecar.exit_code
+
+
+async def _open_store_unless_stopped(config: Config, signals: AsyncIterator[int]) -> Store | None:
+    """The state store, once its disk lets it open; None if a stop signal comes first."""
+    path = config.resolved_state_dir() / "sidecar.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store: Store | None = None
+    error: StoreError | None = None
+    stopped = False
+    async with trio.open_nursery() as nursery:
+
+        async def open_it() -> None:
+            nonlocal store, error
+            try:
+                store = await Store.open_when_possible(path)
+            except StoreError as exc:
+                error = exc  # raised below, outside the nursery: unwrapped, for cli's one line
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(open_it)
+        async for signum in signals:
+            log.info("signal", signal=signal.Signals(signum).name, during="start-up")
+            stopped = True
+            nursery.cancel_scope.cancel()
+            break
+    if error is not None:
+        raise error
+    if stopped and store is not None:
+        # Opened just as the signal came: a stop it is.
+        with trio.CancelScope(shield=True):
+            await store.close()
+        return None
+    return store
 
 
 async def _first_signal(signals: AsyncIterator[int], sidecar: Sidecar) -> None:

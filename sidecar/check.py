@@ -1,12 +1,13 @@
 """`sidecar check`: is this host ready to run the sidecar with this config?
 
 Checks, in order: the config parses and validates; the state dir is (or can
-be) a writable directory; the hub answers on TCP, completes a WebSocket
-handshake, and accepts our identify with the configured token (then we close
+be) a writable directory; the state database there, if any, is SQLite (read
+only, so a running sidecar is not disturbed); the hub answers on TCP,
+completes a WebSocket handshake, and accepts our identify with the configured token (then we close
 cleanly with code 1000); Ollama answers `GET /api/version` (when configured);
 the `claude` binary runs `--version`. Prints one table row per check.
 
-Exit status: 0 when the config, state dir and hub checks pass, 1 when one of
+Exit status: 0 when the config, state dir, state db and hub checks pass, 1 when one of
 them fails (Ollama and Claude are warnings: a sidecar may not need them), 2
 for an unreadable or invalid config.
 
@@ -33,6 +34,7 @@ from . import procs
 from .config import ENV_OVERRIDES, Config, ConfigError, load_config
 from .log import register_secret
 from .messages import FrameError, decode_frame, encode_frame, identify_frame
+from .storefaults import StoreError, inspect
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
 # Marks the processes `sidecar check` starts (swept like a task's).
@@ -65,6 +67,17 @@ def check_state_dir(path: Path) -> Row:
     if target == path:
         return Row("state dir", OK, f"{path} (writable)", True)
     return Row("state dir", OK, f"{path} (will be created; {target} is writable)", True)
+
+
+def check_state_db(path: Path) -> Row:
+    """The state database, read-only: SQLite (or not there yet), and what it holds."""
+    if not path.exists():
+        return Row("state db", OK, f"{path} (none yet: created on first run)", True)
+    try:
+        held, results = inspect(path)
+    except StoreError as exc:
+        return Row("state db", FAIL, str(exc), True)
+    return Row("state db", OK, f"{path} ({held} tasks in flight, {results} results unsent)", True)
 
 
 def _hostport(url: str) -> tuple[str, int]:
@@ -193,7 +206,9 @@ async def run_check(
     detail = f"{source}: agent {cfg.agent_id}, hub {cfg.hub_url}"
     if env_used:
         detail += f" (from env: {', '.join(env_used)})"
-    rows = [Row("config", OK, detail, True), check_state_dir(cfg.resolved_state_dir())]
+    state_dir = cfg.resolved_state_dir()
+    rows = [Row("config", OK, detail, True), check_state_dir(state_dir)]
+    rows.append(await trio.to_thread.run_sync(check_state_db, state_dir / "sidecar.db"))
     rows += await check_hub(cfg, identify=identify, timeout_s=timeout_s)
     rows.append(await check_ollama(cfg))
     rows.append(await check_claude(cfg))

@@ -46,7 +46,7 @@ _CHECK_EPILOG = """examples:
 
 note: identify restarts this agent's session on the hub; a sidecar already running with the same
 agent_id is disconnected (and the hub reclaims its task). Use --no-identify on a live agent.
-exit status: 0 ready, 1 a config/state dir/hub check failed, 2 the config is invalid.
+exit status: 0 ready, 1 a config/state dir/state db/hub check failed, 2 the config is invalid.
 """
 
 
@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     chk = sub.add_parser(
         "check",
         help="check config, state dir, hub, Ollama and claude",
-        description="Validate the config, resolve the state dir, probe the hub (TCP, WebSocket handshake, "
+        description="Validate the config, resolve the state dir, read its database (if any), "
+        "probe the hub (TCP, WebSocket handshake, "
         "identify with the token, clean disconnect), Ollama (/api/version) and the claude binary "
         "(--version), and print what is ready and what is not.",
         epilog=_CHECK_EPILOG,
@@ -149,8 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         setup_logging(args.log_level, json_lines=json_lines, log_file=config.log_file)
         from .app import run_sidecar
+        from .storefaults import StoreCorruptError, StoreError
 
-        return trio.run(run_sidecar, config, take_pending_signals)
+        try:
+            return trio.run(run_sidecar, config, take_pending_signals)
+        except StoreError as exc:
+            # One line, no traceback. A corrupt database is exit 2 like a bad config:
+            # restarting cannot fix it (the systemd unit does not restart on 2).
+            print(f"sidecar: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, StoreCorruptError) else 1
     if args.command == "hub":
         setup_logging(args.log_level, json_lines=json_lines)
         from .devhub import run_hub_cli

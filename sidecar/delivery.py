@@ -4,6 +4,9 @@ Results: read from the store's outbox, sent one at a time (the hub's `error`
 frames carry no task_id, so only one unacknowledged result may be in flight),
 resent after reconnects, `rate_limited` and silence, until the hub answers
 `task_ack` or refuses the frame (`task_complete_failed: …`), which retires it.
+A result the store cannot write (full disk) is kept in memory and sent the same
+way, ahead of stored ones; only a crash before its ack loses it (the task row,
+not marked done, is then recovered as in flight).
 
 Accepts: `task_accepted` for a stored task, resent after `rate_limited` until
 the hub answers `task_ack` `accepted`.
@@ -12,6 +15,7 @@ the hub answers `task_ack` `accepted`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -19,6 +23,7 @@ from .frames import HubError, RateLimited, TaskAck
 from .link import HubLink
 from .log import get_logger
 from .store import OutboxItem, Store
+from .storefaults import StoreWriteError
 
 log = get_logger("sidecar.delivery")
 
@@ -50,26 +55,66 @@ class Outbox:
         self._answered = trio.Event()
         self._resend = trio.Event()
         self._empty = trio.Event()
+        # Results the store could not write, sent from memory (ids below zero).
+        self.unstored: list[OutboxItem] = []
+        self._next_unstored_id = -1
 
     def notify(self) -> None:
         """A result was written to the store."""
         self._changed.set()
 
+    async def put(self, task_id: str, frame: dict[str, Any] | None) -> bool:
+        """Mark the task done and queue its result (if any) for delivery; True if stored.
+
+        When the disk refuses the write, the result goes from memory instead,
+        and the log says so. Bounded: an end stuck behind the store's lock for
+        10 s is treated the same way.
+        """
+        error: str | None = None
+        with trio.move_on_after(10) as scope:
+            try:
+                await self.store.finish(task_id, frame)
+            except StoreWriteError as exc:
+                error = str(exc)
+        if scope.cancelled_caught:
+            error = "the state store did not answer within 10 s"
+        if error is None:
+            self.notify()
+            return True
+        if frame is None:
+            await self.store.mark_done(task_id)  # owed: applied once the disk takes it
+            log.warning("task_end_not_stored", task_id=task_id, error=error)
+            return False
+        generation = int(frame.get("generation", 0))
+        item = OutboxItem(self._next_unstored_id, task_id, generation, frame)
+        self._next_unstored_id -= 1
+        self.unstored.append(item)
+        log.warning(
+            "result_not_stored",
+            task_id=task_id,
+            generation=generation,
+            type=frame.get("type"),
+            error=error,
+            action="sending it directly from memory (lost if the sidecar dies before the hub acks it)",
+        )
+        self.notify()
+        return False
+
     async def run(self) -> None:
         while True:
-            items = await self.store.outbox()
+            items = self.unstored + await self.store.outbox()
             self.depth = len(items)
             if not items:
                 self._changed = trio.Event()
                 # Re-check after creating the event: a notify in between is kept.
-                if not await self.store.outbox():
+                if not self.unstored and not await self.store.outbox():
                     await self._changed.wait()
                 continue
             await self._deliver(items[0])
 
     async def wait_empty(self) -> None:
-        """Wait until every stored result has been answered by the hub."""
-        while self._inflight is not None or await self.store.outbox():
+        """Wait until every result (stored or in memory) has been answered by the hub."""
+        while self._inflight is not None or self.unstored or await self.store.outbox():
             self._empty = trio.Event()
             await self._empty.wait()
 
@@ -97,7 +142,11 @@ class Outbox:
                         nursery.start_soon(_set_when, self._resend, nursery.cancel_scope)
                 if not self._answered.is_set() and not self._resend.is_set():
                     log.info("result_unanswered_resend", task_id=item.task_id)
-            await self.store.retire(item.id)
+            if item.id < 0:
+                self.unstored.remove(item)
+                await self.store.mark_done(item.task_id, item.generation)
+            else:
+                await self.store.retire(item.id)
         finally:
             self._inflight = None
             self._empty.set()  # wakes wait_empty to re-check

@@ -102,6 +102,16 @@ class _LiveCollector:
         )
         yield counter("sidecar_results_delivered", "Results the hub acknowledged", sc.outbox.delivered)
         yield counter("sidecar_results_refused", "Results the hub refused (stale)", sc.outbox.refused)
+        yield gauge(
+            "sidecar_state_writable",
+            "1 while the state store takes writes (0: disk full or failing; new tasks are refused)",
+            float(sc.store.write_error is None),
+        )
+        yield gauge(
+            "sidecar_results_unstored",
+            "Results the store could not write, held in memory until acknowledged",
+            len(sc.outbox.unstored),
+        )
         yield gauge("sidecar_tasks_held", "Tasks held (running or queued)", len(sc.supervisor.held))
         yield gauge("sidecar_task_slots", "Tasks that may run at once (capacity)", sc.config.capacity)
 
@@ -199,18 +209,28 @@ class SidecarMetrics:
         return bytes(generate_latest(self.registry))
 
     def health(self) -> tuple[int, dict[str, Any]]:
+        """503 while the hub link is down or the state store cannot write (tasks are refused)."""
         sc = self.sidecar
         age = last_pong_age(sc)
+        store = sc.store
+        writable = store.write_error is None
+        healthy = sc.link.identified and writable
+        status = "ok" if healthy else "unavailable" if not sc.link.identified else "state_store_unwritable"
+        since = store.health.since
         doc = {
-            "status": "ok" if sc.link.identified else "unavailable",
+            "status": status,
             "agent_id": sc.config.agent_id,
             "connected": sc.link.connected,
             "identified": sc.link.identified,
             "last_pong_age_s": None if age is None else round(age, 3),
             "tasks_held": len(sc.supervisor.held),
             "outbox_depth": sc.outbox.depth,
+            "state_writable": writable,
+            "state_error": store.write_error,
+            "state_unwritable_for_s": None if since is None else round(trio.current_time() - since, 3),
+            "results_unstored": len(sc.outbox.unstored),
         }
-        return (200 if sc.link.identified else 503), doc
+        return (200 if healthy else 503), doc
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "lifespan":

@@ -1,19 +1,28 @@
 """Bounded capture of a child's output, with the full text in a log file.
 
 A task may print gigabytes; the result sent to the hub keeps only the first
-and the last part (`cap_bytes` in all), the log file keeps everything.
+and the last part (`cap_bytes` in all), the log file keeps everything the disk
+takes. The log is best effort: when the disk refuses a write (full, quota, I/O
+error) the log stops growing there and ends with a line saying it was cut
+short; the task and its captured head and tail carry on.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-# The log is written through a buffered file in the Trio thread. Writes land in
+from .log import get_logger
+
+log = get_logger("sidecar.output")
+
+# The log is written from the Trio thread through our own buffer. Writes land in
 # the page cache (a memcpy, microseconds per 1 MiB block) and never wait for
 # the disk, so a worker thread per write would cost more than it saves; the
-# buffer turns many small line writes into few system calls.
+# buffer turns many small line writes into few system calls. Unbuffered file
+# underneath, so that after a refused write we know exactly what is on disk.
 _LOG_BUFFER = 256 * 1024
 
 
@@ -32,10 +41,15 @@ class OutputCapture:
         self._head = bytearray()
         self._tail = bytearray()
         self.total_bytes = 0
+        self.log_path = log_path
+        # Why the log was cut short (None while it is whole).
+        self.log_error: str | None = None
         self._log: BinaryIO | None = None
+        self._buf = bytearray()
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(log_path, "ab", buffering=_LOG_BUFFER)  # closed in close()
+            self._log = open(log_path, "ab", buffering=0)  # closed in close()
+            self._logged = self._log.seek(0, os.SEEK_END)
 
     # -- writing
 
@@ -49,7 +63,57 @@ class OutputCapture:
     def log_bytes(self, data: bytes) -> None:
         """Append raw bytes to the log file only (headers, other streams)."""
         if self._log is not None and data:
-            self._log.write(data)
+            self._buf += data
+            if len(self._buf) >= _LOG_BUFFER:
+                self._write_out()
+
+    def _write_out(self) -> None:
+        """Write the buffer to the file; on a refused write, cut the log short there."""
+        f = self._log
+        if f is None:
+            return
+        view = memoryview(self._buf)
+        try:
+            while view:
+                n = f.write(view)
+                if not n:
+                    raise OSError(0, "the file takes no more data")
+                view = view[n:]
+                self._logged += n
+        except OSError as exc:
+            view.release()
+            self._cut_short(f, exc)
+            return
+        view.release()
+        self._buf.clear()
+
+    def _cut_short(self, f: BinaryIO, exc: OSError) -> None:
+        """Stop logging; end the log with a line saying so (best effort: the disk
+        may have no room left even for it, so one block of the log's end gives way)."""
+        self._log = None
+        self._buf.clear()
+        self.log_error = exc.strerror or str(exc)
+        note = f"\n=== log cut short: {self.log_error}; the rest of the output is not logged"
+        try:
+            try:
+                f.write(f"{note}\n".encode())
+            except OSError:
+                block = os.fstat(f.fileno()).st_blksize or 4096
+                keep = max(0, self._logged - 200) // block * block
+                os.ftruncate(f.fileno(), keep)
+                f.write(f"{note} (nor the {self._logged - keep} bytes before this line)\n".encode())
+        except OSError:
+            pass
+        try:
+            f.close()
+        except OSError:
+            pass
+        log.warning(
+            "task_log_cut_short",
+            path=str(self.log_path),
+            error=self.log_error,
+            logged_bytes=self._logged,
+        )
 
     def _keep(self, data: bytes) -> None:
         self.total_bytes += len(data)
@@ -96,14 +160,18 @@ class OutputCapture:
     # -- closing
 
     def flush(self) -> None:
-        if self._log is not None:
-            self._log.flush()
+        self._write_out()
 
     def close(self) -> None:
-        """Flush and close the log file; safe to call twice."""
-        log, self._log = self._log, None
-        if log is not None:
-            log.close()
+        """Flush and close the log file; never raises, safe to call twice."""
+        self._write_out()
+        f, self._log = self._log, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError as exc:
+                self.log_error = exc.strerror or str(exc)
+                log.warning("task_log_cut_short", path=str(self.log_path), error=self.log_error)
 
     def __enter__(self) -> OutputCapture:
         return self

@@ -6,7 +6,16 @@ sent, and deleted only when the hub acknowledges it. On start-up the store
 tells what was in flight when the process last died.
 
 SQLite is blocking, so every call runs in `trio.to_thread.run_sync` on one
-connection, serialised by a trio lock.
+connection, serialised by a trio lock. Every write is one transaction.
+
+When the disk refuses a write (full, or an I/O error), the writes that must
+happen (`put_task`, `finish`) raise `StoreWriteError` and nothing of them is
+written: the caller refuses the task or sends the result from memory. The
+bookkeeping writes (`set_generation`, `mark_running`, `mark_done`, `retire`,
+`drop_results`) are owed instead: kept in memory, applied first in the next
+write that succeeds, and already reflected by `outbox()`. While writes fail,
+`watch()` probes every `PROBE_INTERVAL_S`, so the store recovers by itself
+once space returns. `write_error` says why writes fail (None while they work).
 """
 
 from __future__ import annotations
@@ -21,7 +30,21 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from .log import get_logger
+from .storefaults import (
+    CANNOT_WRITE,
+    NOT_A_DB,
+    StoreCorruptError,
+    StoreError,
+    StoreWriteError,
+    WriteHealth,
+    error_code,
+)
+
+log = get_logger("sidecar.store")
+
 T = TypeVar("T")
+Write = Callable[[sqlite3.Connection], Any]
 
 # Task states. `queued`: stored and accepted, waiting for a slot; `running`: its
 # executor started; `done`: terminal result written to the outbox (or dropped).
@@ -50,6 +73,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 # task is recognised instead of run twice.
 _KEEP_DONE_S = 24 * 3600
 
+# While writes fail, how often `watch()` tries one.
+PROBE_INTERVAL_S = 1.0
+# The probe stores (and removes, in the same transaction) a row this large: room
+# for a small result is what the outbox needs.
+_PROBE_BYTES = 4096
+
 
 @attrs.frozen
 class StoredTask:
@@ -75,21 +104,72 @@ class Store:
         self._db = db
         self._lock = trio.Lock()
         self.path = path
+        self.health = WriteHealth(path, PROBE_INTERVAL_S)
+        # Bookkeeping writes the disk refused, applied first in the next write that succeeds.
+        self._owed: list[Write] = []
+        self._retired: set[int] = set()
+        self._dropped: set[str] = set()
 
     @classmethod
     async def open(cls, path: Path, *, durable: bool = True) -> Store:
+        """Open (or create) the database; `StoreCorruptError` if the file is not SQLite."""
         path.parent.mkdir(parents=True, exist_ok=True)
 
         def _open() -> sqlite3.Connection:
             db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit survives power loss too, not only a kill -9.
-            db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            db.executescript(_SCHEMA)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit survives power loss too, not only a kill -9.
+                db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                db.executescript(_SCHEMA)
+            except BaseException:
+                db.close()
+                raise
             return db
 
-        db = await trio.to_thread.run_sync(_open)
+        try:
+            db = await trio.to_thread.run_sync(_open)
+        except sqlite3.Error as exc:
+            if error_code(exc) in NOT_A_DB:
+                raise StoreCorruptError(path, str(exc)) from exc
+            raise StoreError(
+                f"cannot open the state database {path}: {exc}",
+                transient=error_code(exc) in CANNOT_WRITE,
+            ) from exc
         return cls(db, path)
+
+    @classmethod
+    async def open_when_possible(cls, path: Path, *, retry_s: float = PROBE_INTERVAL_S) -> Store:
+        """`open`, tried again every `retry_s` while the disk refuses (full, I/O error).
+
+        On a full disk even a sound database may not open (SQLite must create
+        its -shm file); exiting would only have the service manager restart us
+        into the same disk until it gives up. A corrupt file raises at once.
+        """
+        waiting_since: float | None = None
+        while True:
+            try:
+                store = await cls.open(path)
+            except StoreError as exc:
+                if not exc.transient:
+                    raise
+                if waiting_since is None:
+                    waiting_since = trio.current_time()
+                    log.error(
+                        "state_store_cannot_open",
+                        path=str(path),
+                        error=str(exc),
+                        action=f"waiting for the disk, retrying every {retry_s:g} s",
+                    )
+                await trio.sleep(retry_s)
+                continue
+            if waiting_since is not None:
+                log.warning(
+                    "state_store_opened",
+                    path=str(path),
+                    after_s=round(trio.current_time() - waiting_since, 3),
+                )
+            return store
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:
@@ -98,7 +178,74 @@ class Store:
                 result = await trio.to_thread.run_sync(fn, self._db)
         return result
 
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, owe: Write | None = None) -> T:
+        """Run `fn` in one transaction, after what is owed; `StoreWriteError` if the disk refuses.
+
+        With `owe`, a refused write is kept to be applied later (see the module doc).
+        """
+        async with self._lock:
+            owed = list(self._owed)
+
+            def run(db: sqlite3.Connection) -> T:
+                for write in owed:
+                    write(db)
+                return fn(db)
+
+            try:
+                with trio.CancelScope(shield=True):
+                    result = await trio.to_thread.run_sync(_transaction(run), self._db)
+            except sqlite3.OperationalError as exc:
+                if error_code(exc) not in CANNOT_WRITE:
+                    raise
+                if owe is not None:
+                    self._owed.append(owe)
+                error = StoreWriteError(self.path, exc)
+                self.health.refused(error)
+                raise error from exc
+            self._owed.clear()
+            self._retired.clear()
+            self._dropped.clear()
+            self.health.took_write()
+        return result
+
+    async def _settle(self, write: Write) -> bool:
+        """A bookkeeping write: done now if the disk takes it (True), else owed (False)."""
+        try:
+            await self._write(write, owe=write)
+        except StoreWriteError:
+            return False
+        return True
+
+    async def probe(self) -> bool:
+        """Try one write (applying what is owed): True if the disk took it."""
+        try:
+            await self._write(_probe)
+        except StoreWriteError:
+            return False
+        return True
+
+    @property
+    def write_error(self) -> str | None:
+        """Why writes fail now (None while they succeed)."""
+        return self.health.error
+
+    async def wait_writable(self) -> None:
+        """Until writes succeed again (at once if they do)."""
+        await self.health.wait_writable()
+
+    async def watch(self, interval_s: float = PROBE_INTERVAL_S) -> None:
+        """While writes fail, `probe` every `interval_s`. Runs until cancelled."""
+        while True:
+            await self.health.wait_failing()
+            # Polling on purpose: nothing signals that the disk has room again.
+            ok = await self.probe()
+            while not ok:
+                await trio.sleep(interval_s)
+                ok = await self.probe()
+
     async def close(self) -> None:
+        if self._owed:
+            await self.probe()  # a last chance for what is owed (else a restart redoes it)
         await self._run(lambda db: db.close())
 
     # -- tasks -------------------------------------------------------------
@@ -118,6 +265,7 @@ class Store:
         Unsent results of older generations of it go in the same transaction
         (the hub would refuse them as stale); returns how many. One thread hop,
         so the caller has no checkpoint between storing and holding the task.
+        Raises `StoreWriteError` when the disk refuses it.
         """
         text = json.dumps(frame)
 
@@ -129,36 +277,58 @@ class Store:
             )
             return _drop_older(db, task_id, generation)
 
-        return await self._run(_put)
+        return await self._write(_put)
 
     async def set_generation(self, task_id: str, generation: int) -> int:
-        """The task now runs as `generation`; older unsent results go (see `put_task`)."""
+        """The task now runs as `generation`; older unsent results go (see `put_task`).
 
-        def _set(db: sqlite3.Connection) -> int:
+        Returns how many were dropped (0 when the write is owed).
+        """
+        dropped = 0
+
+        def _set(db: sqlite3.Connection) -> None:
+            nonlocal dropped
             db.execute("UPDATE tasks SET generation=? WHERE task_id=?", (generation, task_id))
-            return _drop_older(db, task_id, generation)
+            dropped = _drop_older(db, task_id, generation)
 
-        return await self._run(_set)
+        await self._settle(_set)
+        return dropped
 
     async def mark_running(self, task_id: str) -> None:
-        await self._run(lambda db: db.execute("UPDATE tasks SET state=? WHERE task_id=?", (RUNNING, task_id)))
+        await self._settle(
+            lambda db: db.execute("UPDATE tasks SET state=? WHERE task_id=?", (RUNNING, task_id))
+        )
 
     async def finish(self, task_id: str, frame: dict[str, Any] | None) -> None:
-        """Mark a task done and, in the same transaction, queue its result frame."""
+        """Mark a task done and, in the same transaction, queue its result frame.
+
+        Raises `StoreWriteError` when the disk refuses it (nothing is written).
+        """
 
         def _finish(db: sqlite3.Connection) -> None:
-            with db:
-                db.execute("BEGIN")
+            db.execute(
+                "UPDATE tasks SET state=?, finished_at=? WHERE task_id=?", (DONE, time.time(), task_id)
+            )
+            if frame is not None:
                 db.execute(
-                    "UPDATE tasks SET state=?, finished_at=? WHERE task_id=?", (DONE, time.time(), task_id)
+                    "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES (?, ?, ?, ?)",
+                    (task_id, int(frame.get("generation", 0)), json.dumps(frame), time.time()),
                 )
-                if frame is not None:
-                    db.execute(
-                        "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES (?, ?, ?, ?)",
-                        (task_id, int(frame.get("generation", 0)), json.dumps(frame), time.time()),
-                    )
 
-        await self._run(_finish)
+        await self._write(_finish)
+
+    async def mark_done(self, task_id: str, generation: int | None = None) -> None:
+        """Mark a task done without a stored result (it went from memory); owed if refused.
+
+        With `generation`, a newer run of the task (given out again meanwhile) is left alone.
+        """
+        limit = 2**63 - 1 if generation is None else generation
+        await self._settle(
+            lambda db: db.execute(
+                "UPDATE tasks SET state=?, finished_at=? WHERE task_id=? AND generation<=?",
+                (DONE, time.time(), task_id, limit),
+            )
+        )
 
     async def in_flight(self) -> list[StoredTask]:
         """Tasks accepted but not finished: what a restart must recover."""
@@ -184,23 +354,59 @@ class Store:
             )
             return cur.rowcount
 
-        return await self._run(_prune)
+        return await self._write(_prune)
 
     # -- outbox ------------------------------------------------------------
 
     async def outbox(self) -> list[OutboxItem]:
+        """Stored results not yet acknowledged (owed retires and drops already left out)."""
+
         def _list(db: sqlite3.Connection) -> list[OutboxItem]:
             rows = db.execute("SELECT id, task_id, generation, frame FROM outbox ORDER BY id").fetchall()
             return [OutboxItem(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
 
-        return await self._run(_list)
+        items = await self._run(_list)
+        return [i for i in items if i.id not in self._retired and i.task_id not in self._dropped]
 
     async def retire(self, item_id: int) -> None:
-        await self._run(lambda db: db.execute("DELETE FROM outbox WHERE id=?", (item_id,)))
+        self._retired.add(item_id)
+        await self._settle(lambda db: db.execute("DELETE FROM outbox WHERE id=?", (item_id,)))
 
     async def drop_results(self, task_id: str) -> None:
         """Forget unsent results of a task the hub took away (reassigned)."""
-        await self._run(lambda db: db.execute("DELETE FROM outbox WHERE task_id=?", (task_id,)))
+        self._dropped.add(task_id)
+        await self._settle(lambda db: db.execute("DELETE FROM outbox WHERE task_id=?", (task_id,)))
+
+
+def _transaction(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`fn` as one transaction: all its statements commit together, or none does.
+
+    The connection is in autocommit mode (`isolation_level=None`), so without
+    an explicit BEGIN each statement would commit on its own.
+    """
+
+    def run(db: sqlite3.Connection) -> T:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back (after SQLITE_FULL, for one).
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return result
+
+    return run
+
+
+def _probe(db: sqlite3.Connection) -> None:
+    """A write as large as a small result, undone in the same transaction."""
+    cur = db.execute(
+        "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES ('', 0, ?, 0)",
+        ("x" * _PROBE_BYTES,),
+    )
+    db.execute("DELETE FROM outbox WHERE id=?", (cur.lastrowid,))
 
 
 def _drop_older(db: sqlite3.Connection, task_id: str, generation: int) -> int:

@@ -45,6 +45,7 @@ from .messages import (
 )
 from .progress import ProgressSender
 from .store import Store
+from .storefaults import StoreWriteError
 from .taskrun import TaskRun, run_and_sweep
 
 log = get_logger("sidecar.supervisor")
@@ -134,7 +135,7 @@ class Supervisor:
                 try:
                     task = parse_task(stored.frame)
                 except FrameError:
-                    await self.store.finish(stored.task_id, None)
+                    await self.outbox.put(stored.task_id, None)
                     continue
                 log.info(
                     "recovered_from_store",
@@ -217,7 +218,14 @@ class Supervisor:
         marker = procs.task_marker(self.config.agent_id, tid)
         # No checkpoint from here until the task is held: the frame handler runs in
         # the link's session scope, and a task stored but not held would be stranded.
-        dropped = await self.store.put_task(tid, gen, task.raw, marker)
+        try:
+            dropped = await self.store.put_task(tid, gen, task.raw, marker)
+        except StoreWriteError as exc:
+            # Not stored, so not accepted: a task we could lose must not be taken.
+            log.warning("task_refused_store", task_id=tid, generation=gen, error=str(exc))
+            reason = "state_disk_full" if exc.full else "state_store_error"
+            await self._fail_unheld(tid, gen, f"sidecar cannot take tasks: {exc}", reason)
+            return
         self._hold(Held(task, gen, marker))
         self._log_stale_dropped(tid, gen, dropped)
         queued = len(self.held) > self.config.capacity
@@ -353,8 +361,7 @@ class Supervisor:
             timeout_s=timeout_s,
         )
         frame, outcome = end.frame, end.outcome
-        with trio.move_on_after(10):
-            await self.store.finish(tid, frame)
+        await self.outbox.put(tid, frame)  # from memory if the store cannot write it
         elapsed = None if started_at is None else round(trio.current_time() - started_at, 3)
         log.info(
             "task_finished",
@@ -377,6 +384,5 @@ class Supervisor:
         self.outbox.notify()
 
     async def _fail_unheld(self, task_id: str, generation: int, error: str, reason: str) -> None:
-        """Report a task we will not run (busy, bad frame) through the outbox."""
-        await self.store.finish(task_id, failed_frame(task_id, generation, error, reason))
-        self.outbox.notify()
+        """Report a task we will not run (busy, bad frame, state disk full) through the outbox."""
+        await self.outbox.put(task_id, failed_frame(task_id, generation, error, reason))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+import trio
+
 from sidecar.messages import failed_frame
-from sidecar.store import DONE, QUEUED, RUNNING, Store
+from sidecar.store import DONE, QUEUED, RUNNING, OutboxItem, Store
+from sidecar.storefaults import StoreCorruptError, StoreWriteError
 
 
 async def test_task_and_outbox_roundtrip(tmp_path: Path) -> None:
@@ -53,3 +57,167 @@ async def test_drop_results_and_generation(tmp_path: Path) -> None:
     await store.drop_results("t")
     assert await store.outbox() == []
     await store.close()
+
+
+def _fail_outbox_deletes(db: Path) -> None:
+    """A real SQLite trigger (from a second connection) that aborts any DELETE on the outbox:
+    the second statement of put_task / set_generation then fails after the first ran."""
+    other = sqlite3.connect(db)
+    other.execute(
+        "CREATE TRIGGER fail_drop BEFORE DELETE ON outbox BEGIN SELECT RAISE(ABORT, 'injected'); END"
+    )
+    other.commit()
+    other.close()
+
+
+async def test_put_task_is_one_transaction(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = await Store.open(db)
+    await store.put_task("t", 1, {"task_id": "t", "generation": 1}, "m1")
+    await store.finish("t", failed_frame("t", 1, "old result"))
+    _fail_outbox_deletes(db)
+    # Generation 2 replaces the row and drops the generation-1 result: the drop fails.
+    try:
+        await store.put_task("t", 2, {"task_id": "t", "generation": 2}, "m2")
+    except sqlite3.IntegrityError:
+        pass
+    else:
+        raise AssertionError("the injected failure did not happen")
+    row = await store.get_task("t")
+    assert row is not None and (row.generation, row.state, row.marker) == (1, DONE, "m1")
+    assert [i.generation for i in await store.outbox()] == [1]
+    await store.close()
+
+
+async def test_set_generation_is_one_transaction(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = await Store.open(db)
+    await store.put_task("t", 1, {"task_id": "t", "generation": 1}, "m1")
+    await store.finish("t", failed_frame("t", 1, "old result"))
+    _fail_outbox_deletes(db)
+    try:
+        await store.set_generation("t", 3)
+    except sqlite3.IntegrityError:
+        pass
+    else:
+        raise AssertionError("the injected failure did not happen")
+    row = await store.get_task("t")
+    assert row is not None and row.generation == 1
+    assert [i.generation for i in await store.outbox()] == [1]
+    await store.close()
+
+
+# -- a disk that refuses writes -------------------------------------------------
+#
+# Real SQLite refusals, on any machine and without root: `query_only` refuses
+# every write (SQLITE_READONLY, what a file system remounted read-only gives),
+# the page limit refuses growth with SQLITE_FULL ("database or disk is full"),
+# which is what a full disk gives. The real full disk (a tmpfs) is in
+# tests/test_state_faults.py.
+
+
+def _writes(store: Store, allowed: bool) -> None:
+    store._db.execute(f"PRAGMA query_only={0 if allowed else 1}")  # per connection: the store's own
+
+
+async def test_a_full_disk_refuses_a_result_and_nothing_of_it_is_written(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    await store.put_task("t", 1, {"task_id": "t"}, "m")
+    db = store._db
+    db.execute("VACUUM")
+    db.execute(f"PRAGMA max_page_count={db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(StoreWriteError) as info:
+        await store.finish("t", failed_frame("t", 1, "x" * 1900) | {"pad": "y" * 20_000})
+    assert info.value.full and str(info.value) == f"state disk is full: {store.path}"
+    assert store.write_error == "state disk is full"
+    assert await store.outbox() == []
+    row = await store.get_task("t")
+    assert row is not None and row.state == QUEUED  # the done-mark went with the result
+    await store.close()
+
+
+async def test_a_refused_put_task_stores_nothing(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    _writes(store, allowed=False)
+    with pytest.raises(StoreWriteError) as info:
+        await store.put_task("u", 1, {"task_id": "u"}, "mu")
+    assert not info.value.full and "cannot write" in info.value.problem
+    assert await store.get_task("u") is None and store.write_error is not None
+    await store.close()
+
+
+async def _three_results(store: Store) -> list[OutboxItem]:
+    for tid in ("a", "b", "c"):
+        await store.put_task(tid, 1, {"task_id": tid}, "m")
+        await store.finish(tid, failed_frame(tid, 1, "e"))
+    await store.put_task("r", 1, {"task_id": "r"}, "m")
+    return await store.outbox()
+
+
+async def test_refused_bookkeeping_is_owed_and_applied_by_the_next_write(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    first, _, third = await _three_results(store)
+    _writes(store, allowed=False)
+    # Refused by the disk, but the outbox already leaves them out: no result is sent twice.
+    await store.retire(first.id)
+    await store.drop_results("b")
+    await store.mark_running("r")
+    assert await store.set_generation("r", 2) == 0
+    assert [i.id for i in await store.outbox()] == [third.id]
+    assert store.write_error is not None and store.health.writes_refused == 4
+    # Another connection (a restart) sees none of it yet.
+    other = sqlite3.connect(store.path)
+    assert other.execute("SELECT count(*) FROM outbox").fetchone()[0] == 3
+
+    _writes(store, allowed=True)
+    await store.finish("r", failed_frame("r", 2, "small"))  # the next write that succeeds...
+    assert store.write_error is None
+    # ...applied what was owed first, in order, in the same transaction.
+    assert [r[0] for r in other.execute("SELECT task_id FROM outbox ORDER BY id")] == ["c", "r"]
+    assert other.execute("SELECT generation, state FROM tasks WHERE task_id='r'").fetchone() == (2, DONE)
+    assert [i.task_id for i in await store.outbox()] == ["c", "r"]
+    other.close()
+    await store.close()
+
+
+async def test_probe_fails_while_writes_are_refused_and_applies_the_owed_once_they_work(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    first, *_ = await _three_results(store)
+    _writes(store, allowed=False)
+    await store.retire(first.id)
+    assert not await store.probe() and not await store.probe()
+    assert store.write_error is not None
+    _writes(store, allowed=True)
+    assert await store.probe()
+    assert store.write_error is None
+    other = sqlite3.connect(store.path)
+    assert other.execute("SELECT count(*) FROM outbox").fetchone()[0] == 2  # the owed retire
+    other.close()
+    await store.close()
+
+
+async def test_watch_recovers_by_itself_when_writes_work_again(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    _writes(store, allowed=False)
+    with pytest.raises(StoreWriteError):
+        await store.put_task("t", 1, {"task_id": "t"}, "m")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.watch, 0.01)
+        _writes(store, allowed=True)
+        with trio.fail_after(10):
+            await store.wait_writable()  # nothing else writes: only watch's probe can succeed
+        assert store.write_error is None
+        nursery.cancel_scope.cancel()
+    await store.put_task("t", 1, {"task_id": "t"}, "m")
+    await store.close()
+
+
+async def test_open_refuses_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    db.write_bytes(b"garbage" * 1000)
+    with pytest.raises(StoreCorruptError) as info:
+        await Store.open(db)
+    text = str(info.value)
+    assert str(db) in text and "move it aside" in text and "lost" in text
