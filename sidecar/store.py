@@ -119,8 +119,12 @@ class Store:
             db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
-                # FULL: a commit survives power loss too, not only a kill -9.
-                db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                # WAL with NORMAL: a commit is in the WAL file (the OS has it) when
+                # it returns, so it survives the process's death (kill -9, OOM); it
+                # reaches the platter at the next checkpoint, so a power cut may lose
+                # the last commits (docs/benchmarks.md, "Durability"). OFF only for
+                # tests and benches that ask for `durable=False`.
+                db.execute(f"PRAGMA synchronous={'NORMAL' if durable else 'OFF'}")
                 db.executescript(_SCHEMA)
             except BaseException:
                 db.close()
@@ -279,6 +283,28 @@ class Store:
 
         return await self._write(_put)
 
+    async def admit(self, task_id: str, generation: int, frame: dict[str, Any], marker: str) -> int | None:
+        """`put_task`, unless the task already finished here at this generation or a later one.
+
+        None for such a duplicate (nothing written); else how many stale results
+        went. One thread hop for the check and the write together: the accept
+        path's only store call before `task_accepted`.
+        """
+        text = json.dumps(frame)
+
+        def _admit(db: sqlite3.Connection) -> int | None:
+            row = db.execute("SELECT generation, state FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            if row is not None and row[1] == DONE and row[0] >= generation:
+                return None
+            db.execute(
+                "INSERT OR REPLACE INTO tasks (task_id, generation, frame, state, marker, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (task_id, generation, text, QUEUED, marker, time.time()),
+            )
+            return _drop_older(db, task_id, generation)
+
+        return await self._write(_admit)
+
     async def set_generation(self, task_id: str, generation: int) -> int:
         """The task now runs as `generation`; older unsent results go (see `put_task`).
 
@@ -295,8 +321,15 @@ class Store:
         return dropped
 
     async def mark_running(self, task_id: str) -> None:
+        """A queued task started (only `last_status` after a crash depends on it).
+
+        Only a queued row changes, so this may run after the task's `finish`
+        without undoing it: the supervisor does not wait for it.
+        """
         await self._settle(
-            lambda db: db.execute("UPDATE tasks SET state=? WHERE task_id=?", (RUNNING, task_id))
+            lambda db: db.execute(
+                "UPDATE tasks SET state=? WHERE task_id=? AND state=?", (RUNNING, task_id, QUEUED)
+            )
         )
 
     async def finish(self, task_id: str, frame: dict[str, Any] | None) -> None:

@@ -44,7 +44,7 @@ from .messages import (
     truncate,
 )
 from .progress import ProgressSender
-from .store import Store
+from .store import Store, StoredTask
 from .storefaults import StoreWriteError
 from .taskrun import TaskRun, run_and_sweep
 
@@ -168,14 +168,21 @@ class Supervisor:
         tid, gen = task.task_id, task.generation
         held = self.held.get(tid)
         view = None if held is None else HeldView(held.generation, held.ending())
-        stored = await self.store.get_task(tid) if held is None else None
         limit = self.config.capacity + self.config.queue_length
-        action = decide_assign(
-            view, stored, gen, closing=self.closing, held_count=len(self.held), limit=limit
-        )
-        if held is not None and action is not AssignAction.ACCEPT:
+
+        def decide(stored: StoredTask | None) -> AssignAction:
+            return decide_assign(
+                view, stored, gen, closing=self.closing, held_count=len(self.held), limit=limit
+            )
+
+        action = decide(None)
+        if held is not None:
             await self._on_assign_held(action, held, task)
             return
+        if action is not AssignAction.ACCEPT:
+            # A refusal: unless this is a duplicate of a task finished here (the
+            # store knows). The accept path asks the store in its one write (`admit`).
+            action = decide(await self.store.get_task(tid))
         if action is AssignAction.IGNORE_FINISHED:
             log.info("duplicate_assign_finished", task_id=tid, generation=gen, action="ignored")
         elif action is AssignAction.REFUSE_CLOSING:
@@ -219,12 +226,15 @@ class Supervisor:
         # No checkpoint from here until the task is held: the frame handler runs in
         # the link's session scope, and a task stored but not held would be stranded.
         try:
-            dropped = await self.store.put_task(tid, gen, task.raw, marker)
+            dropped = await self.store.admit(tid, gen, task.raw, marker)
         except StoreWriteError as exc:
             # Not stored, so not accepted: a task we could lose must not be taken.
             log.warning("task_refused_store", task_id=tid, generation=gen, error=str(exc))
             reason = "state_disk_full" if exc.full else "state_store_error"
             await self._fail_unheld(tid, gen, f"sidecar cannot take tasks: {exc}", reason)
+            return
+        if dropped is None:
+            log.info("duplicate_assign_finished", task_id=tid, generation=gen, action="ignored")
             return
         self._hold(Held(task, gen, marker))
         self._log_stale_dropped(tid, gen, dropped)
@@ -327,7 +337,8 @@ class Supervisor:
                     held.started = True
                     started_at = trio.current_time()
                     held.scope.deadline = started_at + timeout_s
-                    await self.store.mark_running(tid)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self.store.mark_running, tid)  # not awaited: see its doc
                     self.batcher.task_started(tid)
                     tlog.info("task_started", generation=held.generation, timeout_s=timeout_s)
                     # Every child of this task carries the marker the store knows,

@@ -48,6 +48,37 @@ async def test_state_survives_reopen_like_a_crash(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_admit_stores_a_new_task_and_ignores_a_finished_duplicate(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        assert await store.admit("t", 2, {"task_id": "t", "generation": 2}, "m") == 0
+        await store.finish("t", failed_frame("t", 2, "x"))
+        # The same generation again, or an older one: finished here, nothing written.
+        assert await store.admit("t", 2, {"task_id": "t", "generation": 2}, "m") is None
+        assert await store.admit("t", 1, {"task_id": "t", "generation": 1}, "m") is None
+        assert (await store.get_task("t")).state == DONE  # type: ignore[union-attr]
+        # Given out again as a newer generation: stored afresh, the stale result dropped.
+        assert await store.admit("t", 3, {"task_id": "t", "generation": 3}, "m") == 1
+        row = await store.get_task("t")
+        assert row is not None and (row.state, row.generation) == (QUEUED, 3)
+        assert await store.outbox() == []
+    finally:
+        await store.close()
+
+
+async def test_mark_running_after_finish_leaves_the_task_done(tmp_path: Path) -> None:
+    """The supervisor does not wait for mark_running: arriving late, it must not undo the end."""
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        await store.admit("t", 0, {"task_id": "t"}, "m")
+        await store.finish("t", None)
+        await store.mark_running("t")
+        assert (await store.get_task("t")).state == DONE  # type: ignore[union-attr]
+        assert await store.in_flight() == []
+    finally:
+        await store.close()
+
+
 async def test_drop_results_and_generation(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "s.db")
     await store.put_task("t", 0, {"task_id": "t"}, "m")
