@@ -5,8 +5,8 @@ the outbox (in the same transaction that marks the task finished) before it is
 sent, and deleted only when the hub acknowledges it. On start-up the store
 tells what was in flight when the process last died.
 
-SQLite is blocking, so every call runs in `trio.to_thread.run_sync` on one
-connection, serialised by a trio lock. Every write is one transaction.
+SQLite is blocking, so every call runs in the store's own thread
+(`storethread.StoreThread`) on one connection, serialised by a trio lock. Every write is one transaction.
 
 When the disk refuses a write (full, or an I/O error), the writes that must
 happen (`put_task`, `finish`) raise `StoreWriteError` and nothing of them is
@@ -24,6 +24,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from .storefaults import (
     WriteHealth,
     error_code,
 )
+from .storethread import StoreThread
 
 log = get_logger("sidecar.store")
 
@@ -103,6 +105,7 @@ class Store:
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db
         self._lock = trio.Lock()
+        self._thread = StoreThread()
         self.path = path
         self.health = WriteHealth(path, PROBE_INTERVAL_S)
         # Bookkeeping writes the disk refused, applied first in the next write that succeeds.
@@ -179,7 +182,7 @@ class Store:
         async with self._lock:
             # Shielded: a cancelled caller must not leave a half-done transaction.
             with trio.CancelScope(shield=True):
-                result = await trio.to_thread.run_sync(fn, self._db)
+                result = await self._thread.run(partial(fn, self._db))
         return result
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T], *, owe: Write | None = None) -> T:
@@ -197,7 +200,7 @@ class Store:
 
             try:
                 with trio.CancelScope(shield=True):
-                    result = await trio.to_thread.run_sync(_transaction(run), self._db)
+                    result = await self._thread.run(partial(_transaction(run), self._db))
             except sqlite3.OperationalError as exc:
                 if error_code(exc) not in CANNOT_WRITE:
                     raise
@@ -251,6 +254,7 @@ class Store:
         if self._owed:
             await self.probe()  # a last chance for what is owed (else a restart redoes it)
         await self._run(lambda db: db.close())
+        await self._thread.stop()
 
     # -- tasks -------------------------------------------------------------
 
