@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import trio
 
-from . import reports
+from . import proctree, reports
 from .batcher import Batcher
 from .config import Config
 from .cost import CostModel
@@ -289,6 +289,9 @@ async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]
     during the (bounded) graceful shutdown does not cut it short, nor (run
     through `entry.main`) does it turn the exit into death by signal.
     """
+    # Orphans of our tasks are re-parented to us, not to init: the end-of-task
+    # sweep then walks our own process tree instead of every process's environment.
+    log.info("process_tree", subreaper=proctree.become_subreaper())
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         # A stop request that came while the process started (entry.py kept it).
         early = take_early_signals()

@@ -133,6 +133,7 @@ async def run_exec(
     req: ExecRequest, out: TextIO, *, json_lines: bool = False, tty: bool | None = None
 ) -> int:
     """Run one task; returns the exit code."""
+    procs.become_subreaper()  # the task's orphans stay below us (see proctree)
     with tempfile.TemporaryDirectory(prefix="sidecar-exec-") as tmp:
         config = exec_config(req, Path(tmp))
         state_dir = config.resolved_state_dir()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import fcntl
-import hashlib
 import os
 import signal
 import subprocess
@@ -27,10 +26,21 @@ import attrs
 import trio
 
 from .log import get_logger
+from .proctree import (
+    MARKER_VAR,
+    agent_marker_prefix,
+    become_subreaper,
+    find_marked,
+    group_alive,
+    group_members,
+    kill_group,
+    kill_marked,
+    running_children,
+    task_marker,
+)
 
 log = get_logger(__name__)
 
-MARKER_VAR = "SIDECAR_TASK_MARKER"
 # A line longer than this (in characters) without a newline is passed on in pieces.
 MAX_LINE_CHARS = 64 * 1024
 # Bytes asked of the pipe per read. The pipe itself is enlarged to this size
@@ -63,24 +73,7 @@ class ChildResult:
 
 
 # --------------------------------------------------------------------------
-# Markers, environments, signals
-
-
-def task_marker(agent_id: str, task_id: str) -> str:
-    """A deterministic per-task marker, safe as an environment value.
-
-    Hashed so that any task id (even one holding NUL or newlines) gives a short
-    printable value; deterministic so that after a crash the supervisor can
-    recompute it, and prefixed per agent (`agent_marker_prefix`) so that a
-    start-up sweep touches only this agent's leftovers.
-    """
-    digest = hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return agent_marker_prefix(agent_id) + digest[:20]
-
-
-def agent_marker_prefix(agent_id: str) -> str:
-    """The prefix every `task_marker` of this agent starts with."""
-    return "sc-" + hashlib.sha256(agent_id.encode("utf-8", "surrogatepass")).hexdigest()[:12] + "-"
+# Environments
 
 
 def child_env(
@@ -119,121 +112,6 @@ def describe_returncode(returncode: int) -> str:
             name = str(-returncode)
         return f"killed by signal {name}"
     return f"exit code {returncode}"
-
-
-def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
-    """Send `sig` to process group `pgid`; False if there was no one to signal. Never raises."""
-    if pgid <= 1:
-        return False
-    try:
-        os.killpg(pgid, sig)
-    except OSError:  # ProcessLookupError: group empty; PermissionError: not ours
-        return False
-    return True
-
-
-def _proc_pids() -> list[int]:
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    me = os.getpid()
-    return [int(n) for n in names if n.isdigit() and int(n) != me]
-
-
-def _read_proc(pid: int, name: str) -> bytes | None:
-    try:
-        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY)
-    except OSError:  # gone, or not ours
-        return None
-    try:
-        chunk = os.read(fd, 65536)
-        if len(chunk) < 32768:
-            # /proc files are produced in one go up to a page or more: a short
-            # read is the whole file, which saves the read that would see EOF.
-            return chunk
-        chunks = [chunk]
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _stat_fields(pid: int) -> tuple[str, int] | None:
-    """(state, pgrp) of a process, from /proc/<pid>/stat."""
-    raw = _read_proc(pid, "stat")
-    if not raw:
-        return None
-    rest = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return rest[0].decode("ascii", "replace"), int(rest[2])
-    except (IndexError, ValueError):
-        return None
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in group `pgid`."""
-    out = []
-    for pid in _proc_pids():
-        fields = _stat_fields(pid)
-        if fields is not None and fields[1] == pgid and fields[0] not in ("Z", "X"):
-            out.append(pid)
-    return out
-
-
-def group_alive(pgid: int) -> bool:
-    """True while any non-zombie process is left in group `pgid`."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return bool(group_members(pgid))
-
-
-def find_marked(marker: str, *, prefix: bool = False) -> list[int]:
-    """Pids (not ours) whose environment carries `SIDECAR_TASK_MARKER=<marker>`.
-
-    With `prefix=True`, any marker starting with `marker` matches. Zombies have
-    an empty environment and so never match. Processes we may not read (other
-    users) or that vanish mid-scan are skipped.
-    """
-    needle = b"\0" + f"{MARKER_VAR}={marker}".encode()
-    if not prefix:
-        needle += b"\0"
-    found = []
-    for pid in _proc_pids():
-        data = _read_proc(pid, "environ")
-        if data and needle in b"\0" + data + (b"" if data.endswith(b"\0") else b"\0"):
-            found.append(pid)
-    return found
-
-
-def kill_marked(marker: str, sig: int = signal.SIGKILL, *, prefix: bool = False) -> int:
-    """Signal every process carrying the marker; return how many distinct ones.
-
-    Rescans (a few rounds at most) while new pids turn up, so that a process
-    forked between a scan and the kill is caught too. A process already
-    signalled may still show up while it dies; it is not counted twice.
-    """
-    signalled: set[int] = set()
-    for _ in range(5):
-        fresh = [pid for pid in find_marked(marker, prefix=prefix) if pid not in signalled]
-        if not fresh:
-            break
-        for pid in fresh:
-            try:
-                os.kill(pid, sig)
-                signalled.add(pid)
-            except OSError:
-                pass
-        if sig != signal.SIGKILL:
-            break
-    return len(signalled)
 
 
 # --------------------------------------------------------------------------
@@ -390,6 +268,14 @@ async def _final_cleanup(pgid: int | None, marker: str | None) -> int:
     return strays
 
 
+async def sweep_marked(marker: str) -> int:
+    """Kill every process carrying `marker` and wait (shielded, at most 2 s) until they are gone.
+
+    The common case, nothing left, costs one scan and no wait.
+    """
+    return await _final_cleanup(None, marker)
+
+
 def _unwrap(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception worth raising out of our private nursery."""
     leaves: list[BaseException] = []
@@ -504,6 +390,7 @@ async def run_child(
     async def run_it(task_status: trio.TaskStatus[int]) -> None:
         nonlocal returncode
         popen, stdin_w = spawn()
+        running_children.add(popen.pid)  # ours to reap (proctree.reap_orphans leaves it)
         exit_ = _Exit(popen)
         try:
             async with trio.open_nursery() as feeder:
@@ -514,6 +401,8 @@ async def run_child(
                 feeder.cancel_scope.cancel()
         finally:
             exit_.close()
+            if popen.returncode is not None:
+                running_children.discard(popen.pid)
             drain_scope.deadline = min(drain_scope.deadline, trio.current_time() + drain_grace_s)
 
     async def drain(stdout: trio.abc.ReceiveStream, stderr: trio.abc.ReceiveStream) -> None:
@@ -629,3 +518,23 @@ async def capture(
         timed_out=scope.cancelled_caught,
         duration_s=trio.current_time() - t0,
     )
+
+
+__all__ = [
+    "MARKER_VAR",
+    "Captured",
+    "ChildResult",
+    "agent_marker_prefix",
+    "become_subreaper",
+    "capture",
+    "child_env",
+    "describe_returncode",
+    "find_marked",
+    "group_alive",
+    "group_members",
+    "kill_group",
+    "kill_marked",
+    "run_child",
+    "sweep_marked",
+    "task_marker",
+]

@@ -131,7 +131,8 @@ class Supervisor:
             self._nursery = nursery
             nursery.start_soon(self._late_sweeper)
             for stored in await self.store.in_flight():
-                killed = procs.kill_marked(stored.marker)
+                # Leftovers of a process that died went to init, not to us: look everywhere.
+                killed = procs.kill_marked(stored.marker, everywhere=True)
                 try:
                     task = parse_task(stored.frame)
                 except FrameError:

@@ -62,12 +62,12 @@ class TaskRun:
 
 
 async def run_and_sweep(fn: Callable[[TaskRun], Awaitable[T]], run: TaskRun) -> T:
-    """Run `fn(run)`; whatever happens, kill every process still carrying the marker.
+    """Run `fn(run)`; whatever happens, kill every process still carrying the marker
+    and wait (shielded, bounded) until they are gone, so the task's end means it.
 
-    The sweep is synchronous (a `/proc` scan and signals), so it needs no
-    shield; the caller's late sweep (a process caught mid-exec) stays its own.
+    The caller's late sweep (a process caught mid-exec) stays its own.
     """
     try:
         return await fn(run)
     finally:
-        procs.kill_marked(run.marker)
+        await procs.sweep_marked(run.marker)

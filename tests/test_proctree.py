@@ -1,0 +1,65 @@
+"""A subreaper daemon finds a task's leftovers in its own tree, kills them and reaps them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from tests.fakes.proc_helpers import alive
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import trio
+    from sidecar import procs, proctree
+
+    async def main():
+        out = {"subreaper": procs.become_subreaper()}
+        marker = "sc-test-subreaper-" + str(os.getpid())
+        env = procs.child_env(os.environ, marker)
+        # The shell starts a session of its own and exits: its child is orphaned.
+        got = []
+        async def keep(line):
+            got.append(line)
+        res = await procs.run_child(
+            ["/bin/sh", "-c", "setsid sleep 60 >/dev/null 2>&1 & echo $!"],
+            cwd=Path("/"), env=env, marker=marker, on_stdout=keep, sweep_marker=False,
+        )
+        orphan = int(got[0])
+        out["returncode"] = res.returncode
+        out["orphan"] = orphan
+        for _ in range(200):  # the re-parenting follows the shell's exit
+            if orphan in proctree._children(os.getpid()):
+                break
+            await trio.sleep(0.01)
+        out["reparented_to_us"] = orphan in proctree._children(os.getpid())
+        out["found_in_tree"] = orphan in procs.find_marked(marker)
+        out["killed"] = procs.kill_marked(marker)
+        for _ in range(200):  # SIGKILL is asynchronous: reap once it is dead
+            proctree.reap_orphans()
+            if orphan not in proctree._children(os.getpid()):
+                break
+            await trio.sleep(0.01)
+        out["left_as_child"] = proctree._children(os.getpid())
+        print(json.dumps(out))
+
+    trio.run(main)
+    """
+)
+
+
+def test_orphans_of_a_task_are_found_below_us_killed_and_reaped() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["subreaper"] is True
+    assert out["returncode"] == 0
+    assert out["reparented_to_us"] and out["found_in_tree"]
+    assert out["killed"] == 1
+    assert out["left_as_child"] == []  # reaped: no zombie left behind
+    assert not alive(out["orphan"])
