@@ -80,14 +80,26 @@ def _parser() -> argparse.ArgumentParser:
         "hub",
         help="run the built-in dev hub",
         description="A small hub speaking the AgentCom protocol (with its validation and rate limits), "
-        "plus an HTTP API: POST /api/tasks, GET /api/tasks/ID, POST /api/tasks/ID/cancel.",
-        epilog="example:\n  sidecar hub --port 4000 --token t0k --agent agent-1",
+        "plus the real hub's HTTP API (GET /health, GET /api/agents, POST /api/onboard/register, "
+        "GET /api/config/default-repo, POST /api/tasks, GET /api/tasks/ID, DELETE /admin/tokens/NAME) "
+        "and its own POST /api/tasks/ID/cancel.",
+        epilog="examples:\n  sidecar hub --port 4000 --token t0k --agent agent-1\n"
+        "  sidecar hub --port 4000 --default-repo https://example.com/repo.git --require-auth",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hub.add_argument("--host", default="127.0.0.1")
     hub.add_argument("--port", type=int, default=4000)
-    hub.add_argument("--token", required=True)
-    hub.add_argument("--agent", required=True)
+    hub.add_argument("--token", help="a token for --agent (else agents register: sidecar join)")
+    hub.add_argument("--agent", help="an agent allowed in with --token")
+    hub.add_argument("--default-repo", metavar="URL", help="what GET /api/config/default-repo names")
+    hub.add_argument(
+        "--require-auth", action="store_true", help="require a Bearer token on /api/tasks (as the real hub)"
+    )
+    hub.add_argument(
+        "--newer",
+        action="store_true",
+        help="accept the newer frame types (state_report, wake_result, agent_restarting)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -163,8 +175,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_level, json_lines=json_lines)
         from .devhub import run_hub_cli
 
+        if (args.token is None) != (args.agent is None):
+            print("sidecar hub: --token and --agent go together", file=sys.stderr)
+            return 2
         try:
-            run_hub_cli(port=args.port, token=args.token, agent=args.agent, host=args.host)
+            run_hub_cli(
+                port=args.port,
+                token=args.token,
+                agent=args.agent,
+                host=args.host,
+                default_repo=args.default_repo,
+                require_auth=args.require_auth,
+                knows_state_report=args.newer,
+                knows_wake_result=args.newer,
+                knows_agent_restarting=args.newer,
+            )
         except KeyboardInterrupt:
             pass
         return 0

@@ -20,7 +20,15 @@ async def test_submit_get_list_cancel_over_http() -> None:
         body = {"task_id": "t-1", "description": "say hi", "metadata": {"shell_command": "echo hi"}}
         response = await http.post("/api/tasks", json=body)
         assert response.status_code == 201
-        assert response.json() == {"task_id": "t-1", "generation": 0, "status": "queued"}
+        answer = response.json()
+        assert answer == {
+            "task_id": "t-1",
+            "generation": 0,
+            "status": "queued",
+            "priority": "normal",
+            "created_at": answer["created_at"],
+        }
+        assert isinstance(answer["created_at"], int) and answer["created_at"] > 1_700_000_000_000
         assert (await http.post("/api/tasks", json=body)).status_code == 409
 
         generated = (await http.post("/api/tasks", json={"description": "x"})).json()["task_id"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
 from .ratelimit import RateLimits
+from .schemas import ws_schemas
 
 
 @attrs.frozen
@@ -31,7 +33,16 @@ class HubConfig:
       is still open is identified but never registered: pushes keep going to the
       old socket, and nowhere once it is gone. Off: a new identify closes the
       old socket.
-    - `api_token`: require `Authorization: Bearer …` on `/api/tasks*`.
+    - `knows_wake_result`, `knows_agent_restarting`: a newer hub that accepts
+      these frames; a stock hub (the default) answers them `validation_failed`.
+    - `api_token`: require `Authorization: Bearer …` on `/api/tasks*`. Any
+      agent's token (configured or registered) is a valid Bearer too, as on the
+      real hub.
+    - `require_auth`: require a Bearer on `/api/tasks*` even without
+      `api_token` (the real hub's behaviour; off by default so tests can inject
+      tasks with a bare POST). A Bearer that is sent is always checked.
+    - `default_repo`: what `GET /api/config/default-repo` and the registration
+      answer name (None: not configured).
     """
 
     tokens: Mapping[str, str] | str = attrs.field(factory=dict)
@@ -50,3 +61,15 @@ class HubConfig:
     violation_limit: int = 10
     violation_window: float = 60.0
     api_token: str | None = None
+    knows_wake_result: bool = False
+    knows_agent_restarting: bool = False
+    require_auth: bool = False
+    default_repo: str | None = None
+
+    def ws_schemas(self) -> dict[str, dict[str, Any]]:
+        """The WebSocket schemas this hub accepts."""
+        return ws_schemas(
+            self.knows_state_report,
+            wake_result=self.knows_wake_result,
+            agent_restarting=self.knows_agent_restarting,
+        )

@@ -63,7 +63,7 @@ class FrameHandler:
         if not isinstance(msg, dict):
             self._crash(s, data, None, "not_an_object", f"JSON {type(msg).__name__} is not an object")
             return
-        errors = validate_ws_message(msg, hub.config.knows_state_report)
+        errors = validate_ws_message(msg, schemas=hub.schemas)
         if errors:
             self._validation_failure(s, data, msg, errors)
             return
@@ -231,6 +231,12 @@ class FrameHandler:
 
     def _on_resource_report(self, s: Session, msg: dict[str, Any]) -> None:
         self.hub.resource_reports.append(msg)
+
+    def _on_wake_result(self, s: Session, msg: dict[str, Any]) -> None:
+        self.hub.wake_results.append(msg)
+
+    def _on_agent_restarting(self, s: Session, msg: dict[str, Any]) -> None:
+        self.hub.restart_notices.append(msg)
 
     def _on_ollama_report(self, s: Session, msg: dict[str, Any]) -> None:
         self.hub.ollama_reports.append(msg)

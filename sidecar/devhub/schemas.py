@@ -114,7 +114,26 @@ STATE_REPORT_SCHEMA: dict[str, Any] = _schema(
     {"status": "string", "generation": "integer", "assigned_at": "integer"},
 )
 
-# Body of `POST /api/tasks` on the dev hub: shaped like a `task_assign`.
+# Known only to newer hubs (`knows_wake_result=True`): the outcome of each
+# attempt of the legacy wake command.
+WAKE_RESULT_SCHEMA: dict[str, Any] = _schema(
+    "Sidecar reports the outcome of one wake command attempt (legacy wake path).",
+    {"task_id": "string", "status": "string"},
+    {"attempt": "integer", "error": "string", "timestamp": "number"},
+)
+
+# Known only to newer hubs (`knows_agent_restarting=True`): sent before the
+# sidecar restarts at the hub's `restart_sidecar`.
+AGENT_RESTARTING_SCHEMA: dict[str, Any] = _schema(
+    "Sidecar announces that it is about to restart.",
+    {},
+    {"reason": "string", "running_tasks": "integer", "wait_ms": "integer", "timestamp": "number"},
+)
+
+PRIORITIES = ("low", "normal", "urgent", "critical")
+
+# Body of `POST /api/tasks`: the real hub's fields, plus the dev hub's own
+# (those of a `task_assign`, for tests that inject exact frames).
 POST_TASK_SCHEMA: dict[str, Any] = {
     "required": {},
     "optional": {
@@ -132,16 +151,36 @@ POST_TASK_SCHEMA: dict[str, Any] = {
         "routing_decision": "object",
         "needed_capabilities": ("list", "string"),
         "assign_to": "string",
+        "priority": "string",
+        "complexity_tier": "string",
     },
-    "description": "Submit a task to the dev hub's queue (fields of task_assign).",
+    "description": "Submit a task to the queue (the real hub's fields, or those of task_assign).",
 }
 
 
-def ws_schemas(knows_state_report: bool) -> dict[str, dict[str, Any]]:
-    """The WebSocket schemas a hub of this vintage accepts."""
-    if not knows_state_report:
-        return WS_SCHEMAS
-    return {**WS_SCHEMAS, "state_report": STATE_REPORT_SCHEMA}
+# Body of `POST /api/onboard/register`.
+REGISTER_SCHEMA: dict[str, Any] = {
+    "required": {"agent_id": "string"},
+    "optional": {},
+    "description": "Register a new agent; the answer carries its token.",
+}
+
+
+def ws_schemas(
+    knows_state_report: bool = False, *, wake_result: bool = False, agent_restarting: bool = False
+) -> dict[str, dict[str, Any]]:
+    """The WebSocket schemas a hub of this vintage accepts.
+
+    A stock hub knows none of the three newer types; each flag adds one.
+    """
+    schemas = dict(WS_SCHEMAS)
+    if knows_state_report:
+        schemas["state_report"] = STATE_REPORT_SCHEMA
+    if wake_result:
+        schemas["wake_result"] = WAKE_RESULT_SCHEMA
+    if agent_restarting:
+        schemas["agent_restarting"] = AGENT_RESTARTING_SCHEMA
+    return schemas
 
 
 def type_name(value: Any) -> str:
@@ -235,9 +274,19 @@ def validate_against(data: Mapping[str, Any], schema: Mapping[str, Any]) -> list
     return errors
 
 
-def validate_ws_message(msg: Mapping[str, Any], knows_state_report: bool = False) -> list[dict[str, Any]]:
-    """Validate one decoded WebSocket frame (a JSON object) as the hub does."""
-    schemas = ws_schemas(knows_state_report)
+def validate_ws_message(
+    msg: Mapping[str, Any],
+    knows_state_report: bool = False,
+    *,
+    schemas: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Validate one decoded WebSocket frame (a JSON object) as the hub does.
+
+    `schemas`: the hub's own set (`ws_schemas(...)`); by default a stock hub's,
+    with `state_report` when `knows_state_report`.
+    """
+    if schemas is None:
+        schemas = ws_schemas(knows_state_report)
     if "type" not in msg:
         return [{"field": "type", "error": "required", "detail": "field is required"}]
     mtype = msg["type"]
@@ -260,8 +309,12 @@ def _fields_json(fields: Mapping[str, FieldType]) -> list[dict[str, str]]:
     return [{"name": name, "type": _format_type(t)} for name, t in fields.items()]
 
 
-def schemas_json(knows_state_report: bool = False) -> dict[str, Any]:
+def schemas_json(
+    knows_state_report: bool = False, *, schemas: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
     """The body of `GET /api/schemas`, in the real hub's format."""
+    if schemas is None:
+        schemas = ws_schemas(knows_state_report)
     ws = [
         {
             "type": mtype,
@@ -269,7 +322,7 @@ def schemas_json(knows_state_report: bool = False) -> dict[str, Any]:
             "required_fields": _fields_json(schema["required"]),
             "optional_fields": _fields_json(schema["optional"]),
         }
-        for mtype, schema in sorted(ws_schemas(knows_state_report).items())
+        for mtype, schema in sorted(schemas.items())
     ]
     http = [
         {

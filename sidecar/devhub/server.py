@@ -90,14 +90,23 @@ async def serve_forever(
         await trio.sleep_forever()
 
 
-def run_hub_cli(port: int, token: str, agent: str, host: str = "127.0.0.1") -> None:
-    """`sidecar hub --port P --token T --agent A`: serve until Ctrl-C."""
+def run_hub_cli(
+    port: int, token: str | None, agent: str | None, host: str = "127.0.0.1", **options: Any
+) -> None:
+    """`sidecar hub [--token T --agent A] …`: serve until Ctrl-C.
+
+    `options` are `HubConfig` fields (`default_repo`, `require_auth`, …).
+    Without `--agent`, agents join through `POST /api/onboard/register`.
+    """
     if not logging.getLogger().handlers:
         setup_logging()
-    register_secret(token)
+    tokens: dict[str, str] = {}
+    if token is not None and agent is not None:
+        register_secret(token)
+        tokens[agent] = token
 
     async def main() -> None:
-        async with open_dev_hub(host, port, {agent: token}) as hub:
+        async with open_dev_hub(host, port, tokens, **options) as hub:
             log.info("devhub_ready", ws_url=hub.ws_url, api_url=hub.api_url, agent_id=agent)
             await trio.sleep_forever()
 

@@ -22,6 +22,7 @@ Times named `*_at` are Trio seconds; `*_ms` fields are wall-clock milliseconds
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,17 @@ FINISHED = frozenset({"completed", "dead_letter", "cancelled"})
 
 # Fields of a submitted task that the hub owns; everything else is sent in task_assign.
 _HUB_FIELDS = frozenset(
-    {"type", "task_id", "generation", "assigned_at", "max_retries", "needed_capabilities", "assign_to"}
+    {
+        "type",
+        "task_id",
+        "generation",
+        "assigned_at",
+        "max_retries",
+        "needed_capabilities",
+        "assign_to",
+        "priority",
+        "complexity_tier",
+    }
 )
 
 
@@ -93,6 +104,7 @@ class TaskRecord:
     task_id: str
     fields: dict[str, Any]
     created_at: float
+    created_at_ms: int = 0
     status: str = "queued"
     generation: int = 0
     max_retries: int = 3
@@ -156,6 +168,8 @@ class TaskRecord:
         return {
             "task_id": self.task_id,
             "status": self.status,
+            "priority": self.fields.get("priority") or "normal",
+            "created_at": self.created_at_ms,
             "generation": self.generation,
             "assigned_to": self.assigned_to,
             "assigned_at": self.assigned_at_ms,
@@ -189,10 +203,19 @@ class HubState:
     tasks: dict[str, TaskRecord] = attrs.field(factory=dict)
     cooldowns: Cooldowns = attrs.field(factory=Cooldowns)
     rates: RateLimiter = attrs.field(factory=lambda: RateLimiter(RateLimits()))
+    # Agents registered through `POST /api/onboard/register` (agent_id → token),
+    # and agents whose token `DELETE /admin/tokens/NAME` revoked.
+    registered: dict[str, str] = attrs.field(factory=dict)
+    revoked: set[str] = attrs.field(factory=set)
 
     def restarted(self) -> HubState:
-        """What a real hub has after a restart: its tasks, nothing else."""
-        return HubState(tasks=self.tasks, rates=RateLimiter(self.rates.limits))
+        """What a real hub has after a restart: its tasks and tokens, nothing else."""
+        return HubState(
+            tasks=self.tasks,
+            rates=RateLimiter(self.rates.limits),
+            registered=self.registered,
+            revoked=self.revoked,
+        )
 
     # -- queue operations (pure: no I/O; the hub pushes frames) ------------------
 
@@ -208,6 +231,7 @@ class HubState:
             task_id=task_id,
             fields=fields,
             created_at=now,
+            created_at_ms=int(time.time() * 1000),
             generation=int(fields.get("generation") or 0),
             max_retries=int(fields.get("max_retries", default_max_retries)),
             needed_capabilities=list(fields.get("needed_capabilities") or []),
