@@ -23,6 +23,8 @@ _EPILOG = """examples:
   sidecar run --config /etc/sidecar/sidecar.toml
   sidecar run --config ~/agentcom/sidecar/config.json   # the Node sidecar's file, unchanged
   sidecar hub --port 4000 --token t0k --agent agent-1
+  sidecar join --hub http://hub.example:4000 --service     # add this machine to the fleet
+  sidecar submit --hub http://hub.example:4000 --token T --description hi --shell 'echo hi' --wait
   curl -XPOST localhost:4000/api/tasks -d '{"description":"hi","metadata":{"shell_command":"echo hi"},
        "routing_decision":{"target_type":"sidecar"}}'
 """
@@ -146,6 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--config", "-c", help="TOML config, or the original sidecar's config.json")
     chk.add_argument("--no-identify", action="store_true", help="stop after the WebSocket handshake")
     chk.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per probe (default 10)")
+
+    from .fleet.cli import add_parsers as add_fleet_parsers
+
+    add_fleet_parsers(sub)
     return p
 
 
@@ -207,6 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trio.run(
             partial(run_check, args.config, sys.stdout, identify=not args.no_identify, timeout_s=args.timeout)
         )
+    if args.command in ("join", "leave", "submit"):
+        # Progress goes to stdout; the log (a smoke-test sidecar's too) only for problems.
+        setup_logging("warning" if args.log_level == "info" else args.log_level, json_lines=json_lines)
+        from .fleet.cli import run as run_fleet
+
+        return run_fleet(args)
     return 2  # pragma: no cover - argparse enforces the choices
 
 

@@ -45,7 +45,9 @@ async def handle_http(hub: DevHub, scope: dict[str, Any], receive: ASGIReceive, 
         await respond(send, 200, schemas_json(schemas=hub.schemas))
         return
     if path == "/health" and method == "GET":
-        await respond(send, 200, {"status": "ok", "service": "agent_com", "agents_connected": len(hub.agents())})
+        await respond(
+            send, 200, {"status": "ok", "service": "agent_com", "agents_connected": len(hub.agents())}
+        )
         return
     if await handle_fleet_route(hub, method, parts, scope, receive, send):
         return
