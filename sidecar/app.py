@@ -42,11 +42,13 @@ from .frames import (
     TaskContinue,
     TaskReassign,
 )
+from .hubtypes import SCHEMAS_TIMEOUT_S, HubTypes, api_url_of
 from .link import HubLink
 from .log import get_logger, register_secret
 from .messages import FrameError
 from .metrics import SidecarMetrics
 from .progress import open_progress
+from .restart import Restarter
 from .store import Store
 from .storefaults import StoreError
 from .supervisor import Supervisor
@@ -55,9 +57,6 @@ log = get_logger("sidecar.app")
 
 # How long a result waits for its task's pending progress to reach the hub first.
 RESULT_PROGRESS_WAIT_S = 2.0
-
-# Frames we send that an older hub may not know; dropped after one refusal.
-OPTIONAL_TYPES = frozenset({"resource_report", "ollama_report"})
 
 # Exit status after the hub's restart_sidecar (EX_TEMPFAIL): "start me again".
 RESTART_EXIT_CODE = 75
@@ -87,7 +86,12 @@ class Sidecar:
         self.outbox = Outbox(store, self.link, before_send=self._flush_task_progress)
         self.link.lifecycle_listener = self.batcher.note_lifecycle_frame
         self.progress_send, self.progress_receive = open_progress()
-        ctx = ExecContext(config=config, http=http, state_dir=config.resolved_state_dir())
+        self.http = http
+        self.hub_types = HubTypes()
+        self.refused_types = self.hub_types.refused
+        ctx = ExecContext(
+            config=config, http=http, state_dir=config.resolved_state_dir(), notify=self._notify_hub
+        )
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
         self.metrics = SidecarMetrics(self)
         self.supervisor = Supervisor(
@@ -102,11 +106,16 @@ class Sidecar:
             send=self.link.send,
         )
         self.bad_frames = 0
-        self.refused_types: set[str] = set()
         self.stopped = trio.Event()
         # Set by a signal or the hub's restart_sidecar; `run_sidecar` then shuts down.
         self.stop_requested = trio.Event()
         self.exit_code = 0
+        self.restarter = Restarter(
+            self.supervisor,
+            config.restart_drain_s,
+            lambda frame: self._send_optional(self.link, frame),
+            self.stop_requested.set,
+        )
 
     def busy(self) -> bool:
         return self.supervisor.busy()
@@ -121,21 +130,28 @@ class Sidecar:
         """Per session: recover held tasks, then report Ollama and host resources."""
         self.batcher.notify_sink_ready()
         await self.supervisor.recover_all()
+        with trio.move_on_after(SCHEMAS_TIMEOUT_S):
+            await self.hub_types.learn(self.http, api_url_of(self.config))
         if self.config.ollama_url:
             await self._send_optional(link, {"type": "ollama_report", "ollama_url": self.config.ollama_url})
         await trio.sleep(reports.FIRST_REPORT_DELAY_S)
         while True:
-            await self._send_optional(link, await reports.resource_report())
+            await self._send_optional(link, await reports.resource_report(agent_id=self.config.agent_id))
             await trio.sleep(reports.REPORT_INTERVAL_S)
 
     async def _send_optional(self, link: HubLink, frame: dict[str, Any]) -> None:
         """Send a frame an older hub may not know, unless it already refused the type.
 
         Validation failures count towards the hub's 10-a-minute disconnect, so a
-        type refused once is not sent again by this process.
+        type refused once (or missing from the hub's /api/schemas) is not sent.
         """
-        if frame["type"] not in self.refused_types:
+        if self.hub_types.accepts(frame["type"]):
             await link.send(frame)
+
+    async def _notify_hub(self, frame: dict[str, Any]) -> None:
+        """An executor's informational frame (`wake_result`): now or never."""
+        if self.link.can_send():
+            await self._send_optional(self.link, frame)
 
     async def on_frame(self, frame: InboundFrame) -> None:
         try:
@@ -166,8 +182,7 @@ class Sidecar:
                 self.accepts.on_frame(frame)
                 self.outbox.on_frame(frame)
             case HubError(error=error, message_type=mtype, errors=errors):
-                if error == "validation_failed" and mtype in OPTIONAL_TYPES:
-                    self.refused_types.add(mtype)
+                self.hub_types.on_refusal(error, mtype)
                 log.warning(
                     "hub_error",
                     error=error[:300],
@@ -183,11 +198,11 @@ class Sidecar:
                 log.info("rate_limit_warning", tier=tier, remaining=remaining)
                 self.batcher.on_rate_limit_warning()
             case RestartSidecar(reason=reason):
-                # Stop gracefully and exit with RESTART_EXIT_CODE: the service manager
-                # (deploy/sidecar.service, Restart=always) starts us again.
-                log.warning("restart_requested", reason=(reason or "")[:200], action="graceful restart")
+                # Finish running tasks (bounded), stop gracefully and exit with
+                # RESTART_EXIT_CODE: the service manager (deploy/sidecar.service,
+                # Restart=always) starts us again. See restart.py.
                 self.exit_code = RESTART_EXIT_CODE
-                self.stop_requested.set()
+                self.restarter.request(reason or "restart_sidecar")
             case Ignored(type=kind):
                 log.debug("frame_ignored", type=kind)
             case Identified() | Pong():
@@ -218,6 +233,7 @@ class Sidecar:
             nursery.start_soon(self.accepts.run)
             nursery.start_soon(self.store.watch)  # recovers the store once the disk takes writes
             nursery.start_soon(self.link.run)
+            nursery.start_soon(self.restarter.run)
             if self.config.metrics_listen:
                 await nursery.start(self.metrics.serve, self.config.metrics_listen)
             task_status.started()

@@ -104,6 +104,8 @@ class Config:
     keepalive_s: float = 120.0
     shutdown_grace_s: float = 10.0
     wake_attempt_timeout_s: float = 60.0
+    # After the hub's restart_sidecar: how long running tasks may take to end first.
+    restart_drain_s: float = 300.0
     # Local /healthz and /metrics endpoint, "host:port" (off when unset).
     metrics_listen: str | None = None
     ollama: OllamaConfig = attrs.field(factory=OllamaConfig)
@@ -177,6 +179,8 @@ def _validate(cfg: Config) -> None:
     for key in _POSITIVE:
         if getattr(cfg, key) <= 0:
             raise ConfigError(key, f"must be positive, got {getattr(cfg, key)!r}")
+    if cfg.restart_drain_s < 0:
+        raise ConfigError("restart_drain_s", f"must be zero or more, got {cfg.restart_drain_s!r}")
     if cfg.queue_length < 0:
         raise ConfigError("queue_length", f"must be zero or more, got {cfg.queue_length!r}")
     if cfg.metrics_listen is not None:

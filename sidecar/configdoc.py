@@ -53,6 +53,8 @@ DESCRIPTIONS: dict[str, str] = {
     "detection is 10 min).",
     "shutdown_grace_s": "On SIGTERM: how long to keep flushing results and progress before exiting.",
     "wake_attempt_timeout_s": "Wake path: time limit of one wake command attempt.",
+    "restart_drain_s": "After the hub's `restart_sidecar`: how long the running tasks may take to "
+    "end (no new ones are taken) before the graceful restart cancels them.",
     "metrics_listen": "`host:port` for `/healthz` and `/metrics` (Prometheus). Off when unset; use "
     "`127.0.0.1:9464` unless a scraper on another host needs it.",
     "ollama": "Table `[ollama]`, below.",

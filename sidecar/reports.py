@@ -56,10 +56,12 @@ async def read_vram(nvidia_smi: str | None = None) -> tuple[int, int] | None:
     return (used, total) if total else None
 
 
-async def resource_report(nvidia_smi: str | None = None) -> dict[str, Any]:
+async def resource_report(nvidia_smi: str | None = None, agent_id: str | None = None) -> dict[str, Any]:
+    """The frame; with `agent_id`, as the original sidecar sends it."""
     mem = psutil.virtual_memory()
     frame: dict[str, Any] = {
         "type": "resource_report",
+        **({"agent_id": agent_id} if agent_id else {}),
         "cpu_percent": float(psutil.cpu_percent(interval=None)),
         "ram_used_bytes": int(mem.total - mem.available),
         "ram_total_bytes": int(mem.total),

@@ -156,6 +156,14 @@ class Supervisor:
         self._idle = trio.Event()
         self._nursery.start_soon(self._task_main, held)
 
+    def stop_taking_work(self) -> None:
+        """From now on an assignment is refused (`sidecar_busy`); held tasks run on."""
+        self.closing = True
+
+    async def wait_idle(self) -> None:
+        """Return once no task is held."""
+        await self._idle.wait()
+
     async def shutdown(self) -> None:
         """Stop taking work and cancel everything held; wait until all are ended."""
         self.closing = True

@@ -119,7 +119,7 @@ STATE_REPORT_SCHEMA: dict[str, Any] = _schema(
 WAKE_RESULT_SCHEMA: dict[str, Any] = _schema(
     "Sidecar reports the outcome of one wake command attempt (legacy wake path).",
     {"task_id": "string", "status": "string"},
-    {"attempt": "integer", "error": "string", "timestamp": "number"},
+    {"attempt": "integer", "generation": "integer", "error": "string", "timestamp": "number"},
 )
 
 # Known only to newer hubs (`knows_agent_restarting=True`): sent before the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
@@ -26,11 +27,16 @@ Executor = Callable[[TaskRun], Awaitable[Outcome]]
 
 @attrs.frozen
 class ExecContext:
-    """What every executor may use: config, the shared HTTP client, the state dir."""
+    """What every executor may use: config, the shared HTTP client, the state dir.
+
+    `notify`: send an informational frame to the hub (`wake_result`), only if
+    the hub accepts its type; it never waits for the link to come back.
+    """
 
     config: Config
     http: httpx.AsyncClient
     state_dir: Path
+    notify: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
     @property
     def log_dir(self) -> Path:

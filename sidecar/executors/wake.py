@@ -28,7 +28,7 @@ import trio
 
 from ..config import Config
 from ..log import get_logger
-from ..messages import Outcome, Task, converter
+from ..messages import LIMITS, Outcome, Task, converter, now_ms, truncate
 from ..output import OutputCapture
 from ..procs import child_env, describe_returncode, kill_marked, run_child
 from ..progress import ProgressSender
@@ -168,7 +168,8 @@ class WakeExecutor:
         error: str | None = "not run"
         for attempt in range(1, attempts + 1):
             await progress.emit("status", f"wake attempt {attempt}/{attempts}")
-            error = await self._attempt(template, cwd, env, marker, progress)
+            status, error = await self._attempt(template, cwd, env, marker, progress)
+            await self._report(task, status, attempt, error)
             if error is None:
                 log.info("wake_ok", task_id=task.task_id, attempt=attempt)
                 await progress.emit("status", f"wake command succeeded; waiting for {task.task_id}.started")
@@ -183,9 +184,26 @@ class WakeExecutor:
         await progress.emit("error", f"wake command failed {attempts} times: {error}")
         return f"wake command failed after {attempts} attempts: {error}"
 
+    async def _report(self, task: Task, status: str, attempt: int, error: str | None) -> None:
+        """`wake_result` for one attempt, to a hub that accepts the type (protocol.md)."""
+        if self.ctx.notify is None:
+            return
+        frame: dict[str, Any] = {
+            "type": "wake_result",
+            "task_id": task.task_id,
+            "status": status,
+            "attempt": attempt,
+            "generation": task.generation,
+            "timestamp": now_ms(),
+        }
+        if error is not None:
+            frame["error"] = truncate(error, LIMITS["error"])
+        await self.ctx.notify(frame)
+
     async def _attempt(
         self, template: str, cwd: Path, env: dict[str, str], marker: str, progress: ProgressSender
-    ) -> str | None:
+    ) -> tuple[str, str | None]:
+        """("success", None), or ("failed" | "timeout", why)."""
         cfg = self.ctx.config
         err = OutputCapture(4 * _ERROR_TAIL, None)
 
@@ -212,13 +230,13 @@ class WakeExecutor:
                     kill_leftovers=False,
                 )
         except OSError as exc:
-            return f"could not start /bin/sh: {exc}"
+            return "failed", f"could not start /bin/sh: {exc}"
         if scope.cancelled_caught:
-            return f"timed out after {cfg.wake_attempt_timeout_s:g} s"
+            return "timeout", f"timed out after {cfg.wake_attempt_timeout_s:g} s"
         if res.returncode != 0:
             tail = err.tail_text(_ERROR_TAIL).strip()
-            return describe_returncode(res.returncode) + (f": {tail}" if tail else "")
-        return None
+            return "failed", describe_returncode(res.returncode) + (f": {tail}" if tail else "")
+        return "success", None
 
     async def _read_result(self, path: Path) -> Outcome:
         """Parse the agent's result file, waiting out a write still in progress."""
