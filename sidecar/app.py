@@ -145,7 +145,7 @@ class Sidecar:
         Validation failures count towards the hub's 10-a-minute disconnect, so a
         type refused once (or missing from the hub's /api/schemas) is not sent.
         """
-        if self.hub_types.accepts(frame["type"]):
+        if await self.hub_types.check(frame["type"]):
             await link.send(frame)
 
     async def _notify_hub(self, frame: dict[str, Any]) -> None:

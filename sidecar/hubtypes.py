@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import httpx
+import trio
 
 from .config import Config
 from .log import get_logger
@@ -47,11 +48,22 @@ class HubTypes:
     def __init__(self) -> None:
         self.known: frozenset[str] | None = None  # from /api/schemas; None: not learned
         self.refused: set[str] = set()
+        self._asked = trio.Event()  # the first `learn` has ended, learnt or not
 
     def accepts(self, mtype: str) -> bool:
         if mtype in self.refused:
             return False
         return self.known is None or mtype in self.known
+
+    async def check(self, mtype: str) -> bool:
+        """`accepts`, once the first look at `/api/schemas` has ended (bounded).
+
+        A frame sent at once after identify (a `restart_sidecar` answered
+        within milliseconds) would otherwise go out before the hub was asked.
+        """
+        with trio.move_on_after(SCHEMAS_TIMEOUT_S):
+            await self._asked.wait()
+        return self.accepts(mtype)
 
     def on_refusal(self, error: str, mtype: str | None) -> None:
         """The hub's `error` frame: a `validation_failed` of an optional type refuses it."""
@@ -62,6 +74,12 @@ class HubTypes:
 
     async def learn(self, http: httpx.AsyncClient, api_url: str) -> None:
         """Ask the hub's `/api/schemas`; on any failure keep what is known."""
+        try:
+            await self._learn(http, api_url)
+        finally:
+            self._asked.set()
+
+    async def _learn(self, http: httpx.AsyncClient, api_url: str) -> None:
         try:
             resp = await http.get(f"{api_url}/api/schemas", timeout=SCHEMAS_TIMEOUT_S)
             types = ws_types(resp.json()) if resp.status_code == 200 else None
