@@ -131,14 +131,16 @@ async def _submit(hub: DevHub, receive: ASGIReceive, send: ASGISend) -> None:
         await respond(send, 409, {"error": str(exc)})
         return
     rec = hub.task(task_id)
+    # As the real hub: the answer describes the task as queued, even if it was
+    # given to an idle agent at once (GET /api/tasks/ID tells what happened next).
     await respond(
         send,
         201,
         {
-            "status": rec.status,
+            "status": "queued",
             "task_id": task_id,
             "priority": rec.fields.get("priority") or "normal",
             "created_at": rec.created_at_ms,
-            "generation": rec.generation,
+            "generation": int(body.get("generation") or 0),
         },
     )
