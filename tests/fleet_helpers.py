@@ -22,7 +22,7 @@ def cli_env(home: Path, path_prefix: Path | None = None, **extra: str) -> dict[s
 
 
 async def sidecar_cli(
-    *args: str, env: dict[str, str], cwd: Path, timeout: float = 90
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 90  # noqa: ASYNC109
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m sidecar ARGS`; stdout and stderr as text."""
     with trio.fail_after(timeout):

@@ -31,7 +31,7 @@ async def test_reports_sent_per_session_and_stopped_after_a_refusal(
             reports = hub.frames(AGENT, type="resource_report")
             assert reports[0].at - first == pytest.approx(5, abs=1)
             assert reports[1].at - reports[0].at == pytest.approx(30, abs=1)
-            assert all(r.frame is not None and r.frame["agent_id"] == AGENT for r in reports)  # as the original
+            assert all(r.frame is not None and r.frame["agent_id"] == AGENT for r in reports)  # as original
             assert hub.frames(AGENT, type="ollama_report")
             # An older hub refuses the type: the sidecar stops sending it.
             await hub.send_frame(

@@ -39,3 +39,23 @@ def test_unit_stop_timeout_exceeds_the_sidecars_own_shutdown() -> None:
     needed = defaults["kill_grace_s"] + 5 + defaults["shutdown_grace_s"]
     assert float(svc["TimeoutStopSec"]) > needed
     assert " run --config " in svc["ExecStart"]
+
+
+def test_add_a_machine_is_three_commands_the_cli_accepts() -> None:
+    import shlex
+
+    from sidecar.cli import _parser
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("## Add a machine to the fleet", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    assert len(commands) == 3
+    parsed = []
+    for command in commands:
+        for part in command.split("&&"):
+            words = shlex.split(part.replace('"$TOKEN"', "T"))
+            words = words[1:] if words[0] == "sudo" else words
+            if words[0].endswith("/sidecar"):
+                parsed.append(_parser().parse_args(words[1:]).command)
+    assert parsed == ["join", "submit"]

@@ -42,7 +42,7 @@ async def handle_fleet_route(
     elif parts[:2] == ["admin", "tokens"] and len(parts) == 3 and method == "DELETE":
         if not authorized(hub, scope, required=True):
             await respond(send, 401, {"error": "unauthorized"})
-        elif hub.revoke(parts[2]):
+        elif hub.tokens.revoke(parts[2]):
             await respond(send, 200, {"status": "revoked", "agent_id": parts[2]})
         else:
             await respond(send, 404, {"error": "not_found", "agent_id": parts[2]})
@@ -71,7 +71,7 @@ async def _register(hub: DevHub, receive: ASGIReceive, send: ASGISend) -> None:
     if errors or not isinstance(agent_id, str):
         await respond(send, 422, {"error": "validation_failed", "errors": errors})
         return
-    token = hub.register(agent_id)
+    token = hub.tokens.register(agent_id)
     if token is None:
         await respond(send, 409, {"error": "agent_id already registered"})
         return

@@ -90,5 +90,5 @@ def authorized(hub: DevHub, scope: dict[str, Any], *, required: bool = False) ->
         return False
     if cfg.api_token is not None and token == cfg.api_token:
         return True
-    owners = hub.token_owners(token)
+    owners = hub.tokens.owners(token)
     return owners is None or bool(owners)

@@ -10,20 +10,20 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import trio
 
 from ..asgi import ASGIReceive, ASGISend, serve_lifespan
-from ..log import get_logger, register_secret
+from ..log import get_logger
 from ..messages import now_ms
 from .api import handle_http
 from .config import HubConfig
 from .protocol import FrameHandler
 from .session import Session
 from .state import ASSIGNED, FINISHED, FrameRecord, HubState, TaskRecord, Violation
+from .tokens import HubTokens
 
 log = get_logger(__name__)
 
@@ -47,6 +47,7 @@ class DevHub:
         self.restart_notices: list[dict[str, Any]] = []
         # The WebSocket schemas this hub accepts (its vintage).
         self.schemas = config.ws_schemas()
+        self.tokens = HubTokens(config, self.state)
         # Exceptions in the hub's own code (hypercorn would only log them).
         self.internal_errors: list[BaseException] = []
         self.closing = False
@@ -190,49 +191,7 @@ class DevHub:
 
     def auth_error(self, agent_id: str, token: str) -> str | None:
         """None if `token` lets `agent_id` in, else the hub's error word."""
-        owners = self.token_owners(token)
-        if owners is None:
-            return None
-        if not owners:
-            return "invalid_token"
-        return None if agent_id in owners else "token_agent_mismatch"
-
-    def token_owners(self, token: str) -> set[str] | None:
-        """The agents `token` belongs to (empty: none); None if it is the shared token."""
-        state = self.state
-        owners = {a for a, tok in state.registered.items() if tok == token and a not in state.revoked}
-        tokens = self.config.tokens
-        if isinstance(tokens, str):
-            return None if token == tokens and not owners else owners
-        owners |= {a for a, tok in tokens.items() if tok == token and a not in state.revoked}
-        return owners
-
-    def is_registered(self, agent_id: str) -> bool:
-        """The agent has a token on this hub (configured or registered, not revoked)."""
-        if agent_id in self.state.revoked:
-            return False
-        tokens = self.config.tokens
-        return agent_id in self.state.registered or (not isinstance(tokens, str) and agent_id in tokens)
-
-    def register(self, agent_id: str) -> str | None:
-        """Give `agent_id` a new token; None if it already has one."""
-        if self.is_registered(agent_id):
-            return None
-        token = secrets.token_hex(24)
-        self.state.revoked.discard(agent_id)
-        self.state.registered[agent_id] = token
-        register_secret(token)
-        log.info("devhub_agent_registered", agent_id=agent_id)
-        return token
-
-    def revoke(self, agent_id: str) -> bool:
-        """Revoke the agent's token; False if it has none."""
-        if not self.is_registered(agent_id):
-            return False
-        self.state.registered.pop(agent_id, None)
-        self.state.revoked.add(agent_id)
-        log.info("devhub_token_revoked", agent_id=agent_id)
-        return True
+        return self.tokens.auth_error(agent_id, token)
 
     def identify(self, s: Session, agent_id: str) -> None:
         """Start the agent's new session; the previous one is discarded."""
