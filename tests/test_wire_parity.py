@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -14,7 +15,7 @@ from sidecar.app import RESTART_EXIT_CODE, open_sidecar
 from sidecar.devhub import DevHub, open_dev_hub
 from sidecar.executors.wake import WakeExecutor
 from sidecar.messages import parse_task
-from tests.fakes.proc_helpers import RecordingProgress, make_ctx
+from tests.fakes.proc_helpers import RecordingProgress, make_ctx, task_run
 from tests.test_wake import agent_cmd
 
 AGENT, TOKEN = "agent-1", "parity-token-42"
@@ -40,12 +41,9 @@ async def test_wake_executor_reports_each_attempt(
 
     cmd = f"echo x >> {counter}; [ $(wc -l < {counter}) -ge 3 ] || exit 1; {agent_cmd(results, 'success')}"
     cfg = make_config(results_dir=str(results), wake_command=cmd, wake_attempt_timeout_s=math.inf)
-    ctx = make_ctx(cfg)
-    executor = WakeExecutor(
-        type(ctx)(config=ctx.config, http=ctx.http, state_dir=ctx.state_dir, notify=notify)
-    )
+    executor = WakeExecutor(attrs.evolve(make_ctx(cfg), notify=notify))
     task = parse_task({"type": "task_assign", "task_id": "w-1", "description": "", "generation": 4})
-    outcome = await executor(task, RecordingProgress("w-1"))
+    outcome = await executor(task_run(executor.ctx, task, RecordingProgress("w-1")))
     assert outcome.ok
     assert [(f["type"], f["task_id"], f["status"], f["attempt"], f["generation"]) for f in sent] == [
         ("wake_result", "w-1", "failed", 1, 4),
@@ -56,11 +54,9 @@ async def test_wake_executor_reports_each_attempt(
 
     sent.clear()
     slow = make_config(results_dir=str(results), wake_command="exec sleep 100", wake_attempt_timeout_s=1.0)
-    ctx = make_ctx(slow)
-    executor = WakeExecutor(
-        type(ctx)(config=ctx.config, http=ctx.http, state_dir=ctx.state_dir, notify=notify)
-    )
-    outcome = await executor(parse_task({"type": "task_assign", "task_id": "w-2"}), RecordingProgress("w-2"))
+    executor = WakeExecutor(attrs.evolve(make_ctx(slow), notify=notify))
+    task = parse_task({"type": "task_assign", "task_id": "w-2"})
+    outcome = await executor(task_run(executor.ctx, task, RecordingProgress("w-2")))
     assert not outcome.ok
     assert [(f["status"], f["attempt"]) for f in sent] == [("timeout", n) for n in (1, 2, 3, 4)]
 
