@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
 import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import trio
 
 from sidecar.config import load_config
 from sidecar.devhub import DevHub, open_dev_hub
@@ -329,3 +335,91 @@ async def test_leave_refuses_bad_names_and_foreign_directories(tmp_path: Path) -
         cwd=tmp_path,
     )
     assert proc.returncode == 1 and other.exists() and "for agent 'box-7'" in proc.stdout
+
+
+async def test_join_generated_name_resumes_without_name_or_dir(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "home")
+    remote = tmp_path / "later.git"
+    async with open_dev_hub(tokens={}, default_repo=remote.as_uri()) as hub:
+        first = await sidecar_cli("join", "--hub", hub.api_url, "--no-smoke", env=env, cwd=tmp_path)
+        assert first.returncode == 1 and steps(first.stdout)[-1][1] == "repository"
+        [name] = hub.state.registered
+        assert re.fullmatch(r"[a-z0-9._-]+-[0-9a-f]{4}", name), name
+        assert steps(first.stdout)[1][2] == f"registered as {name}"
+        await make_remote(remote, tmp_path / "work")
+        # The same command finds the unfinished join of this hub and goes on with it.
+        second = await sidecar_cli("join", "--hub", hub.api_url, "--no-smoke", env=env, cwd=tmp_path)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert steps(second.stdout)[1][2] == f"done earlier: agent {name}"
+        assert list(hub.state.registered) == [name]
+        agent_dir = tmp_path / "home" / ".local" / "share" / "sidecar" / "agents" / name
+        assert (agent_dir / "repo" / "README.md").exists()
+
+
+async def test_join_and_leave_against_the_sidecar_hub_process(tmp_path: Path) -> None:
+    """The whole cycle against `sidecar hub` itself, as an operator would try it."""
+    remote = tmp_path / "remote.git"
+    await make_remote(remote, tmp_path / "work")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hub_argv = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "--log-format",
+        "json",
+        "hub",
+        "--port",
+        str(port),
+        "--default-repo",
+        remote.as_uri(),
+        "--require-auth",
+        "--newer",
+    ]
+    proc = await trio.lowlevel.open_process(hub_argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = cli_env(tmp_path / "home")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert proc.stderr is not None
+        buffer = b""
+        with trio.fail_after(20):
+            while b"devhub_ready" not in buffer:
+                chunk = await proc.stderr.receive_some()
+                assert chunk, buffer
+                buffer += chunk
+        joined = await sidecar_cli(
+            "join", "--hub", url, "--name", "box-9", "--dir", str(tmp_path / "a"), env=env, cwd=tmp_path
+        )
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        assert steps(joined.stdout)[5][2].endswith("completed: sidecar-join-ok")
+        token = (tmp_path / "a" / "sidecar.env").read_text().strip().split("=", 1)[1]
+        submitted = await sidecar_cli(
+            "submit", "--hub", url, "--token", token, "--description", "queued only", env=env, cwd=tmp_path
+        )
+        assert submitted.returncode == 0 and submitted.stdout.startswith("task-")
+        left = await sidecar_cli(
+            "leave",
+            "--name",
+            "box-9",
+            "--dir",
+            str(tmp_path / "a"),
+            "--unit-dir",
+            str(tmp_path / "u"),
+            env=env,
+            cwd=tmp_path,
+        )
+        assert left.returncode == 0, left.stdout
+        assert not (tmp_path / "a").exists()
+        # Revoked: the token no longer passes as a Bearer.
+        again = await sidecar_cli(
+            "submit", "--hub", url, "--token", token, "--description", "x", env=env, cwd=tmp_path
+        )
+        assert again.returncode == 1 and "401" in again.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with trio.move_on_after(10):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

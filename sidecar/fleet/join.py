@@ -307,6 +307,8 @@ class Join:
         if self.progress.get("service") == str(unit.path) and unit.path.exists():
             self.say(5, f"done earlier: {unit.name}")
             return True
+        if not service.TEMPLATE.is_file():
+            raise StepFailed(f"no unit template at {service.TEMPLATE} (deploy/ comes with the source)")
         template = await trio.Path(service.TEMPLATE).read_text("utf-8")
         text = service.render(
             template, unit, agent, self.dir.path, service.sidecar_argv(self.dir.config_file)
