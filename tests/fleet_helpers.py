@@ -22,7 +22,10 @@ def cli_env(home: Path, path_prefix: Path | None = None, **extra: str) -> dict[s
 
 
 async def sidecar_cli(
-    *args: str, env: dict[str, str], cwd: Path, timeout: float = 90  # noqa: ASYNC109
+    *args: str,
+    env: dict[str, str],
+    cwd: Path,
+    timeout: float = 90,  # noqa: ASYNC109
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m sidecar ARGS`; stdout and stderr as text."""
     with trio.fail_after(timeout):
@@ -79,3 +82,60 @@ def systemctl_calls(log: Path) -> list[dict[str, Any]]:
     if not log.exists():
         return []
     return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+_SYSTEMD_STANDIN = """
+import json, os, shlex, signal, subprocess, sys, time
+from pathlib import Path
+
+args = [a for a in sys.argv[1:] if a != "--user"]
+with open({log!r}, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ)}}) + "\\n")
+units, run = Path({units!r}), Path({run!r})
+run.mkdir(parents=True, exist_ok=True)
+if args[:2] == ["enable", "--now"]:
+    name = args[2]
+    settings = {{}}
+    for line in (units / name).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings[key] = value
+    # As systemd: a clean environment plus the EnvironmentFile, in WorkingDirectory.
+    env = {{"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}}
+    for line in Path(settings["EnvironmentFile"].lstrip("-")).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            env[key] = value
+    argv = [a.replace("%%", "%").replace("$$", "$") for a in shlex.split(settings["ExecStart"])]
+    log_file = open(run / (name + ".log"), "ab")
+    proc = subprocess.Popen(argv, cwd=settings["WorkingDirectory"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=log_file, stderr=log_file, start_new_session=True)
+    (run / (name + ".pid")).write_text(str(proc.pid))
+elif args[:2] == ["disable", "--now"]:
+    pid_file = run / (args[2] + ".pid")
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGTERM)  # KillMode=mixed: the main process only
+        for _ in range(600):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        pid_file.unlink()
+"""
+
+
+def write_systemd_standin(bin_dir: Path, log: Path, units: Path, run: Path) -> None:
+    """`systemctl` that also runs the unit: `enable --now` starts its ExecStart (clean env plus
+    EnvironmentFile, in WorkingDirectory, a session of its own), `disable --now` SIGTERMs it and
+    waits. Argv and environment of each call are recorded in `log`."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "systemctl"
+    body = _SYSTEMD_STANDIN.format(log=str(log), units=str(units), run=str(run))
+    script.write_text(f"#!{sys.executable}\n{body}")
+    script.chmod(0o755)
+
+
+def standin_service_pids(run: Path) -> list[int]:
+    return [int(p.read_text()) for p in run.glob("*.pid")] if run.is_dir() else []

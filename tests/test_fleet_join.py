@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -12,13 +13,22 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import trio
 
 from sidecar.config import load_config
 from sidecar.devhub import DevHub, open_dev_hub
 from sidecar.procs import agent_marker_prefix
 from tests.chaos.procscan import marked_processes
-from tests.fleet_helpers import cli_env, make_remote, sidecar_cli, systemctl_calls, write_systemctl_standin
+from tests.fleet_helpers import (
+    cli_env,
+    make_remote,
+    sidecar_cli,
+    standin_service_pids,
+    systemctl_calls,
+    write_systemctl_standin,
+    write_systemd_standin,
+)
 
 STEP_RE = re.compile(r"^\[(\d)/6\] ([a-z ]+): ")
 
@@ -423,3 +433,61 @@ async def test_join_and_leave_against_the_sidecar_hub_process(tmp_path: Path) ->
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_join_service_smoke_test_runs_on_the_installed_unit(tmp_path: Path) -> None:
+    """A systemctl stand-in that runs the unit as systemd would: the rendered ExecStart and
+    EnvironmentFile start a working agent, which runs join's smoke test; leave stops it."""
+    bin_dir, log, units, run = (
+        tmp_path / "bin",
+        tmp_path / "systemctl.log",
+        tmp_path / "units",
+        tmp_path / "run",
+    )
+    write_systemd_standin(bin_dir, log, units, run)
+    env = cli_env(tmp_path / "home", path_prefix=bin_dir)
+    agent_dir = tmp_path / "agent"
+    async with open_dev_hub(tokens={}) as hub:
+        try:
+            proc = await sidecar_cli(
+                "join",
+                "--hub",
+                hub.api_url,
+                "--name",
+                "box-10",
+                "--dir",
+                str(agent_dir),
+                "--service",
+                "--unit-dir",
+                str(units),
+                env=env,
+                cwd=tmp_path,
+            )
+            assert proc.returncode == 0, (
+                proc.stdout + proc.stderr + (run / "sidecar-box-10.service.log").read_text()
+            )
+            assert "the installed service runs it" in proc.stdout
+            [smoke] = onboarding_tasks(hub)
+            assert smoke["status"] == "completed" and smoke["assigned_to"] == "box-10"
+            [pid] = standin_service_pids(run)
+            assert hub.connected("box-10")  # the service stays up after join
+            left = await sidecar_cli(
+                "leave",
+                "--name",
+                "box-10",
+                "--dir",
+                str(agent_dir),
+                "--unit-dir",
+                str(units),
+                env=env,
+                cwd=tmp_path,
+            )
+            assert left.returncode == 0, left.stdout
+            await nothing_left_running(hub, "box-10")
+            assert standin_service_pids(run) == []
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        finally:
+            for pid in standin_service_pids(run):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
