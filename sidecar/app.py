@@ -47,6 +47,7 @@ from .link import HubLink
 from .log import get_logger, register_secret
 from .messages import FrameError
 from .metrics import SidecarMetrics
+from .pipeline import Pipeline
 from .progress import open_progress
 from .restart import Restarter
 from .store import Store
@@ -93,12 +94,14 @@ class Sidecar:
             config=config, http=http, state_dir=config.resolved_state_dir(), notify=self._notify_hub
         )
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
+        # Workspace, branch, verification and delivery around the dispatcher's run.
+        self.pipeline = Pipeline(config, self.dispatcher.run)
         self.metrics = SidecarMetrics(self)
         self.supervisor = Supervisor(
             config=config,
             store=store,
             context=ctx,
-            dispatch=self.metrics.instrument(self.dispatcher.run),
+            dispatch=self.metrics.instrument(self.pipeline.run),
             progress=self.progress_send,
             batcher=self.batcher,
             outbox=self.outbox,

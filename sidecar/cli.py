@@ -161,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         release_signals()  # only `run` keeps the early stop-signal catching (entry.py)
     json_lines = {"auto": None, "json": True, "kv": False}[args.log_format]
     if args.command == "run":
+        # Logging before the config: loading it may warn (ignored config.json keys).
+        setup_logging(args.log_level, json_lines=json_lines)
         try:
             config = load_config(args.config)
         except ConfigError as exc:

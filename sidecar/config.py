@@ -18,7 +18,10 @@ from urllib.parse import urlparse
 
 import attrs
 
+from .log import get_logger
 from .messages import LIMITS, converter, error_path
+
+log = get_logger("sidecar.config")
 
 ENV_OVERRIDES = {
     "SIDECAR_HUB_URL": "hub_url",
@@ -63,6 +66,23 @@ class ClaudeConfig:
 
 
 @attrs.frozen
+class TimeLimits:
+    """Default time limit per kind of work, for a task without `metadata.timeout_ms`.
+
+    A kind left unset (None) is bounded by the task's tier: LLM work and woken
+    agents take minutes, not the shell's 60 s (`default_timeout_ms`).
+    """
+
+    ollama_ms: int | None = None
+    claude_ms: int | None = None
+    wake_ms: int | None = None
+    trivial_ms: int = 600_000
+    standard_ms: int = 1_800_000
+    complex_ms: int = 1_800_000
+    unknown_ms: int = 1_800_000
+
+
+@attrs.frozen
 class PriceOverride:
     """USD per million tokens for one model, overriding the price catalogue."""
 
@@ -85,7 +105,11 @@ class Config:
     results_dir: str | None = None
     log_file: str | None = None
     ollama_url: str | None = None
+    # GitHub user asked to review each pull request ("" or unset: nobody).
+    reviewer: str | None = None
     # Ours.
+    # The branch-and-PR workflow for a git `repo_dir` (docs/delivery.md).
+    git_workflow: bool = True
     state_dir: str | None = None
     capacity: int = 1
     queue_length: int = 0
@@ -110,6 +134,7 @@ class Config:
     metrics_listen: str | None = None
     ollama: OllamaConfig = attrs.field(factory=OllamaConfig)
     claude: ClaudeConfig = attrs.field(factory=ClaudeConfig)
+    time_limits: TimeLimits = attrs.field(factory=TimeLimits)
     prices: dict[str, PriceOverride] = attrs.field(factory=dict)
 
     @property
@@ -181,6 +206,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(key, f"must be positive, got {getattr(cfg, key)!r}")
     if cfg.restart_drain_s < 0:
         raise ConfigError("restart_drain_s", f"must be zero or more, got {cfg.restart_drain_s!r}")
+    for name in ("ollama_ms", "claude_ms", "wake_ms", "trivial_ms", "standard_ms", "complex_ms", "unknown_ms"):
+        value = getattr(cfg.time_limits, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"time_limits.{name}", f"must be positive, got {value!r}")
     if cfg.queue_length < 0:
         raise ConfigError("queue_length", f"must be zero or more, got {cfg.queue_length!r}")
     if cfg.metrics_listen is not None:
@@ -193,12 +222,22 @@ def _validate(cfg: Config) -> None:
             raise ConfigError("ollama_url", f"must be an http(s) URL, got {cfg.ollama_url!r}")
 
 
-def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: str | None = None) -> Config:
-    """Build a Config from parsed file contents; relative paths resolve against base_dir."""
+def config_from_mapping(
+    data: Mapping[str, Any], *, base_dir: Path, source: str | None = None, lenient: bool = False
+) -> Config:
+    """Build a Config from parsed file contents; relative paths resolve against base_dir.
+
+    An unknown top-level key is an error, except with `lenient` (the original's
+    config.json, which its own tools may extend): such keys are then dropped
+    and named in one warning, as the original ignored them.
+    """
     known = {a.name for a in attrs.fields(Config)}
     unknown = sorted(set(data) - known)
-    if unknown:
+    if unknown and not lenient:
         raise ConfigError(unknown[0], "unknown key", source)
+    if unknown:
+        log.warning("config_keys_ignored", source=source, keys=",".join(unknown))
+        data = {k: v for k, v in data.items() if k in known}
     for required in ("agent_id", "token", "hub_url"):
         if required not in data or data[required] is None:
             raise ConfigError(required, "is required", source)
@@ -229,6 +268,7 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     source: str | None = None
+    is_json = False
     base_dir = Path.cwd()
     if path is not None:
         p = Path(path)
@@ -240,6 +280,7 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             raise ConfigError("<file>", f"cannot read {p}: {exc.strerror}", None) from exc
         try:
             if p.suffix == ".json" or raw.lstrip().startswith(b"{"):
+                is_json = True
                 loaded = json.loads(raw)
             else:
                 loaded = tomllib.loads(raw.decode("utf-8"))
@@ -251,4 +292,4 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     for var, key in ENV_OVERRIDES.items():
         if env.get(var):
             data[key] = env[var]
-    return config_from_mapping(data, base_dir=base_dir, source=source)
+    return config_from_mapping(data, base_dir=base_dir, source=source, lenient=is_json)

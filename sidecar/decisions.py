@@ -95,7 +95,15 @@ def decide_end(
             # The task is no longer ours: two agents must never report one task.
             return RunEnd(None, "success" if result.ok else "failure")
         if result.ok and result.result is not None:
-            return RunEnd(complete_frame(task_id, generation, result.result, result.tokens_used), "success")
+            frame = complete_frame(
+                task_id,
+                generation,
+                result.result,
+                result.tokens_used,
+                result.verification_report,
+                result.verification_history,
+            )
+            return RunEnd(frame, "success")
         error = result.error or "failed"
         return RunEnd(failed_frame(task_id, generation, error, result.reason), "failure")
     if cancel_reason in (HUB_CANCEL, REASSIGN):

@@ -59,6 +59,9 @@ class DispatchResult:
     tokens_used: int
     attempts: int
     executor: str
+    # Set by the pipeline after verification; sent top level in task_complete.
+    verification_report: dict[str, Any] | None = None
+    verification_history: list[dict[str, Any]] | None = None
 
 
 def _tier(value: str | None) -> str | None:

@@ -39,6 +39,10 @@ LIMITS: dict[str, int] = {
     "ollama_url": 512,
 }
 
+# Verification defaults (protocol.md): the hub's cap on corrective retries is 5.
+DEFAULT_VERIFICATION_TIMEOUT_MS = 120_000
+MAX_VERIFICATION_RETRIES = 5
+
 EVENT_TYPES = frozenset({"token", "stdout", "stderr", "status", "error", "tool_call"})
 
 
@@ -120,6 +124,32 @@ class Task:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             return None
         return int(value)
+
+    # Newer hubs send these three beside the task (protocol.md, "Verification").
+    # Read leniently: a value of the wrong type means the default, never a
+    # refused task.
+    @property
+    def skip_verification(self) -> bool:
+        return self.raw.get("skip_verification") is True
+
+    @property
+    def verification_timeout_ms(self) -> int:
+        value = self.raw.get("verification_timeout_ms")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 2**53:
+            return DEFAULT_VERIFICATION_TIMEOUT_MS
+        return int(value)
+
+    @property
+    def max_verification_retries(self) -> int:
+        value = self.raw.get("max_verification_retries")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return 0
+        return min(value, MAX_VERIFICATION_RETRIES)
+
+    @property
+    def priority(self) -> str:
+        value = self.metadata.get("priority")
+        return value.strip() if isinstance(value, str) and value.strip() else "normal"
 
 
 def _strict_str(value: Any, _type: Any) -> str:
@@ -344,14 +374,26 @@ def identify_frame(
     return frame
 
 
-def complete_frame(task_id: str, generation: int, result: dict[str, Any], tokens_used: int) -> dict[str, Any]:
-    return {
+def complete_frame(
+    task_id: str,
+    generation: int,
+    result: dict[str, Any],
+    tokens_used: int,
+    verification_report: dict[str, Any] | None = None,
+    verification_history: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """`task_complete`; the verification report travels top level, not inside `result`."""
+    frame: dict[str, Any] = {
         "type": "task_complete",
         "task_id": task_id,
         "generation": generation,
         "result": result,
         "tokens_used": tokens_used,
     }
+    if verification_report is not None:
+        frame["verification_report"] = verification_report
+        frame["verification_history"] = list(verification_history or [verification_report])
+    return frame
 
 
 def failed_frame(task_id: str, generation: int, error: str, reason: str | None = None) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from .progress import ProgressSender
 from .store import Store, StoredTask
 from .storefaults import StoreWriteError
 from .taskrun import TaskRun, run_and_sweep
+from .timelimits import task_time_limit_ms
 
 log = get_logger("sidecar.supervisor")
 
@@ -337,7 +338,7 @@ class Supervisor:
         bind_context(task_id=tid, generation=lambda: held.generation)
         result: DispatchResult | None = None
         started_at: float | None = None
-        timeout_s = (task.timeout_ms or self.config.default_timeout_ms) / 1000.0
+        timeout_s = task_time_limit_ms(task, self.config) / 1000.0
         try:
             with held.scope:
                 if held.awaiting_recovery:
