@@ -12,7 +12,8 @@ Written on bare sockets (not ASGI) so it can misbehave as a real network does:
 stall, reset the TCP connection (RST), or end a stream early. What a request
 gets is a `Script`, chosen by model name:
 
-- `server.scripts[model]`, else `server.default`, and then
+- `server.queue` (one script per chat request, in order) while it lasts, else
+  `server.scripts[model]`, else `server.default`, and then
 - directives appended to the model name, so that out-of-process users (the
   chaos suite, demos) can choose too: `qwen3:8b!stall_after=3!delay_s=0.1`.
   The part before the first `!` must be a known model (else 404).
@@ -169,6 +170,8 @@ class OllamaServer:
         self.models = list(models)
         self.scripts: dict[str, Script] = {}
         self.default = Script()
+        # Scripts for the next chat requests, one each, in order (then `scripts`/`default`).
+        self.queue: list[Script] = []
         self.requests: list[Request] = []
         self.connections = 0  # TCP connections accepted so far
         self.url = ""
@@ -256,7 +259,7 @@ class OllamaServer:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
             return await conn.send_json(400, {"error": "model is required"})
         model: str = body["model"]
-        base = self.scripts.get(model, self.default)
+        base = self.queue.pop(0) if self.queue else self.scripts.get(model, self.default)
         try:
             name, script = parse_directives(model, base)
         except ValueError as exc:
