@@ -79,7 +79,6 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"hub_url": "http://x/ws"}, "hub_url", "ws://"),
         ({"capabilities": ["ok", 3]}, "capabilities[1]", "expected a string"),
         ({"ollama": {"idle_timeout_s": "slow"}}, "ollama.idle_timeout_s", "expected a number"),
-        ({"colour": "blue"}, "colour", "unknown key"),
         ({"token": None}, "token", "is required"),
         ({"queue_length": -1}, "queue_length", "zero or more"),
     ],
@@ -93,6 +92,71 @@ def test_bad_config_names_field(tmp_path: Path, patch: dict[str, object], field:
     assert info.value.field == field
     assert problem in str(info.value)
     assert f"'{field}'" in str(info.value)
+
+
+# What the original's onboarding tool writes, unchanged (its own tests' fixture).
+ONBOARDED = {
+    "agent_id": "test-agent-001",
+    "token": "test-token",
+    "hub_url": "ws://localhost:4000/ws",
+    "hub_api_url": "http://localhost:4000",
+    "repo_dir": "/srv/working",
+    "reviewer": "",
+    "capabilities": [],
+    "confirmation_timeout_ms": 30000,
+    "results_dir": "./results",
+    "log_file": "./sidecar.log",
+}
+
+
+def test_onboarding_tools_config_json_accepted_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(ONBOARDED, indent=2))
+    cfg = load_config(path, env={})
+    assert cfg.reviewer == "" and cfg.capabilities == [] and cfg.hub_api_url == "http://localhost:4000"
+    assert cfg.git_workflow is True
+    named = load_config(_write(tmp_path / "b.json", {**ONBOARDED, "reviewer": "alice"}), env={})
+    assert named.reviewer == "alice"
+
+
+def _write(path: Path, data: dict[str, object]) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_unknown_json_keys_are_one_warning_naming_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _write(tmp_path / "config.json", {**ORIGINAL, "colour": "blue", "zeal": 3, "debug": True})
+    with caplog.at_level("WARNING"):
+        cfg = load_config(path, env={})
+    assert cfg.agent_id == ORIGINAL["agent_id"]
+    warnings = [r for r in caplog.records if r.getMessage() == "config_keys_ignored"]
+    assert len(warnings) == 1
+    assert warnings[0].fields["keys"] == "colour,debug,zeal"  # type: ignore[attr-defined]
+
+
+def test_unknown_toml_key_is_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.toml"
+    path.write_text('agent_id = "a1"\ntoken = "t0k3n"\nhub_url = "ws://127.0.0.1:4000/ws"\ncolour = "blue"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.field == "colour" and "unknown key" in str(info.value)
+
+
+def test_time_limits_and_git_workflow_in_toml(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(
+        'agent_id = "a1"\ntoken = "t0k3n"\nhub_url = "ws://127.0.0.1:4000/ws"\ngit_workflow = false\n'
+        'reviewer = "bob"\n[time_limits]\nclaude_ms = 5400000\ntrivial_ms = 120000\n'
+    )
+    cfg = load_config(path, env={})
+    assert cfg.git_workflow is False and cfg.reviewer == "bob"
+    assert cfg.time_limits.claude_ms == 5_400_000 and cfg.time_limits.trivial_ms == 120_000
+    path.write_text(path.read_text() + "unknown_ms = 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.field == "time_limits.unknown_ms"
 
 
 def test_cli_bad_config_exits_nonzero_with_field(tmp_path: Path) -> None:

@@ -118,6 +118,7 @@ class TaskRecord:
     result: dict[str, Any] | None = None
     tokens_used: int | None = None
     verification_report: dict[str, Any] | None = None
+    verification_history: list[Any] | None = None
     last_error: str | None = None
     progress: list[dict[str, Any]] = attrs.field(factory=list)
     failures: list[dict[str, Any]] = attrs.field(factory=list)
@@ -286,6 +287,7 @@ class HubState:
         tokens = frame.get("tokens_used")
         rec.tokens_used = tokens if tokens is not None else rec.result.get("tokens_used")
         rec.verification_report = frame.get("verification_report")
+        rec.verification_history = frame.get("verification_history")
         rec.accept_deadline = None
         rec.log("completed", now, agent_id=rec.assigned_to, generation=rec.generation)
         return rec

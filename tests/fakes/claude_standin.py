@@ -15,6 +15,8 @@ the recorded exit code. Its own options, anywhere in argv:
   --standin-ignore-sigint      ignore SIGINT (default: like the CLI, print the
                                `result` line of recordings/interrupted.jsonl, exit 0)
   --standin-record PATH        write {"argv", "stdin", "marker"} as JSON to PATH
+  --standin-wait-file PATH     before answering, wait until PATH exists (a slow model,
+                               released by the test when its clock says so)
   --standin-orphan PIDFILE     start `sleep` in a session of its own (as the CLI's
                                Bash tool does) and write its pid to PIDFILE
 
@@ -42,6 +44,7 @@ _VALUED = {
     "--standin-stderr",
     "--standin-record",
     "--standin-orphan",
+    "--standin-wait-file",
 }
 
 
@@ -116,6 +119,10 @@ def main() -> int:
         )
         Path(opts["--standin-orphan"]).write_text(str(orphan.pid))
 
+    if "--standin-wait-file" in opts:
+        wait_for = Path(opts["--standin-wait-file"])
+        while not wait_for.exists():
+            time.sleep(0.01)
     code = 0
     replay = opts.get("--standin-replay")
     if replay:

@@ -1,7 +1,9 @@
 """A stand-in for an agent woken by the legacy wake path.
 
 Usage: proc_wake_agent.py RESULTS_DIR MODE TASK_ID
-MODE: success | fail | garbage | array | confirm-only | nothing | background
+MODE: success | fail | garbage | array | confirm-only | nothing | background | wait-go
+(`wait-go`: confirm at once, then write a success only once RESULTS_DIR/<TASK_ID>.go
+exists: a long-working agent whose end the test decides.)
 It checks that TASK_ID arrived intact through the environment as well.
 """
 
@@ -11,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -26,6 +29,11 @@ def main() -> int:
     started.write_text("")
     if mode == "confirm-only":
         return 0
+    if mode == "wait-go":
+        go = results / f"{task_id}.go"
+        while not go.exists():
+            time.sleep(0.01)
+        mode = "success"
     if mode == "background":
         # A long-lived process the agent leaves behind (its stdout detached).
         child = subprocess.Popen(["sleep", "1000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
