@@ -230,6 +230,7 @@ class Sidecar:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            await self.pipeline.sweep_leftovers()
             await nursery.start(self.supervisor.run)
             nursery.start_soon(self.batcher.run, self.progress_receive, self.link)
             nursery.start_soon(self.outbox.run)

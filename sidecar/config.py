@@ -206,7 +206,15 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(key, f"must be positive, got {getattr(cfg, key)!r}")
     if cfg.restart_drain_s < 0:
         raise ConfigError("restart_drain_s", f"must be zero or more, got {cfg.restart_drain_s!r}")
-    for name in ("ollama_ms", "claude_ms", "wake_ms", "trivial_ms", "standard_ms", "complex_ms", "unknown_ms"):
+    for name in (
+        "ollama_ms",
+        "claude_ms",
+        "wake_ms",
+        "trivial_ms",
+        "standard_ms",
+        "complex_ms",
+        "unknown_ms",
+    ):
         value = getattr(cfg.time_limits, name)
         if value is not None and value <= 0:
             raise ConfigError(f"time_limits.{name}", f"must be positive, got {value!r}")

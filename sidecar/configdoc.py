@@ -13,16 +13,22 @@ from typing import Any
 
 import attrs
 
-from .config import ENV_OVERRIDES, ClaudeConfig, Config, OllamaConfig
+from .config import ENV_OVERRIDES, ClaudeConfig, Config, OllamaConfig, TimeLimits
 
 DESCRIPTIONS: dict[str, str] = {
     "agent_id": "Agent id the hub knows this sidecar by (identify). Hub limit 128 characters.",
     "token": "The agent's hub token. Never logged, never passed to task processes.",
     "hub_url": "Hub WebSocket URL, `ws://HOST:4000/ws` or `wss://…`.",
-    "hub_api_url": "Hub HTTP API base (`http://HOST:4000`); read for compatibility, not needed.",
+    "hub_api_url": "Hub HTTP API base (`http://HOST:4000`); pull requests link to the task there "
+    "(`/api/tasks/ID`).",
     "name": "Display name sent in identify (default: agent_id).",
-    "repo_dir": "Working directory for shell and Claude tasks (default: the state dir). "
-    "Relative paths resolve against the config file's directory.",
+    "repo_dir": "Working directory for tasks (default: the state dir). A git checkout turns on the "
+    "branch-and-PR workflow (docs/delivery.md). Relative paths resolve against the config file's directory.",
+    "reviewer": 'GitHub user asked to review each pull request (`gh pr create --reviewer`); `""` '
+    "or unset: nobody.",
+    "git_workflow": "The branch-and-PR workflow for a git `repo_dir` or a task's `repo` workspace: a "
+    "branch per task, push and pull request after a verified success. `false`: tasks run in the "
+    "tree as it is.",
     "wake_command": "Shell template for legacy wake tasks; `${TASK_ID}`, `${TASK_JSON}`, "
     "`${TASK_DESCRIPTION}` are passed as environment variables, never substituted into the text.",
     "capabilities": "Capabilities announced in identify.",
@@ -35,7 +41,8 @@ DESCRIPTIONS: dict[str, str] = {
     "the config file.",
     "capacity": "Tasks run at once.",
     "queue_length": "Tasks held waiting for a slot beyond `capacity` (0: refuse when full).",
-    "default_timeout_ms": "Time limit of a task whose metadata has no `timeout_ms`.",
+    "default_timeout_ms": "Time limit of a shell task whose metadata has no `timeout_ms` (other kinds: "
+    "`[time_limits]`). It bounds the whole run, verification and pull request included.",
     "kill_grace_s": "On time-out/cancel/shutdown: SIGTERM to the task's process group, SIGKILL this "
     "much later.",
     "ping_interval_s": "Heartbeat ping period (the hub drops sockets idle for 60 s).",
@@ -59,6 +66,7 @@ DESCRIPTIONS: dict[str, str] = {
     "`127.0.0.1:9464` unless a scraper on another host needs it.",
     "ollama": "Table `[ollama]`, below.",
     "claude": "Table `[claude]`, below.",
+    "time_limits": "Table `[time_limits]`, below: default limits of Ollama, Claude and wake tasks.",
     "prices": 'Table `[prices."MODEL"]` with `input_per_mtok`, `output_per_mtok` (USD per million '
     "tokens): overrides the bundled price catalogue for that model.",
     "ollama.default_model": "Model when the hub's routing decision names none.",
@@ -80,10 +88,17 @@ DESCRIPTIONS: dict[str, str] = {
     "claude.binary": "The Claude Code CLI (name on PATH or path).",
     "claude.extra_args": "Extra CLI arguments, appended.",
     "claude.env": "Extra environment for the CLI (e.g. `ANTHROPIC_BASE_URL`, `CLAUDE_CODE_MAX_RETRIES`).",
+    "time_limits.ollama_ms": "Limit of every Ollama task without `timeout_ms` (unset: by tier, below).",
+    "time_limits.claude_ms": "Limit of every Claude task without `timeout_ms` (unset: by tier).",
+    "time_limits.wake_ms": "Limit of every wake task without `timeout_ms` (unset: by tier).",
+    "time_limits.trivial_ms": "Ollama / Claude / wake task of tier `trivial` (10 min).",
+    "time_limits.standard_ms": "… of tier `standard` (30 min).",
+    "time_limits.complex_ms": "… of tier `complex` (30 min).",
+    "time_limits.unknown_ms": "… of no or an unknown tier (30 min).",
     "claude.baseline_model": "Model whose price gives `equivalent_claude_cost_usd` for Ollama results.",
 }
 
-_NESTED: dict[str, type[Any]] = {"ollama": OllamaConfig, "claude": ClaudeConfig}
+_NESTED: dict[str, type[Any]] = {"ollama": OllamaConfig, "claude": ClaudeConfig, "time_limits": TimeLimits}
 
 
 def _default(field: Any) -> str:
@@ -92,7 +107,7 @@ def _default(field: Any) -> str:
         return "required"
     if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
         default = default.factory()
-    if isinstance(default, (OllamaConfig, ClaudeConfig)):
+    if isinstance(default, (OllamaConfig, ClaudeConfig, TimeLimits)):
         return "(table)"
     if default is None:
         return "unset"

@@ -131,7 +131,8 @@ class Tools:
                     batch_lines=True,
                 )
         except FileNotFoundError:
-            what = f"{argv[0]} not found on PATH" if Path(cwd).is_dir() else f"directory {cwd} not found"
+            here = await trio.Path(cwd).is_dir()
+            what = f"{argv[0]} not found on PATH" if here else f"directory {cwd} not found"
             return Cmd(None, "", "", what)
         except OSError as exc:
             return Cmd(None, "", "", f"could not start {argv[0]}: {exc}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from . import gitflow, procs, verify, workspace
 from .config import Config
@@ -105,6 +106,24 @@ class Pipeline:
         self.state_dir = state_dir if state_dir is not None else config.resolved_state_dir()
         self.locks = workspace.RepoLocks()
         self._not_git_logged: set[str] = set()
+
+    async def sweep_leftovers(self) -> None:
+        """At start-up: remove the worktrees a killed sidecar left (no task runs yet)."""
+        root = self.state_dir / "worktrees"
+        if not await trio.Path(root).is_dir():
+            return
+        tools = self._tools(procs.agent_marker_prefix(self.config.agent_id) + "sweep")
+        with trio.move_on_after(workspace.CLEANUP_TIMEOUT_S):
+            for path in await trio.Path(root).iterdir():
+                await workspace.remove_tree(Path(path))
+                log.info("stale_worktree_removed", path=str(path))
+            repos = [Path(self.config.repo_dir)] if self.config.repo_dir else []
+            ws_root = trio.Path(self.state_dir / "workspaces")
+            if await ws_root.is_dir():
+                repos += [Path(p) for p in await ws_root.iterdir()]
+            for repo in repos:
+                if await trio.Path(repo / ".git").exists():
+                    await tools.git(repo, "worktree", "prune")
 
     def _tools(self, marker: str) -> gitflow.Tools:
         env = procs.child_env(os.environ, marker, secrets=[self.config.token])
@@ -268,4 +287,3 @@ class Pipeline:
             verification_report=report,
             verification_history=history,
         )
-

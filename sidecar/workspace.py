@@ -102,12 +102,12 @@ async def ensure_workspace(tools: Tools, root: Path, url: str, locks: RepoLocks)
         # Clone beside the final place and rename: a clone cut short leaves no
         # half-made workspace behind that a later task would take as real.
         partial = root / f".{path.name}.partial"
-        await _remove_tree(partial)
+        await remove_tree(partial)
         cloned = await tools.git(root, "clone", "--", url, str(partial), env=env)
         if not cloned.ok:
-            await _remove_tree(partial)
+            await remove_tree(partial)
             raise WorkspaceError(cloned.why())
-        await _remove_tree(path)
+        await remove_tree(path)
         await trio.Path(partial).rename(path)
         log.info("workspace_cloned", repo=url, path=str(path))
         return Workspace(path)
@@ -159,10 +159,11 @@ async def _drop_worktree(tools: Tools, repo: Path, path: Path) -> None:
         removed = await tools.git(repo, "worktree", "remove", "--force", str(path))
         if not removed.ok:
             log.warning("worktree_remove_failed", path=str(path), problem=removed.why())
-            await _remove_tree(path)
+            await remove_tree(path)
     await tools.git(repo, "worktree", "prune")
 
 
-async def _remove_tree(path: Path) -> None:
+async def remove_tree(path: Path) -> None:
+    """Delete a directory tree (in a worker thread: it may be large)."""
     if await trio.Path(path).exists():
         await trio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))

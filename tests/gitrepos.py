@@ -87,7 +87,7 @@ def install_gh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> GhLog:
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     gh = bindir / "gh"
-    gh.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(GH_STANDIN))} \"$@\"\n")
+    gh.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(GH_STANDIN))} "$@"\n')
     gh.chmod(0o755)
     log = tmp_path / "gh-calls.jsonl"
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")

@@ -60,7 +60,8 @@ async def test_woken_agent_finishing_after_70_s_completes(
 ) -> None:
     results = tmp_path / "results"
     results.mkdir()
-    wake = f'{PY} {shlex.quote(str(WAKE_AGENT))} {shlex.quote(str(results))} wait-go "${{TASK_ID}}" >/dev/null 2>&1 &'
+    agent = f"{PY} {shlex.quote(str(WAKE_AGENT))} {shlex.quote(str(results))}"
+    wake = f'{agent} wait-go "${{TASK_ID}}" >/dev/null 2>&1 &'
     async with running(make_config, wake_command=wake, results_dir=str(results)) as (hub, _sc):
         tid = hub.submit(description="a long job for a woken agent")  # no routing_decision: wake
         await hub.wait_until(lambda: (results / f"{tid}.started").exists(), 30)
@@ -87,7 +88,11 @@ async def test_claude_answering_after_65_s_completes(
     async with running(make_config, claude=claude, repo_dir=str(tmp_path)) as (hub, _sc):
         tid = hub.submit(
             description="think hard",
-            routing_decision={"target_type": "claude", "selected_endpoint": "claude_api", "effective_tier": "complex"},
+            routing_decision={
+                "target_type": "claude",
+                "selected_endpoint": "claude_api",
+                "effective_tier": "complex",
+            },
         )
         await hub.wait_until(lambda: hub.task(tid).status == "accepted", 30)
         await trio.sleep(65)
@@ -123,7 +128,10 @@ async def test_heartbeats_go_on_during_a_75_s_verification(
     make_config: Any, tmp_path: Path, clock: trio.testing.MockClock
 ) -> None:
     go = tmp_path / "go"
-    check = f"{PY} -c \"import pathlib, time\nwhile not pathlib.Path('{go}').exists(): time.sleep(0.01)\nprint('checked')\""
+    script = tmp_path / "slow_check.py"
+    wait = f"while not pathlib.Path({str(go)!r}).exists():\n    time.sleep(0.01)\n"
+    script.write_text(f"import pathlib, time\n{wait}print('checked')\n")
+    check = f"{PY} {shlex.quote(str(script))}"
     async with running(make_config, repo_dir=str(tmp_path)) as (hub, sc):
         tid = hub.submit(
             # A shell task's own limit is 60 s, and it bounds its verification too.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,7 +27,11 @@ MARKER = "sc-gitflow-test"
         ("acc", "Ünïcödé façade — naïve café", "acc/ncd-faade-nave-caf"),
         ("acc", "tabs\tand\nnewlines", "acc/tabs-and-newlines"),
         ("acc", "a -- b --- c", "acc/a-b-c"),
-        ("acc", "Implement the whole new authentication subsystem for the API", "acc/implement-the-whole-new-authentication-s"),
+        (
+            "acc",
+            "Implement the whole new authentication subsystem for the API",
+            "acc/implement-the-whole-new-authentication-s",
+        ),
         ("acc", "abcd " * 9, "acc/" + "-".join(["abcd"] * 8)),
         ("acc", "修复登录错误", "acc/t-42"),
         ("acc", "!!!", "acc/t-42"),
@@ -154,10 +159,14 @@ async def test_deliver_pushes_and_opens_the_pr(tmp_path: Path, monkeypatch: pyte
     assert not body.exists()  # the body file is removed
 
 
-async def test_no_reviewer_flag_when_reviewer_is_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_reviewer_flag_when_reviewer_is_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gh = install_gh(monkeypatch, tmp_path)
     _bare, checkout = await _branch_with_commit(tmp_path)
-    await gitflow.deliver(tools(), checkout, "acc/add-the-feature-file", info(reviewer=None), tmp_path / "b.md")
+    await gitflow.deliver(
+        tools(), checkout, "acc/add-the-feature-file", info(reviewer=None), tmp_path / "b.md"
+    )
     assert not any(a.startswith("--reviewer") for a in gh.argvs()[-1])
 
 
@@ -178,7 +187,9 @@ async def test_push_refused_by_the_remote(tmp_path: Path, monkeypatch: pytest.Mo
     refuse_pushes(bare)
     pr = await gitflow.deliver(tools(), checkout, "acc/add-the-feature-file", info(), tmp_path / "b.md")
     assert pr.url is None and pr.warning is not None
-    assert "git push of acc/add-the-feature-file failed" in pr.warning and "push refused by policy" in pr.warning
+    assert (
+        "git push of acc/add-the-feature-file failed" in pr.warning and "push refused by policy" in pr.warning
+    )
     assert gh.calls() == []
 
 
@@ -193,10 +204,11 @@ async def test_pr_refused_by_github(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 async def test_missing_gh_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _bare, checkout = await _branch_with_commit(tmp_path)
-    git_dir = os.path.dirname(subprocess.run(["which", "git"], capture_output=True, text=True).stdout.strip())
+    real_git = shutil.which("git")
+    assert real_git is not None
     empty = tmp_path / "nobin"
     empty.mkdir()
-    (empty / "git").symlink_to(Path(git_dir) / "git")
+    (empty / "git").symlink_to(real_git)
     monkeypatch.setenv("PATH", str(empty))
     pr = await gitflow.deliver(tools(), checkout, "acc/add-the-feature-file", info(), tmp_path / "b.md")
     assert pr.url is None and pr.warning is not None and "gh not found on PATH" in pr.warning

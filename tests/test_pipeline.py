@@ -25,7 +25,7 @@ from sidecar.executors.ollama import OllamaExecutor
 from sidecar.executors.shell import ShellExecutor
 from sidecar.messages import parse_task
 from sidecar.pipeline import Pipeline
-from tests.fakes.ollama_server import OllamaServer, Script, open_ollama_server
+from tests.fakes.ollama_server import Script, open_ollama_server
 from tests.fakes.proc_helpers import RecordingProgress
 from tests.gitrepos import GhLog, commit_command, git, install_gh, make_origin
 
@@ -74,7 +74,9 @@ async def test_verified_shell_task_is_pushed_and_gets_a_pr(
     make_config: Any, http: httpx.AsyncClient, origin: tuple[Path, Path], gh: GhLog
 ) -> None:
     bare, checkout = origin
-    cfg = make_config(repo_dir=str(checkout), reviewer="", hub_api_url="http://hub:4000", agent_id="acc-agent")
+    cfg = make_config(
+        repo_dir=str(checkout), reviewer="", hub_api_url="http://hub:4000", agent_id="acc-agent"
+    )
     t = shell(
         commit_command(),
         description="Add the feature file",
@@ -101,7 +103,9 @@ async def test_failed_verification_is_still_a_success_without_pr(
 ) -> None:
     _bare, checkout = origin
     cfg = make_config(repo_dir=str(checkout))
-    t = shell(commit_command(), description="Do it", verification_steps=[{"type": "file_exists", "target": "nope"}])
+    t = shell(
+        commit_command(), description="Do it", verification_steps=[{"type": "file_exists", "target": "nope"}]
+    )
     res, _ = await run(pipeline(cfg, http), t)
     assert res.ok and res.result is not None
     assert res.result["verification_status"] == "fail"
@@ -114,7 +118,9 @@ async def test_dirty_tree_still_runs_the_task_with_a_warning(
 ) -> None:
     _bare, checkout = origin
     (checkout / "scratch.txt").write_text("uncommitted")
-    res, _ = await run(pipeline(make_config(repo_dir=str(checkout)), http), shell("echo ran", description="x"))
+    res, _ = await run(
+        pipeline(make_config(repo_dir=str(checkout)), http), shell("echo ran", description="x")
+    )
     assert res.ok and res.result is not None and res.result["output"] == "ran\n"
     assert "not clean" in res.result["git_warning"] and "pr_url" not in res.result
     assert git(checkout, "rev-parse", "--abbrev-ref", "HEAD").strip() == "main"
@@ -245,7 +251,7 @@ async def test_hostile_repo_values_are_never_run(
 ) -> None:
     canary = tmp_path / "pwned"
     cfg = make_config()
-    Path(cfg.resolved_state_dir()).mkdir(parents=True)
+    await trio.Path(cfg.resolved_state_dir()).mkdir(parents=True)
     hostile = (
         f"ext::sh -c touch% {canary}",
         f"--upload-pack=touch {canary}",
@@ -269,7 +275,8 @@ async def test_ollama_corrective_retries_sum_tokens(
     check = (
         f"{shlex.quote(sys.executable)} -c \"import pathlib,sys; p=pathlib.Path('{counter}'); "
         "n=int(p.read_text()) if p.exists() else 0; p.write_text(str(n+1)); "
-        "print('2 tests failed: test_add, test_sub' if n == 0 else 'all tests passed'); sys.exit(1 if n == 0 else 0)\""
+        "print('2 tests failed: test_add, test_sub' if n == 0 else 'all tests passed'); "
+        'sys.exit(1 if n == 0 else 0)"'
     )
     async with open_ollama_server() as srv:
         srv.queue = [Script(reply="a wrong answer"), Script(reply="the right answer")]
@@ -292,7 +299,12 @@ async def test_ollama_corrective_retries_sum_tokens(
     assert [r["run_number"] for r in res.verification_history or []] == [1, 2]
     assert len(chats) == 2
     corrective = chats[1].json["messages"][-1]["content"]
-    for needle in ("2 tests failed: test_add, test_sub", "unit tests", "Write the add function", "a wrong answer"):
+    for needle in (
+        "2 tests failed: test_add, test_sub",
+        "unit tests",
+        "Write the add function",
+        "a wrong answer",
+    ):
         assert needle in corrective
     assert "Passing checks" in corrective and "[file_exists]" in corrective
     assert "Write the add function" == chats[0].json["messages"][-1]["content"]
@@ -316,3 +328,16 @@ async def test_no_corrective_retry_for_shell_tasks(
     res, _ = await run(pipeline(make_config(repo_dir=str(tmp_path)), http), t)
     assert res.ok and res.result is not None and res.result["verification_attempts"] == 1
     assert runs.read_text() == "x\n"
+
+
+async def test_worktrees_left_by_a_killed_sidecar_are_swept_at_start(
+    make_config: Any, http: httpx.AsyncClient, origin: tuple[Path, Path]
+) -> None:
+    _bare, checkout = origin
+    cfg = make_config(repo_dir=str(checkout), capacity=2)
+    left = Path(cfg.resolved_state_dir()) / "worktrees" / "dead-task"
+    git(checkout, "worktree", "add", "-q", "-b", "agent/dead", str(left), "origin/main")
+    assert git(checkout, "worktree", "list").count("\n") == 2
+    await pipeline(cfg, http).sweep_leftovers()
+    assert not left.exists()
+    assert git(checkout, "worktree", "list").count("\n") == 1

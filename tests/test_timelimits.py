@@ -25,7 +25,10 @@ def task(**fields: Any) -> Any:
         ({"routing_decision": {"target_type": "claude", "effective_tier": "trivial"}}, 10 * MIN),
         ({"routing_decision": {"target_type": "claude", "effective_tier": "complex"}}, 30 * MIN),
         ({"routing_decision": {"target_type": "ollama", "effective_tier": "standard"}}, 30 * MIN),
-        ({"routing_decision": {"target_type": "ollama"}, "complexity": {"effective_tier": "trivial"}}, 10 * MIN),
+        (
+            {"routing_decision": {"target_type": "ollama"}, "complexity": {"effective_tier": "trivial"}},
+            10 * MIN,
+        ),
         ({"routing_decision": {"target_type": "ollama", "effective_tier": "weird"}}, 30 * MIN),
         ({}, 30 * MIN),  # wake, no tier
         ({"complexity": {"effective_tier": "trivial"}}, 10 * MIN),  # wake, trivial

@@ -26,7 +26,16 @@ from tests.gitrepos import git, make_origin
 from .harness import alive
 
 MARKER = "sc-verify-test-marker"
-REPORT_KEYS = ["task_id", "run_number", "status", "started_at", "duration_ms", "timeout_ms", "checks", "summary"]
+REPORT_KEYS = [
+    "task_id",
+    "run_number",
+    "status",
+    "started_at",
+    "duration_ms",
+    "timeout_ms",
+    "checks",
+    "summary",
+]
 CHECK_KEYS = ["type", "target", "description", "status", "output", "duration_ms"]
 
 
@@ -167,7 +176,8 @@ async def test_hanging_check_is_killed_at_verification_timeout(
     tmp_path: Path, clock: trio.testing.MockClock
 ) -> None:
     pidfile = tmp_path / "pid"
-    hang = f"{PY} -c 'import os, time; print(\"started\", flush=True); open(\"{pidfile}\", \"w\").write(str(os.getpid())); time.sleep(1000)'"
+    code = f'import os, time; print("started", flush=True); open("{pidfile}", "w").write(str(os.getpid()))'
+    hang = f"{PY} -c '{code}; time.sleep(1000)'"
     steps = [step("command_succeeds", "true"), step("command_succeeds", hang), step("file_exists", "x")]
     got: list[dict[str, Any]] = []
 
@@ -195,7 +205,7 @@ async def test_hanging_check_is_killed_at_verification_timeout(
 
 async def test_a_cancelled_verification_kills_its_check(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
-    hang = f"{PY} -c 'import os, time; open(\"{pidfile}\", \"w\").write(str(os.getpid())); time.sleep(1000)'"
+    hang = f'{PY} -c \'import os, time; open("{pidfile}", "w").write(str(os.getpid())); time.sleep(1000)\''
     with trio.move_on_after(5) as scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(verify, tmp_path, [step("command_succeeds", hang)])

@@ -49,14 +49,16 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:2] == ["pr", "create"]:
         if fail == "pr":
-            print("pull request create failed: GraphQL: No commits between main and x (createPullRequest)",
-                  file=sys.stderr)
+            print(
+                "pull request create failed: GraphQL: No commits between main and x (createPullRequest)",
+                file=sys.stderr,
+            )
             return 1
         calls = [json.loads(line) for line in log.read_text().splitlines()]
         n = sum(1 for c in calls if c["argv"][:2] == ["pr", "create"])
         print(f"https://github.com/acme/widgets/pull/{n}")
         return 0
-    print(f"unknown command {argv[0] if argv else ''!r} for \"gh\"", file=sys.stderr)
+    print(f'unknown command {argv[0] if argv else ""!r} for "gh"', file=sys.stderr)
     return 1
 
 
