@@ -145,12 +145,19 @@ class Tools:
         return cmd
 
 
+async def checkout_problem(tools: Tools, path: Path) -> str | None:
+    """None if `path` is inside a git work tree, else why not (git missing included)."""
+    if not await trio.Path(path).is_dir():
+        return f"{path} is not a directory"
+    res = await tools.git(path, "rev-parse", "--is-inside-work-tree")
+    if res.ok and res.stdout.strip() == "true":
+        return None
+    return res.problem or f"{path} is not a git checkout"
+
+
 async def is_checkout(tools: Tools, path: Path) -> bool:
     """True if `path` is inside a git work tree."""
-    if not await trio.Path(path).is_dir():
-        return False
-    res = await tools.git(path, "rev-parse", "--is-inside-work-tree")
-    return res.ok and res.stdout.strip() == "true"
+    return await checkout_problem(tools, path) is None
 
 
 @attrs.frozen

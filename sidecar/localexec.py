@@ -31,6 +31,7 @@ from .executors.registry import REGISTRY, build_executors
 from .messages import ProgressEvent, parse_task
 from .progress import ProgressSender, open_progress
 from .taskrun import run_and_sweep
+from .timelimits import time_limit_ms
 from .view import LiveView
 
 EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 124, 130
@@ -138,8 +139,11 @@ async def run_exec(
         config = exec_config(req, Path(tmp))
         state_dir = config.resolved_state_dir()
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-        timeout_s = req.timeout_s if req.timeout_s is not None else config.default_timeout_ms / 1000
         task_id = f"exec-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        # Without --timeout, the daemon's default for this kind of task (timeout_ms 0: none given).
+        unbounded = parse_task(build_task_frame(req, task_id, 0))
+        default_ms = time_limit_ms(unbounded, target_of(unbounded), config)
+        timeout_s = req.timeout_s if req.timeout_s is not None else default_ms / 1000
         task = parse_task(build_task_frame(req, task_id, max(1, round(timeout_s * 1000))))
         kind = target_of(task)
         marker = procs.task_marker(config.agent_id, task_id)

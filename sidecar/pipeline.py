@@ -86,6 +86,14 @@ def corrective_prompt(task: Task, report: dict[str, Any], previous_output: str) 
     return "\n".join(lines)
 
 
+def _inside_git_tree(path: Path) -> bool:
+    """Whether `path` or a parent holds `.git` (blocking: run it in a thread)."""
+    for where in (path, *path.parents):
+        if (where / ".git").exists():
+            return True
+    return False
+
+
 @attrs.define
 class _Place:
     """Where one task works, and what the branch workflow made of it."""
@@ -165,10 +173,16 @@ class Pipeline:
                 warnings.append(ws.warning)
         if not (cfg.git_workflow and has_repo_dir):
             return _Place(base, warnings=warnings)
-        if not await gitflow.is_checkout(tools, base):
+        # A plain directory costs no git call (one thread hop to look for `.git`).
+        if not await trio.to_thread.run_sync(_inside_git_tree, base):
             if str(base) not in self._not_git_logged:
                 self._not_git_logged.add(str(base))
                 log.warning("repo_dir_not_a_git_checkout", path=str(base), action="branch workflow skipped")
+            return _Place(base, warnings=warnings)
+        problem = await gitflow.checkout_problem(tools, base)
+        if problem is not None:
+            # A checkout git cannot use (git missing, a broken repository): say so.
+            warnings.append(f"{problem}: branch workflow skipped")
             return _Place(base, warnings=warnings)
         branch = gitflow.branch_name(cfg.agent_id, task.description, task.task_id)
         if cfg.capacity > 1 and kind in DIRECT_KINDS:
@@ -177,7 +191,8 @@ class Pipeline:
             if tree.warning:
                 warnings.append(tree.warning)
             return _Place(path, path if tree.branch else None, tree.branch, tree, warnings)
-        prepared = await gitflow.prepare_branch(tools, base, branch)
+        async with self.locks.hold(base):
+            prepared = await gitflow.prepare_branch(tools, base, branch)
         if prepared.warning:
             warnings.append(prepared.warning)
         if prepared.branch:

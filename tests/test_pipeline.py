@@ -341,3 +341,21 @@ async def test_worktrees_left_by_a_killed_sidecar_are_swept_at_start(
     await pipeline(cfg, http).sweep_leftovers()
     assert not left.exists()
     assert git(checkout, "worktree", "list").count("\n") == 1
+
+
+async def test_missing_git_is_a_warning_and_the_task_still_runs(
+    make_config: Any,
+    http: httpx.AsyncClient,
+    origin: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _bare, checkout = origin
+    empty = tmp_path / "nobin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    res, _ = await run(
+        pipeline(make_config(repo_dir=str(checkout)), http), shell("echo ran", description="x")
+    )
+    assert res.ok and res.result is not None and res.result["output"] == "ran\n"
+    assert res.result["git_warning"] == "git not found on PATH: branch workflow skipped"

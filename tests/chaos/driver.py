@@ -281,6 +281,8 @@ class Episode:
             "shutdown_grace_s": 3.0,
             "progress_window_s": 0.05,
             "default_timeout_ms": 30_000,
+            # The same bound for LLM and wake tasks as for shell ones (by default theirs is minutes).
+            "time_limits": {k: 30_000 for k in ("trivial_ms", "standard_ms", "complex_ms", "unknown_ms")},
             "output_cap_bytes": 64 * 1024,
             "confirmation_timeout_ms": 5_000,
             "results_dir": str(results),
