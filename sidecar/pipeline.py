@@ -149,9 +149,10 @@ class Pipeline:
             try:
                 place = await self._place(task, kind, tools, progress, run.workdir)
             except workspace.WorkspaceError as exc:
-                log.warning("workspace_setup_failed", task_id=task.task_id, repo=task.repo, problem=str(exc))
+                where = task.repo or self.config.repo_dir
+                log.warning("workspace_setup_failed", task_id=task.task_id, repo=where, problem=str(exc))
                 return _failure(
-                    f"Workspace setup failed for {task.repo}: {exc}", "workspace_setup_failed", executor=kind
+                    f"Workspace setup failed for {where}: {exc}", "workspace_setup_failed", executor=kind
                 )
             return await self._work(run.with_workdir(place.cwd), kind, place, tools)
         finally:
@@ -171,7 +172,9 @@ class Pipeline:
             base, has_repo_dir = ws.path, True
             if ws.warning:
                 warnings.append(ws.warning)
-        if not (cfg.git_workflow and has_repo_dir):
+        # Two direct tasks at once never share a tree: each gets a worktree.
+        isolate = cfg.capacity > 1 and kind in DIRECT_KINDS
+        if not has_repo_dir or not (cfg.git_workflow or isolate):
             return _Place(base, warnings=warnings)
         # A plain directory costs no git call (one thread hop to look for `.git`).
         if not await trio.to_thread.run_sync(_inside_git_tree, base):
@@ -184,13 +187,18 @@ class Pipeline:
             # A checkout git cannot use (git missing, a broken repository): say so.
             warnings.append(f"{problem}: branch workflow skipped")
             return _Place(base, warnings=warnings)
-        branch = gitflow.branch_name(cfg.agent_id, task.description, task.task_id)
-        if cfg.capacity > 1 and kind in DIRECT_KINDS:
+        branch = None
+        if cfg.git_workflow:
+            branch = gitflow.branch_name(cfg.agent_id, task.description, task.task_id)
+        if isolate:
             path = self.state_dir / "worktrees" / workspace.task_dir_name(task.task_id)
             tree = await workspace.add_worktree(tools, base, path, branch, self.locks)
             if tree.warning:
                 warnings.append(tree.warning)
+            if tree.branch:
+                await progress.emit("status", f"working on branch {tree.branch} in a worktree of its own")
             return _Place(path, path if tree.branch else None, tree.branch, tree, warnings)
+        assert branch is not None
         async with self.locks.hold(base):
             prepared = await gitflow.prepare_branch(tools, base, branch)
         if prepared.warning:

@@ -123,11 +123,22 @@ class Worktree:
     warning: str | None = None
 
 
-async def add_worktree(tools: Tools, repo: Path, path: Path, branch: str, locks: RepoLocks) -> Worktree:
-    """A new worktree at `path` with `branch` fresh from origin/main (raises WorkspaceError)."""
+async def add_worktree(
+    tools: Tools, repo: Path, path: Path, branch: str | None, locks: RepoLocks
+) -> Worktree:
+    """A new worktree at `path` with `branch` fresh from origin/main (raises WorkspaceError).
+
+    `branch` None (the branch workflow is off): a detached worktree of `repo`'s
+    HEAD, only to keep the task apart from the others.
+    """
     async with locks.hold(repo):
         await _drop_worktree(tools, repo, path)
         await trio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+        if branch is None:
+            head = await tools.git(repo, "worktree", "add", "--detach", str(path), "HEAD")
+            if not head.ok:
+                raise WorkspaceError(f"could not add a worktree: {head.why()}")
+            return Worktree(repo, path, None)
         problem = await fetch_origin(tools, repo)
         if problem is None:
             added = await tools.git(repo, "worktree", "add", "-B", branch, str(path), BASE_REF)

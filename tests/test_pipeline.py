@@ -359,3 +359,16 @@ async def test_missing_git_is_a_warning_and_the_task_still_runs(
     )
     assert res.ok and res.result is not None and res.result["output"] == "ran\n"
     assert res.result["git_warning"] == "git not found on PATH: branch workflow skipped"
+
+
+async def test_worktrees_keep_tasks_apart_with_the_workflow_off(
+    make_config: Any, http: httpx.AsyncClient, origin: tuple[Path, Path], gh: GhLog
+) -> None:
+    _bare, checkout = origin
+    cfg = make_config(repo_dir=str(checkout), capacity=2, git_workflow=False)
+    res, _ = await run(pipeline(cfg, http), shell("pwd; git status --short --branch", description="x"))
+    assert res.ok and res.result is not None
+    lines = res.result["output"].splitlines()
+    assert Path(lines[0]).parent == Path(cfg.resolved_state_dir()) / "worktrees"
+    assert "no branch" in lines[1] and "git_warning" not in res.result and "pr_url" not in res.result
+    assert not await trio.Path(lines[0]).exists() and gh.calls() == []
