@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,16 +125,13 @@ def _write(path: Path, data: dict[str, object]) -> Path:
     return path
 
 
-def test_unknown_json_keys_are_one_warning_naming_them(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_unknown_json_keys_are_one_warning_naming_them(tmp_path: Path, logs: Any) -> None:
     path = _write(tmp_path / "config.json", {**ORIGINAL, "colour": "blue", "zeal": 3, "debug": True})
-    with caplog.at_level("WARNING"):
-        cfg = load_config(path, env={})
+    cfg = load_config(path, env={})
     assert cfg.agent_id == ORIGINAL["agent_id"]
-    warnings = [r for r in caplog.records if r.getMessage() == "config_keys_ignored"]
-    assert len(warnings) == 1
-    assert warnings[0].fields["keys"] == "colour,debug,zeal"  # type: ignore[attr-defined]
+    warnings = logs.named("config_keys_ignored")
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert warnings[0]["keys"] == "colour,debug,zeal"
 
 
 def test_unknown_toml_key_is_still_refused(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from sidecar.executors.shell import ShellExecutor
 from sidecar.messages import parse_task
 from sidecar.pipeline import Pipeline
 from tests.fakes.ollama_server import Script, open_ollama_server
-from tests.fakes.proc_helpers import RecordingProgress
+from tests.fakes.proc_helpers import RecordingProgress, task_run
 from tests.gitrepos import GhLog, commit_command, git, install_gh, make_origin
 
 SHELL = {"target_type": "sidecar"}
@@ -48,10 +48,20 @@ def origin(tmp_path: Path) -> tuple[Path, Path]:
     return make_origin(tmp_path / "git")
 
 
-def pipeline(config: Config, http: httpx.AsyncClient) -> Pipeline:
-    ctx = ExecContext(config=config, http=http, state_dir=config.resolved_state_dir())
-    executors = {"shell": ShellExecutor(ctx), "ollama": OllamaExecutor(ctx)}
-    return Pipeline(config, Dispatcher(executors, CostModel(config)).run)
+class Run:
+    """A pipeline with the real dispatcher, shell and Ollama executors, as the daemon builds it."""
+
+    def __init__(self, config: Config, http: httpx.AsyncClient) -> None:
+        self.ctx = ExecContext(config=config, http=http, state_dir=config.resolved_state_dir())
+        executors = {"shell": ShellExecutor(self.ctx), "ollama": OllamaExecutor(self.ctx)}
+        self.pipeline = Pipeline(config, Dispatcher(executors, CostModel(config)).run)
+
+    async def sweep_leftovers(self) -> None:
+        await self.pipeline.sweep_leftovers()
+
+
+def pipeline(config: Config, http: httpx.AsyncClient) -> Run:
+    return Run(config, http)
 
 
 def task(task_id: str = "t-1", **fields: Any) -> Any:
@@ -65,9 +75,9 @@ def shell(command: str, **fields: Any) -> Any:
     return task(metadata=meta, **fields)
 
 
-async def run(p: Pipeline, t: Any) -> tuple[DispatchResult, RecordingProgress]:
+async def run(p: Run, t: Any) -> tuple[DispatchResult, RecordingProgress]:
     progress = RecordingProgress(t.task_id)
-    return await p.run(t, progress), progress
+    return await p.pipeline.run(task_run(p.ctx, t, progress)), progress
 
 
 async def test_verified_shell_task_is_pushed_and_gets_a_pr(

@@ -7,8 +7,7 @@ from typing import Any
 import pytest
 
 from sidecar.messages import parse_task
-from sidecar.supervisor import task_time_limit_ms
-from sidecar.timelimits import task_tier, time_limit_ms
+from sidecar.timelimits import task_tier, task_time_limit_ms, time_limit_ms
 
 MIN = 60_000
 
