@@ -11,7 +11,7 @@ labels `agent:<agent>` and `priority:<p>` are made, and `gh pr create` opens
 the pull request, whose URL becomes `pr_url`.
 
 Every `git` and `gh` call is an argv list (no shell, so nothing in a task's
-description can inject a command), runs through `procs.run_child` with the
+description can inject a command), runs through `procs.capture` with the
 task's marker (a cancel kills it), and has a time limit: 60 s for git, 120 s
 for gh, which runs with `GH_PROMPT_DISABLED=1`.
 """
@@ -26,7 +26,7 @@ import attrs
 import trio
 
 from .log import get_logger
-from .procs import describe_returncode, run_child
+from .procs import capture, describe_returncode
 
 log = get_logger(__name__)
 
@@ -108,41 +108,22 @@ class Tools:
     async def run(
         self, argv: list[str], cwd: Path, timeout_s: float, extra_env: Mapping[str, str] | None
     ) -> Cmd:
-        out: list[str] = []
-        err: list[str] = []
-
-        async def on_out(block: str) -> None:
-            out.append(block)
-
-        async def on_err(block: str) -> None:
-            err.append(block)
-
         env = {**self.env, **(extra_env or {})}
         try:
-            with trio.move_on_after(timeout_s) as scope:
-                res = await run_child(
-                    argv,
-                    cwd=cwd,
-                    env=env,
-                    marker=self.marker,
-                    on_stdout=on_out,
-                    on_stderr=on_err,
-                    grace_s=self.grace_s,
-                    batch_lines=True,
-                )
+            res = await capture(
+                argv, cwd=cwd, env=env, marker=self.marker, timeout_s=timeout_s, grace_s=self.grace_s
+            )
         except FileNotFoundError:
             here = await trio.Path(cwd).is_dir()
-            what = f"{argv[0]} not found on PATH" if here else f"directory {cwd} not found"
-            return Cmd(None, "", "", what)
+            return Cmd(None, "", "", f"{argv[0]} not found on PATH" if here else f"directory {cwd} not found")
         except OSError as exc:
             return Cmd(None, "", "", f"could not start {argv[0]}: {exc}")
-        if scope.cancelled_caught:
-            log.warning("git_tool_timed_out", argv=" ".join(argv[:3]), timeout_s=timeout_s)
-            what = f"`{' '.join(argv[:3])}` timed out after {timeout_s:g} s"
-            return Cmd(None, "".join(out), "".join(err), what)
-        cmd = Cmd(res.returncode, "".join(out), "".join(err))
-        log.debug("git_tool", argv=" ".join(argv[:3]), returncode=res.returncode)
-        return cmd
+        what = " ".join(argv[:3])
+        if res.timed_out:
+            log.warning("git_tool_timed_out", argv=what, timeout_s=timeout_s)
+            return Cmd(None, res.stdout, res.stderr, f"`{what}` timed out after {timeout_s:g} s")
+        log.debug("git_tool", argv=what, returncode=res.returncode)
+        return Cmd(res.returncode, res.stdout, res.stderr)
 
 
 async def checkout_problem(tools: Tools, path: Path) -> str | None:

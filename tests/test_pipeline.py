@@ -377,8 +377,9 @@ async def test_worktrees_keep_tasks_apart_with_the_workflow_off(
     _bare, checkout = origin
     cfg = make_config(repo_dir=str(checkout), capacity=2, git_workflow=False)
     res, _ = await run(pipeline(cfg, http), shell("pwd; git status --short --branch", description="x"))
-    assert res.ok and res.result is not None
+    assert res.ok and res.result is not None, res
     lines = res.result["output"].splitlines()
-    assert Path(lines[0]).parent == Path(cfg.resolved_state_dir()) / "worktrees"
-    assert "no branch" in lines[1] and "git_warning" not in res.result and "pr_url" not in res.result
+    assert Path(lines[0]).parent == Path(cfg.resolved_state_dir()) / "worktrees", res.result
+    assert "no branch" in lines[1], res.result
+    assert "git_warning" not in res.result and "pr_url" not in res.result, res.result
     assert not await trio.Path(lines[0]).exists() and gh.calls() == []
