@@ -24,6 +24,10 @@ import trio.testing
 from sidecar.app import Sidecar, open_sidecar
 from sidecar.config import Config
 from sidecar.devhub import DevHub, open_dev_hub
+from tests.gitrepos import commit_command, git, install_gh, make_origin
+
+from .harness import AGENT, SidecarProcess
+from .harness import TOKEN as E2E_TOKEN
 
 FAKES = Path(__file__).parent / "fakes"
 STANDIN = FAKES / "claude_standin.py"
@@ -179,3 +183,49 @@ async def test_failed_verification_reaches_the_hub_top_level(
     # Status events may be coalesced into one frame: look in the text they make.
     assert "verification 1/1 fail: file_exists missing.txt" in "".join(e["text"] for e in rec.progress_events)
     assert hub.violations == []
+
+
+async def test_real_process_on_the_onboarding_config_json_verifies_and_opens_a_pr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sidecar run` on a config.json as the original's onboarding tool writes it (real clock)."""
+    gh = install_gh(monkeypatch, tmp_path)
+    bare, checkout = make_origin(tmp_path / "git")
+    async with open_dev_hub(tokens={AGENT: E2E_TOKEN}) as hub:
+        sc = SidecarProcess(
+            tmp_path / "sc",
+            hub.ws_url,
+            fmt="json",
+            hub_api_url="http://hub.example:4000",
+            repo_dir=str(checkout),
+            reviewer="",
+            capabilities=[],
+            confirmation_timeout_ms=30000,
+            results_dir="./results",
+            log_file=str(tmp_path / "sc" / "original.log"),
+        )
+        try:
+            await sc.start()
+            tid = hub.submit(
+                description="Add the feature file",
+                metadata={"shell_command": commit_command(), "priority": "urgent"},
+                routing_decision={"target_type": "sidecar"},
+                verification_steps=[
+                    {"type": "file_exists", "target": "feature.txt", "description": "the file is there"},
+                    {"type": "git_clean", "target": None, "description": "everything committed"},
+                ],
+            )
+            rec = await completed(hub, tid, 60)
+            assert rec.status == "completed", rec.failures
+            assert rec.result["pr_url"] == "https://github.com/acme/widgets/pull/1"
+            assert rec.verification_report["status"] == "pass"
+            assert [c["status"] for c in rec.verification_report["checks"]] == ["pass", "pass"]
+            branch = "agent/add-the-feature-file"
+            assert git(bare, "log", "-1", "--format=%s", branch).strip() == "add feature.txt"
+            pr = gh.calls()[-1]
+            assert (
+                "priority:urgent" in pr["argv"] and "http://hub.example:4000/api/tasks/" + tid in pr["body"]
+            )
+            assert hub.violations == []
+        finally:
+            await sc.cleanup()
