@@ -20,6 +20,7 @@ bounds every step; the worktree is removed however the task ends.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,6 +49,8 @@ DELIVERABLE = frozenset({verify.PASS, verify.AUTO_PASS, verify.SKIP})
 CORRECTABLE = frozenset({verify.FAIL, verify.ERROR})
 FAILED_OUTPUT_CHARS = 500
 PREVIOUS_OUTPUT_CHARS = 1000
+# Kept free before the task's deadline when verification is bounded by it.
+DEADLINE_RESERVE_S = 1.0
 _SUMMED = ("tokens_in", "tokens_out", "estimated_cost_usd", "execution_ms", "attempts")
 
 
@@ -213,7 +216,7 @@ class Pipeline:
         if not first.ok or first.result is None:
             return first
         results = [first]
-        history = [await self._verify(task, place, tools, progress, 1)]
+        history = [await self._verify(run, place, tools, 1)]
         retries = task.max_verification_retries if kind in LLM_KINDS else 0
         while history[-1]["status"] in CORRECTABLE and len(history) <= retries:
             n = len(history)
@@ -232,24 +235,38 @@ class Pipeline:
                 results.append(again)
                 break
             results.append(again)
-            history.append(await self._verify(task, place, tools, progress, n + 1))
+            history.append(await self._verify(run, place, tools, n + 1))
         return await self._finish(task, place, tools, progress, results, history)
 
     async def _verify(
-        self, task: Task, place: _Place, tools: gitflow.Tools, progress: ProgressSender, run_number: int
+        self, run: TaskRun, place: _Place, tools: gitflow.Tools, run_number: int
     ) -> dict[str, Any]:
+        task = run.task
         return await verify.run_verification(
             task.task_id,
             task.verification_steps,
             cwd=place.cwd,
             marker=tools.marker,
             env=tools.env,
-            timeout_ms=task.verification_timeout_ms,
-            emit=progress.emit,
+            timeout_ms=self._verification_bound_ms(run),
+            emit=run.progress.emit,
             run_number=run_number,
             skip=task.skip_verification,
             grace_s=self.config.kill_grace_s,
         )
+
+    def _verification_bound_ms(self, run: TaskRun) -> int:
+        """`verification_timeout_ms`, shortened so that the checks end before the task's own limit.
+
+        A verification cut short by its own bound still completes the task (status
+        `timeout`, the work's result kept); one cut by the task's limit would fail
+        it. The reserve leaves time to kill the running check and store the result.
+        """
+        requested = run.task.verification_timeout_ms
+        if math.isinf(run.deadline):
+            return requested
+        left_s = run.deadline - trio.current_time() - (self.config.kill_grace_s + DEADLINE_RESERVE_S)
+        return max(1, min(requested, int(left_s * 1000)))
 
     async def _finish(
         self,

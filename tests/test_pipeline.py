@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from sidecar.config import Config
 from sidecar.cost import CostModel
@@ -383,3 +385,19 @@ async def test_worktrees_keep_tasks_apart_with_the_workflow_off(
     assert "no branch" in lines[1], res.result
     assert "git_warning" not in res.result and "pr_url" not in res.result, res.result
     assert not await trio.Path(lines[0]).exists() and gh.calls() == []
+
+
+async def test_verification_ends_before_the_tasks_own_limit(
+    make_config: Any, http: httpx.AsyncClient, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    p = pipeline(make_config(repo_dir=str(tmp_path), kill_grace_s=0.5), http)
+    t = shell("echo done", verification_steps=[{"type": "command_succeeds", "target": "sleep 1000"}])
+    progress = RecordingProgress(t.task_id)
+    t0 = trio.current_time()
+    run_ = attrs.evolve(task_run(p.ctx, t, progress), deadline=t0 + 10)
+    res = await p.pipeline.run(run_)
+    # The work's result stands, with a timed-out report, before the task's deadline.
+    assert res.ok and res.result is not None and res.result["output"] == "done\n"
+    assert res.result["verification_status"] == "timeout"
+    assert res.verification_report is not None and 8000 <= res.verification_report["timeout_ms"] <= 8500
+    assert trio.current_time() - t0 < 10
