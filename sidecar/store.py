@@ -40,6 +40,8 @@ from .storefaults import (
     StoreWriteError,
     WriteHealth,
     error_code,
+    probe_write,
+    transaction,
 )
 from .storethread import StoreThread
 
@@ -77,9 +79,6 @@ _KEEP_DONE_S = 24 * 3600
 
 # While writes fail, how often `watch()` tries one.
 PROBE_INTERVAL_S = 1.0
-# The probe stores (and removes, in the same transaction) a row this large: room
-# for a small result is what the outbox needs.
-_PROBE_BYTES = 4096
 
 
 @attrs.frozen
@@ -200,7 +199,7 @@ class Store:
 
             try:
                 with trio.CancelScope(shield=True):
-                    result = await self._thread.run(partial(_transaction(run), self._db))
+                    result = await self._thread.run(partial(transaction(run), self._db))
             except sqlite3.OperationalError as exc:
                 if error_code(exc) not in CANNOT_WRITE:
                     raise
@@ -226,7 +225,7 @@ class Store:
     async def probe(self) -> bool:
         """Try one write (applying what is owed): True if the disk took it."""
         try:
-            await self._write(_probe)
+            await self._write(probe_write)
         except StoreWriteError:
             return False
         return True
@@ -413,37 +412,6 @@ class Store:
         """Forget unsent results of a task the hub took away (reassigned)."""
         self._dropped.add(task_id)
         await self._settle(lambda db: db.execute("DELETE FROM outbox WHERE task_id=?", (task_id,)))
-
-
-def _transaction(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
-    """`fn` as one transaction: all its statements commit together, or none does.
-
-    The connection is in autocommit mode (`isolation_level=None`), so without
-    an explicit BEGIN each statement would commit on its own.
-    """
-
-    def run(db: sqlite3.Connection) -> T:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db)
-            db.execute("COMMIT")
-        except BaseException:
-            # SQLite may already have rolled back (after SQLITE_FULL, for one).
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return result
-
-    return run
-
-
-def _probe(db: sqlite3.Connection) -> None:
-    """A write as large as a small result, undone in the same transaction."""
-    cur = db.execute(
-        "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES ('', 0, ?, 0)",
-        ("x" * _PROBE_BYTES,),
-    )
-    db.execute("DELETE FROM outbox WHERE id=?", (cur.lastrowid,))
 
 
 def _drop_older(db: sqlite3.Connection, task_id: str, generation: int) -> int:

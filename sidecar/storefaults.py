@@ -8,11 +8,15 @@ read-only, with the same words `sidecar run` uses, without opening a store.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from .log import get_logger
+
+T = TypeVar("T")
 
 log = get_logger("sidecar.store")
 
@@ -139,3 +143,39 @@ class WriteHealth:
     async def wait_writable(self) -> None:
         while self.error is not None:
             await self._writable.wait()
+
+
+# The probe stores (and removes, in the same transaction) a row this large: room
+# for a small result is what the outbox needs.
+_PROBE_BYTES = 4096
+
+
+def transaction(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`fn` as one transaction: all its statements commit together, or none does.
+
+    The connection is in autocommit mode (`isolation_level=None`), so without
+    an explicit BEGIN each statement would commit on its own.
+    """
+
+    def run(db: sqlite3.Connection) -> T:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back (after SQLITE_FULL, for one).
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return result
+
+    return run
+
+
+def probe_write(db: sqlite3.Connection) -> None:
+    """A write as large as a small result, undone in the same transaction."""
+    cur = db.execute(
+        "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES ('', 0, ?, 0)",
+        ("x" * _PROBE_BYTES,),
+    )
+    db.execute("DELETE FROM outbox WHERE id=?", (cur.lastrowid,))
