@@ -281,6 +281,7 @@ async def open_sidecar(config: Config, store: Store | None = None) -> AsyncItera
         state_dir=str(state_dir),
         capacity=config.capacity,
         queue_length=config.queue_length,
+        subreaper=proctree.is_subreaper(),
     )
     reports.prime_cpu_percent()
     try:
@@ -311,7 +312,7 @@ async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]
     """
     # Orphans of our tasks are re-parented to us, not to init: the end-of-task
     # sweep then walks our own process tree instead of every process's environment.
-    log.info("process_tree", subreaper=proctree.become_subreaper())
+    proctree.become_subreaper()  # said in the `starting` line
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         # A stop request that came while the process started (entry.py kept it).
         early = take_early_signals()
