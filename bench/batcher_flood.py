@@ -1,10 +1,12 @@
 """Flood the progress batcher with events and measure throughput and memory.
 
-    .venv/bin/python bench/batcher_flood.py [--events 1000000] [--tasks 4] [--budget 40]
+    .venv/bin/python bench/batcher_flood.py [--events 1000000] [--tasks 4] [--capacity 60] [--budget N]
 
 Producers emit through `ProgressSender.emit` (one `await` per event, as the
 executors do) into the default bounded channel; a fast in-memory sink takes the
-frames. Each configuration runs twice: once for speed, once under tracemalloc
+frames within the rate budget (the hub's bucket of `--capacity`, refilled at
+1 a second, above the reserve; `--budget` adds the optional per-minute cap).
+Each configuration runs twice: once for speed, once under tracemalloc
 for the peak of Python allocations (tracemalloc slows the run down).
 """
 
@@ -21,6 +23,7 @@ import trio
 import trio.testing
 
 from sidecar.batcher import Batcher
+from sidecar.budget import RateBudget
 from sidecar.messages import ProgressEvent
 from sidecar.progress import ProgressSender, open_progress
 
@@ -48,10 +51,11 @@ class FastSink:
 
 
 async def _flood(
-    events: int, tasks: int, budget: int, batched: bool, pattern: str
+    events: int, tasks: int, budget: tuple[int, int | None], batched: bool, pattern: str
 ) -> tuple[float, Batcher, FastSink]:
     types = _PATTERNS[pattern]
-    batcher = Batcher(budget_per_min=budget)
+    capacity, per_min = budget
+    batcher = Batcher(RateBudget(capacity=capacity, progress_per_min=per_min))
     sink = FastSink()
     send, receive = open_progress()
     per_task = events // tasks
@@ -91,17 +95,20 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--budget", type=int, default=40, help="frames per minute (40 is the default)")
+    parser.add_argument("--capacity", type=int, default=60, help="the hub's normal bucket (60: the real hub)")
+    parser.add_argument("--budget", type=int, default=None, help="optional cap, progress frames per minute")
 
     parser.add_argument("--no-tracemalloc", action="store_true", help="skip the memory runs")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.ERROR)  # per-task `progress_dropped` warnings are expected here
-    print(f"{args.events:,} events, {args.tasks} tasks, budget {args.budget}/min, fast sink")
+    cap = f", progress cap {args.budget}/min" if args.budget else ""
+    print(f"{args.events:,} events, {args.tasks} tasks, bucket {args.capacity} (reserve 12){cap}, fast sink")
+    budget = (args.capacity, args.budget)
     for pattern in _PATTERNS:
         for batched in (False, True):
             mode = f"{pattern}/{'send_nowait' if batched else 'emit'}"
-            elapsed, b, sink = trio.run(_flood, args.events, args.tasks, args.budget, batched, pattern)
+            elapsed, b, sink = trio.run(_flood, args.events, args.tasks, budget, batched, pattern)
             s = b.stats
             print(
                 f"{mode:18} {elapsed:5.2f} s  {args.events / elapsed:9,.0f} events/s  "
@@ -113,7 +120,7 @@ def main() -> None:
             continue
         # Memory of the batcher itself: the same flood under tracemalloc (slower).
         tracemalloc.start()
-        _, b, _ = trio.run(_flood, args.events, args.tasks, args.budget, True, pattern)
+        _, b, _ = trio.run(_flood, args.events, args.tasks, budget, True, pattern)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         print(

@@ -43,6 +43,8 @@ from sidecar.devhub import DevHub, open_dev_hub
 
 TOKEN = "bench-token-123456"
 AGENT = "bench-agent"
+# The sidecar's model of a hub whose rate limits are switched off (`limits=None`).
+UNLIMITED = {"hub_rate_capacity": 1_000_000, "hub_rate_refill_per_s": 1_000_000.0}
 
 
 class Sidecar:
@@ -196,7 +198,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     before = await floors(args.floor)
     with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
         async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None) as hub:
-            sc = Sidecar(Path(tmp) / "sc", hub.ws_url, log_level=args.log_level)
+            # Limits OFF at the hub, so the sidecar's model of its bucket is unbounded too.
+            sc = Sidecar(Path(tmp) / "sc", hub.ws_url, log_level=args.log_level, **UNLIMITED)
             try:
                 await sc.start(["-m", "cProfile", "-o", args.profile] if args.profile else None)
                 await hub.wait_until(lambda: hub.connected(AGENT), 30)

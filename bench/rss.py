@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import trio
-from latency import AGENT, TOKEN, Sidecar
+from latency import AGENT, TOKEN, UNLIMITED, Sidecar
 
 from sidecar.devhub import DevHub, open_dev_hub
 
@@ -85,7 +85,7 @@ async def bench(args: argparse.Namespace) -> None:
     n = args.tasks
     with tempfile.TemporaryDirectory() as tmp:
         async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None, concurrency=n) as hub:
-            sc = Sidecar(Path(tmp) / "sc", hub.ws_url, capacity=n)
+            sc = Sidecar(Path(tmp) / "sc", hub.ws_url, capacity=n, **UNLIMITED)
             try:
                 await sc.start()
                 await hub.wait_until(lambda: hub.connected(AGENT), 30)

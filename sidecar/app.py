@@ -19,6 +19,7 @@ import trio
 
 from . import proctree, reports
 from .batcher import Batcher
+from .budget import RateBudget
 from .config import Config
 from .cost import CostModel
 from .delivery import AcceptTracker, Outbox
@@ -56,8 +57,9 @@ from .supervisor import Supervisor
 
 log = get_logger("sidecar.app")
 
-# How long a result waits for its task's pending progress to reach the hub first.
-RESULT_PROGRESS_WAIT_S = 2.0
+# At most this long a result waits for its task's pending progress (a guard: the
+# batcher gives up at once when the budget cannot send it within one window).
+RESULT_PROGRESS_WAIT_S = 1.0
 
 # Exit status after the hub's restart_sidecar (EX_TEMPFAIL): "start me again".
 RESTART_EXIT_CODE = 75
@@ -77,15 +79,16 @@ class Sidecar:
     ) -> None:
         self.config = config
         self.store = store
-        self.link = HubLink(config, self)
+        self.budget = RateBudget.from_config(config)
+        self.link = HubLink(config, self, budget=self.budget)
         self.accepts = AcceptTracker(self.link)
         self.batcher = Batcher(
+            self.budget,
             window_s=config.progress_window_s,
-            budget_per_min=config.progress_budget_per_min,
             keepalive_s=config.keepalive_s,
+            held_tasks=self._held_tasks,
         )
         self.outbox = Outbox(store, self.link, before_send=self._flush_task_progress)
-        self.link.lifecycle_listener = self.batcher.note_lifecycle_frame
         self.progress_send, self.progress_receive = open_progress()
         self.http = http
         self.hub_types = HubTypes()
@@ -106,7 +109,7 @@ class Sidecar:
             batcher=self.batcher,
             outbox=self.outbox,
             accepts=self.accepts,
-            send=self.link.send,
+            send=self.link.send_when_ready,
         )
         self.bad_frames = 0
         self.stopped = trio.Event()
@@ -123,7 +126,11 @@ class Sidecar:
     def busy(self) -> bool:
         return self.supervisor.busy()
 
+    def _held_tasks(self) -> int:
+        return len(self.supervisor.held)
+
     async def _flush_task_progress(self, task_id: str) -> None:
+        await self.accepts.before_result(task_id)
         if self.link.can_send():
             await self.batcher.wait_task_flushed(task_id, RESULT_PROGRESS_WAIT_S)
 
@@ -142,19 +149,21 @@ class Sidecar:
             await self._send_optional(link, await reports.resource_report(agent_id=self.config.agent_id))
             await trio.sleep(reports.REPORT_INTERVAL_S)
 
-    async def _send_optional(self, link: HubLink, frame: dict[str, Any]) -> None:
+    async def _send_optional(self, link: HubLink, frame: dict[str, Any], *, wait: bool = True) -> None:
         """Send a frame an older hub may not know, unless it already refused the type.
 
         Validation failures count towards the hub's 10-a-minute disconnect, so a
         type refused once (or missing from the hub's /api/schemas) is not sent.
+        `wait`: for a token of the rate budget (it draws on the normal bucket).
         """
         if await self.hub_types.check(frame["type"]):
-            await link.send(frame)
+            await (link.send_when_ready(frame) if wait else link.send(frame))
 
     async def _notify_hub(self, frame: dict[str, Any]) -> None:
-        """An executor's informational frame (`wake_result`): now or never."""
-        if self.link.can_send():
-            await self._send_optional(self.link, frame)
+        """An executor's informational frame (`wake_result`): now (if the budget has a token) or never."""
+        now = trio.current_time()
+        if self.link.can_send() and self.budget.lifecycle_at(now) <= now:
+            await self._send_optional(self.link, frame, wait=False)
 
     async def on_frame(self, frame: InboundFrame) -> None:
         try:
@@ -193,13 +202,12 @@ class Sidecar:
                     errors=str(errors)[:500] if errors is not None else None,
                 )
                 self.outbox.on_frame(frame)
-            case RateLimited(retry_after_ms=retry):
-                self.batcher.on_rate_limited(retry / 1000 if retry is not None else 1.0)
+            case RateLimited():
+                # The link told the budget (the one owner of the pause); resend what it may have dropped.
                 self.accepts.on_frame(frame)
                 self.outbox.on_frame(frame)
             case RateLimitWarning(tier=tier, remaining=remaining):
                 log.info("rate_limit_warning", tier=tier, remaining=remaining)
-                self.batcher.on_rate_limit_warning()
             case RestartSidecar(reason=reason):
                 # Finish running tasks (bounded), stop gracefully and exit with
                 # RESTART_EXIT_CODE: the service manager (deploy/sidecar.service,

@@ -124,7 +124,10 @@ class Config:
     output_cap_bytes: int = 1024 * 1024
     max_frame_bytes: int = 16 * 1024 * 1024
     progress_window_s: float = 0.1
-    progress_budget_per_min: int = 40
+    hub_rate_capacity: int = 60
+    hub_rate_refill_per_s: float = 1.0
+    progress_reserve: int = 12
+    progress_budget_per_min: int | None = None
     keepalive_s: float = 120.0
     shutdown_grace_s: float = 10.0
     wake_attempt_timeout_s: float = 60.0
@@ -158,7 +161,8 @@ _POSITIVE = (
     "output_cap_bytes",
     "max_frame_bytes",
     "progress_window_s",
-    "progress_budget_per_min",
+    "hub_rate_capacity",
+    "hub_rate_refill_per_s",
     "keepalive_s",
     "confirmation_timeout_ms",
     "wake_attempt_timeout_s",
@@ -218,6 +222,17 @@ def _validate(cfg: Config) -> None:
         value = getattr(cfg.time_limits, name)
         if value is not None and value <= 0:
             raise ConfigError(f"time_limits.{name}", f"must be positive, got {value!r}")
+    if cfg.progress_budget_per_min is not None and cfg.progress_budget_per_min <= 0:
+        raise ConfigError(
+            "progress_budget_per_min", f"must be positive (or unset), got {cfg.progress_budget_per_min!r}"
+        )
+    if cfg.hub_rate_capacity < 3:
+        raise ConfigError("hub_rate_capacity", f"must be at least 3, got {cfg.hub_rate_capacity!r}")
+    if not 0 <= cfg.progress_reserve <= cfg.hub_rate_capacity - 2:
+        raise ConfigError(
+            "progress_reserve",
+            f"must be 0 or more and at most hub_rate_capacity - 2, got {cfg.progress_reserve!r}",
+        )
     if cfg.queue_length < 0:
         raise ConfigError("queue_length", f"must be zero or more, got {cfg.queue_length!r}")
     if cfg.metrics_listen is not None:

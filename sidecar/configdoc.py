@@ -54,8 +54,15 @@ DESCRIPTIONS: dict[str, str] = {
     "output_cap_bytes": "Output kept in a result (the tail); the task log keeps everything.",
     "max_frame_bytes": "Largest frame accepted from the hub.",
     "progress_window_s": "Progress coalescing window per task.",
-    "progress_budget_per_min": "task_progress frames per minute, all tasks together (the hub's "
-    "normal bucket is 60/min and results share it).",
+    "hub_rate_capacity": "The hub's normal-tier bucket per agent (accepts, progress, results "
+    "and reports share it), as the sidecar models it. The real hub: 60.",
+    "hub_rate_refill_per_s": "Its refill, tokens per second. The real hub: 1.",
+    "progress_reserve": "Tokens of that bucket progress never spends, kept for accepts and "
+    "results, plus one per task held. At least 10 is advised; 12 also keeps progress alone from "
+    "drawing the hub's `rate_limit_warning` (sent below 20 % of its bucket).",
+    "progress_budget_per_min": "Optional extra cap on task_progress frames per minute, all tasks "
+    "together (formerly the only progress budget, default 40). Unset: progress spends whatever the "
+    "bucket holds above the reserve.",
     "keepalive_s": "A silent running task gets a `status` progress frame this often (hub stuck "
     "detection is 10 min).",
     "shutdown_grace_s": "On SIGTERM: how long to keep flushing results and progress before exiting.",

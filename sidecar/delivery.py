@@ -10,10 +10,16 @@ not marked done, is then recovered as in flight).
 
 Accepts: `task_accepted` for a stored task, resent after `rate_limited` until
 the hub answers `task_ack` `accepted`.
+
+Both wait for the rate budget (`link.wait_ready`: a token in the modelled
+bucket, no hub pause) before each send, so a burst of them is paced instead
+of refused.
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +34,7 @@ from .storefaults import StoreWriteError
 log = get_logger("sidecar.delivery")
 
 _RESULT_ACKS = frozenset({"complete", "failed", "retried", "dead_letter"})
+_OWED_MAX = 1024  # accepts still owed to a result that may never come (bounded)
 _REFUSALS = ("task_complete_failed", "task_fail_failed")
 
 
@@ -187,17 +194,39 @@ class AcceptTracker:
     def __init__(self, link: HubLink, *, resend_after_s: float = 30.0) -> None:
         self.link = link
         self.resend_after_s = resend_after_s
-        self._pending: dict[str, float] = {}  # task_id -> trio time last sent
+        # task_id -> trio time last sent (-inf: not sent yet, send when ready)
+        self._pending: dict[str, float] = {}
+        # Tasks that ended before their accept could go: it goes before their result.
+        self._owed: OrderedDict[str, None] = OrderedDict()
         self._wake = trio.Event()
 
     async def accept(self, task_id: str) -> None:
-        """Send task_accepted now (the task is already stored) and track its ack."""
-        self._pending[task_id] = trio.current_time()
-        if trio.current_time() >= self.link.paused_until:
-            await self.link.send({"type": "task_accepted", "task_id": task_id})
+        """Send task_accepted now if the budget allows (the task is already stored) and track its ack."""
+        now = trio.current_time()
+        self._pending[task_id] = now
+        if self.link.budget.lifecycle_at(now) > now or not await self.link.send(
+            {"type": "task_accepted", "task_id": task_id}
+        ):
+            if task_id in self._pending:
+                self._pending[task_id] = -math.inf  # the run loop sends it when ready
+            self._wake.set()
 
     def forget(self, task_id: str) -> None:
-        self._pending.pop(task_id, None)
+        if self._pending.pop(task_id, None) == -math.inf:
+            self._owed[task_id] = None
+            while len(self._owed) > _OWED_MAX:
+                self._owed.popitem(last=False)
+
+    async def before_result(self, task_id: str) -> None:
+        """A task's result is about to go: its accept, if still unsent, goes first."""
+        owed = task_id in self._owed
+        self._owed.pop(task_id, None)
+        if owed or self._pending.get(task_id) == -math.inf:
+            await self.link.wait_ready()
+            if await self.link.send({"type": "task_accepted", "task_id": task_id}):
+                log.info("accept_sent", task_id=task_id, before="result")
+                if task_id in self._pending:
+                    self._pending[task_id] = trio.current_time()
 
     def on_frame(self, frame: TaskAck | RateLimited) -> None:
         match frame:
@@ -210,6 +239,7 @@ class AcceptTracker:
         # After a reconnect the hub has reclaimed our tasks: the recovery
         # exchange (task_recovering / task_continue) decides what to re-accept.
         self._pending.clear()
+        self._owed.clear()
 
     async def run(self) -> None:
         while True:
@@ -218,18 +248,22 @@ class AcceptTracker:
             self._wake = trio.Event()
             if not self._pending:
                 continue
-            await self.link.wait_ready()
-            now = trio.current_time()
             for task_id, sent_at in list(self._pending.items()):
-                if task_id in self._pending and (
-                    now - sent_at >= self.resend_after_s or self._was_limited(sent_at)
-                ):
+                if self._pending.get(task_id) != sent_at:
+                    continue  # acked or resent meanwhile
+                if trio.current_time() - sent_at >= self.resend_after_s or self._was_limited(sent_at):
+                    await self.link.wait_ready()
+                    if task_id not in self._pending:
+                        continue
                     self._pending[task_id] = trio.current_time()
-                    log.info("accept_resent", task_id=task_id)
-                    await self.link.send({"type": "task_accepted", "task_id": task_id})
+                    log.info("accept_resent" if sent_at > -math.inf else "accept_sent", task_id=task_id)
+                    if not await self.link.send({"type": "task_accepted", "task_id": task_id}):
+                        self._pending[task_id] = -math.inf
+                        self._wake.set()
 
     def _was_limited(self, sent_at: float) -> bool:
-        return self.link.paused_until > sent_at
+        """The hub refused a normal-tier frame after this accept went: it may have been it."""
+        return self.link.budget.limited_at >= sent_at
 
 
 async def _set_when(event: trio.Event, scope: trio.CancelScope) -> None:

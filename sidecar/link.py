@@ -1,8 +1,10 @@
 """The hub link: the only code that touches the WebSocket.
 
 It identifies, heartbeats, reconnects with exponential backoff plus jitter,
-honours 1008 cooldown closes, auth refusals and `rate_limited`, and hands every
-other inbound frame to its handler. Lifecycle frames never depend on a send
+honours 1008 cooldown closes and auth refusals, tells the rate budget
+(`budget.RateBudget`) of every normal-tier frame it writes and of every
+`rate_limited` / `rate_limit_warning`, and hands every inbound frame that is
+not link business to its handler. Lifecycle frames never depend on a send
 succeeding here: their owners (outbox, accept tracker) resend until acked.
 """
 
@@ -11,15 +13,15 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
 import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
+from .budget import RateBudget
 from .config import Config
-from .frames import HubError, Identified, InboundFrame, Pong, RateLimited, read_frame
+from .frames import HubError, Identified, InboundFrame, Pong, RateLimited, RateLimitWarning, read_frame
 from .log import get_logger
 from .messages import FrameError, encode_frame, identify_frame
 
@@ -27,8 +29,10 @@ log = get_logger("sidecar.link")
 
 _COOLDOWN_RE = re.compile(r"retry in (\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
 
-# Frame types the hub counts in its *normal* bucket (protocol.md, rate limits).
-NORMAL_TIER = frozenset({"task_accepted", "task_progress", "task_complete", "task_failed", "task_recovering"})
+# Frame types the hub files under its *light* and *heavy* buckets; every other
+# type (accepts, progress, results, recovery, reports) draws on the normal one.
+LIGHT_TIER = frozenset({"ping", "list_agents", "list_channels", "status", "channel_history"})
+HEAVY_TIER = frozenset({"identify"})
 
 # Errors that mean "this connection is gone"; trio-websocket#184 can surface
 # wsproto's LocalProtocolError instead of ConnectionClosed.
@@ -67,16 +71,24 @@ class LinkHandler(Protocol):
 
 
 class HubLink:
-    def __init__(self, config: Config, handler: LinkHandler, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        handler: LinkHandler,
+        *,
+        budget: RateBudget | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.handler = handler
+        # The one owner of "the hub said wait": normal-tier frames go by it.
+        self.budget = budget if budget is not None else RateBudget.from_config(config)
         self.rng = rng or random.Random()
         self.connected = False
         self.identified = False
         self.last_pong_at: float | None = None
         self.reconnects = 0
         self.rate_limited_hits = 0
-        self.paused_until = 0.0  # normal-tier sends wait until this trio time
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._send_lock = trio.Lock()
         self._identified_event = trio.Event()
@@ -85,9 +97,6 @@ class HubLink:
         self._closing = False
         self._session_scope: trio.CancelScope | None = None
         self._unclean_drop_at: float | None = None
-        # Told of every lifecycle frame sent (they share the hub's normal bucket
-        # with progress): the batcher debits its progress budget.
-        self.lifecycle_listener: Callable[[], None] | None = None
 
     # -- public ------------------------------------------------------------
 
@@ -95,12 +104,13 @@ class HubLink:
         return self.identified and self._ws is not None
 
     async def wait_ready(self) -> None:
-        """Wait until identified and not paused by a rate limit."""
+        """Wait until identified and the budget lets a lifecycle frame go (token, no pause)."""
         while True:
             if not self.identified:
                 await self._identified_event.wait()
                 continue
-            delay = self.paused_until - trio.current_time()
+            now = trio.current_time()
+            delay = self.budget.lifecycle_at(now) - now
             if delay > 0:
                 await trio.sleep(delay)
                 continue
@@ -116,17 +126,19 @@ class HubLink:
         frame on the wire, so on time-out the connection is declared dead.
         """
         ws = self._ws
-        if ws is None or (not self.identified and frame.get("type") != "identify"):
+        kind = frame.get("type")
+        if ws is None or (not self.identified and kind != "identify"):
             return False
         text = encode_frame(frame)
+        if kind not in LIGHT_TIER and kind not in HEAVY_TIER and kind != "task_progress":
+            # Taken before the first checkpoint, so that the caller's check of the
+            # budget and this spend are one step (progress: the batcher's own).
+            self.budget.spend_lifecycle(trio.current_time())
         async with self._send_lock:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(self.config.pong_timeout_s) as timeout:
                     try:
                         await ws.send_message(text)
-                        kind = frame.get("type")
-                        if kind in NORMAL_TIER and kind != "task_progress" and self.lifecycle_listener:
-                            self.lifecycle_listener()
                         return True
                     except _LINK_ERRORS as exc:
                         log.info("send_failed", type=frame.get("type"), error=type(exc).__name__)
@@ -137,8 +149,13 @@ class HubLink:
                     self._drop_session()
         return False
 
+    async def send_when_ready(self, frame: dict[str, Any]) -> bool:
+        """`send` once the budget has a token for it. It waits: never on the reader's path."""
+        await self.wait_ready()
+        return await self.send(frame)
+
     async def send_progress(self, frame: dict[str, Any]) -> bool:
-        if trio.current_time() < self.paused_until:
+        if self.budget.paused(trio.current_time()):
             return False
         return await self.send(frame)
 
@@ -279,7 +296,9 @@ class HubLink:
                     case HubError(error=("invalid_token" | "token_agent_mismatch") as error):
                         raise AuthRefused(error)
                     case RateLimited() as limited:
-                        retry = _retry_after_s(limited)
+                        # The heavy bucket (identify): a reconnect delay, not a pause of ours.
+                        asked = _retry_after_s(limited)
+                        retry = 1.0 if asked is None else min(asked, self.budget.max_pause_s)
                         log.warning("identify_rate_limited", retry_in_s=retry)
                         return retry
                     case HubError(error=error):
@@ -315,11 +334,17 @@ class HubLink:
                 self._pong.set()
                 return
             case RateLimited(tier=tier):
-                retry = _retry_after_s(frame)
                 self.rate_limited_hits += 1
-                self.paused_until = max(self.paused_until, trio.current_time() + retry)
-                log.warning("rate_limited", tier=tier, retry_after_s=retry)
+                if tier not in ("light", "heavy"):
+                    asked = _retry_after_s(frame)
+                    pause = self.budget.on_rate_limited(trio.current_time(), asked)
+                    log.warning("rate_limited", tier=tier, retry_after_s=pause, asked_s=asked)
                 self._wake()
+            case RateLimitWarning(tier=tier, remaining=remaining) if tier not in ("light", "heavy"):
+                now = trio.current_time()
+                count = int(remaining) if remaining is not None else None
+                if self.budget.on_warning(now, count):
+                    log.info("rate_budget_corrected", remaining=count, factor=self.budget.factor(now))
         await self.handler.on_frame(frame)
 
     async def _heartbeat(self, scope: trio.CancelScope) -> None:
@@ -365,13 +390,16 @@ class HubLink:
         self._state_changed = trio.Event()
 
 
-def _retry_after_s(frame: RateLimited) -> float:
+def _retry_after_s(frame: RateLimited) -> float | None:
+    """`retry_after_ms` in seconds, or None when absent or negative.
+
+    Not capped here: the budget caps every pause (`RateBudget.max_pause_s`).
+    The frame's numbers are finite (`read_frame` refuses the others).
+    """
     value = frame.retry_after_ms
     if value is None or not math.isfinite(value) or value < 0:
-        return 1.0
-    # Capped well below the hub's 60 s acceptance clock: a bogus huge value
-    # must not stop every lifecycle frame long enough to lose our tasks.
-    return min(float(value) / 1000.0, 30.0)
+        return None
+    return float(value) / 1000.0
 
 
 def _cooldown_of(exc: BaseException) -> float | None:

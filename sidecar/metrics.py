@@ -77,7 +77,7 @@ class _LiveCollector:
             "sidecar_rate_limited", "Frames the hub dropped with rate_limited", link.rate_limited_hits
         )
         yield counter(
-            "sidecar_rate_limit_warnings", "rate_limit_warning frames from the hub", stats.rate_limit_warnings
+            "sidecar_rate_limit_warnings", "rate_limit_warning frames from the hub", sc.budget.stats.warnings
         )
         yield counter("sidecar_progress_events", "Progress events produced by executors", stats.events_in)
         yield counter(

@@ -1,4 +1,4 @@
-"""The progress batcher: coalescing, windows, budget, keep-alive, bounded memory.
+"""The progress batcher: coalescing, windows, the budget's word, keep-alive, bounded memory.
 
 All time is virtual (MockClock with autojump): `trio.sleep` here advances the
 mock clock, it does not wait.
@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.batcher import Batcher
+from sidecar.budget import RateBudget
 from sidecar.messages import ProgressEvent
 
 
@@ -66,6 +67,11 @@ async def running(
         await nursery.start(b.run, recv, sink)
         yield send
         nursery.cancel_scope.cancel()
+
+
+def roomy() -> RateBudget:
+    """A budget so large that the window is what limits the frame rate."""
+    return RateBudget(capacity=1_000_000, refill_per_s=100_000.0)
 
 
 def max_in_span(times: list[float], span: float = 60.0) -> int:
@@ -117,8 +123,7 @@ async def test_coalesces_consecutive_events_per_task_and_type(autojump_clock: tr
 
 
 async def test_one_frame_per_task_per_window_and_seq_plus_one(autojump_clock: trio.abc.Clock) -> None:
-    # A large budget, so that the window is what limits the frame rate.
-    b = Batcher(window_s=0.1, budget_per_min=60_000)
+    b = Batcher(roomy(), window_s=0.1)
     sink = RecordingSink()
     async with running(b, sink) as send:
 
@@ -141,8 +146,9 @@ async def test_one_frame_per_task_per_window_and_seq_plus_one(autojump_clock: tr
     assert b.stats.events_dropped == 0
 
 
-async def test_budget_never_exceeded_in_any_60s_span(autojump_clock: trio.abc.Clock) -> None:
-    b = Batcher(budget_per_min=40)
+async def test_progress_spends_only_above_the_reserve(autojump_clock: trio.abc.Clock) -> None:
+    budget = RateBudget(capacity=60, refill_per_s=1.0, reserve=12)
+    b = Batcher(budget)
     sink = RecordingSink()
     async with running(b, sink) as send:
 
@@ -151,12 +157,17 @@ async def test_budget_never_exceeded_in_any_60s_span(autojump_clock: trio.abc.Cl
                 await send.send(ev(tid, f"line {i}\n"))
                 await trio.sleep(0.05)
 
+        for tid in "ABCDE":
+            b.task_started(tid)
         async with trio.open_nursery() as n:
             for tid in "ABCDE":
                 n.start_soon(produce, tid)
-    assert max_in_span(sink.times) <= 40
-    # ... while still using most of it (35 a minute sustained, plus the burst).
-    assert len(sink.times) >= 5 + 35 * 5 - 2
+    # The bucket above the reserve (60 - 12 - 5 held - 2 for final flushes) at
+    # once, then the refill.
+    t0 = sink.times[0]
+    assert all(n <= 41 + (t - t0) for n, t in enumerate(sink.times, 1))
+    assert len([t for t in sink.times if t < t0 + 1]) >= 41  # live while the bucket has tokens
+    assert len(sink.times) == pytest.approx(41 + 300, abs=3)
     for tid in "ABCDE":
         assert [e["seq"] for e in sink.of(tid)] == list(range(1, len(sink.of(tid)) + 1))
 
@@ -176,56 +187,30 @@ async def test_rate_limited_pauses_then_resumes(autojump_clock: trio.abc.Clock) 
             await trio.sleep(20)
             t0 = trio.current_time()
             before = len(sink.times)
-            b.on_rate_limited(30.0)
+            b.budget.on_rate_limited(t0, 30.0)
             await trio.sleep(100)
             n.cancel_scope.cancel()
     assert before > 5
     assert not [t for t in sink.times if t0 < t < t0 + 30]
     after = [t for t in sink.times if t >= t0 + 30]
     assert after and after[0] < t0 + 33
-    assert b.stats.rate_limited == 1
 
 
-async def test_rate_limited_empties_the_burst(autojump_clock: trio.abc.Clock) -> None:
-    b = Batcher(budget_per_min=40)  # burst 5
+async def test_rate_limited_waits_for_the_bucket_to_refill_above_the_reserve(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    b = Batcher(RateBudget(capacity=60, refill_per_s=1.0, reserve=12), finish_grace_s=60)
     sink = RecordingSink()
     async with running(b, sink) as send:
         await trio.sleep(100)  # idle: the bucket is full
         t0 = trio.current_time()
-        b.on_rate_limited(1.0)
+        b.budget.on_rate_limited(t0, 1.0)  # empty, and half the refill for a while
         for tid in "ABCDEF":
             await send.send(ev(tid, "x"))
-        await trio.sleep(3)
-        assert sink.frames == []  # paused 1 s, then no token for 1 / (17.5 / 60 s) = 3.4 s
-        await trio.sleep(1)
-        assert len(sink.frames) == 1 and sink.times[0] == pytest.approx(t0 + 60 / 17.5, abs=0.01)
-
-
-async def test_warning_halves_rate_for_a_while(autojump_clock: trio.abc.Clock) -> None:
-    b = Batcher(budget_per_min=40, penalty_s=60)
-    sink = RecordingSink()
-    async with running(b, sink) as send:
-
-        async def produce() -> None:
-            for i in range(10_000):
-                await send.send(ev("A", f"{i} "))
-                await trio.sleep(0.1)
-
-        async with trio.open_nursery() as n:
-            n.start_soon(produce)
-            await trio.sleep(120)
-            t0 = trio.current_time()
-            b.on_rate_limit_warning()
-            assert b.rate_factor == 0.5
-            await trio.sleep(200)
-            n.cancel_scope.cancel()
-    normal = [t for t in sink.times if t0 - 60 <= t < t0]
-    halved = [t for t in sink.times if t0 <= t < t0 + 60]
-    later = [t for t in sink.times if t0 + 120 <= t < t0 + 180]
-    assert len(normal) >= 34
-    assert 15 <= len(halved) <= 20
-    assert len(later) >= 34  # the penalty wore off
-    assert b.rate_factor == 1.0
+        await trio.sleep(29)
+        assert sink.frames == []  # paused 1 s, then 12 + 2 + 1 tokens at 0.5 a second
+        await trio.sleep(2)
+        assert len(sink.frames) == 1 and sink.times[0] == pytest.approx(t0 + 15.001 / 0.5, abs=0.11)
 
 
 async def test_keepalive_for_a_silent_task(autojump_clock: trio.abc.Clock) -> None:
@@ -381,7 +366,7 @@ async def test_disconnected_sink_no_sends_no_spin_then_resumes(autojump_clock: t
 
 
 async def test_failed_send_is_retried_with_same_seq(autojump_clock: trio.abc.Clock) -> None:
-    b = Batcher(budget_per_min=6000, sink_poll_s=0.5)
+    b = Batcher(roomy(), sink_poll_s=0.5)
     sink = RecordingSink()
     async with running(b, sink) as send:
         sink.fail_sends = True
@@ -398,7 +383,7 @@ async def test_failed_send_is_retried_with_same_seq(autojump_clock: trio.abc.Clo
 
 
 async def test_task_finished_flushes_then_forgets(autojump_clock: trio.abc.Clock) -> None:
-    b = Batcher(budget_per_min=16, burst=1)
+    b = Batcher(RateBudget(capacity=14, refill_per_s=0.25, reserve=12))
     sink = RecordingSink()
     async with running(b, sink) as send:
         b.task_started("T")
@@ -418,31 +403,32 @@ async def test_task_finished_flushes_then_forgets(autojump_clock: trio.abc.Clock
 
 
 async def test_result_wait_gives_up_at_once_when_the_budget_is_dry(autojump_clock: trio.abc.Clock) -> None:
-    """Regression (found by the chaos soak): with the budget spent by lifecycle
-    frames, every result waited the outbox's whole 2 s for progress that could
-    not go out, so a backlog of N results took 2N s to drain."""
-    b = Batcher(budget_per_min=40, burst=2)
+    """With the bucket spent down to the reserve by lifecycle frames, a result
+    must not wait for progress that cannot go out: a backlog of N results
+    would take N times the wait to drain."""
+    b = Batcher(RateBudget(capacity=16, refill_per_s=0.1, reserve=12))
     sink = RecordingSink()
     async with running(b, sink) as send:
         b.task_started("T")
         await send.send(ev("T", "first"))
         await trio.sleep(0.2)
-        for _ in range(4):
-            b.note_lifecycle_frame()  # results and accepts took the shared bucket
+        for _ in range(3):
+            b.budget.spend_lifecycle(trio.current_time())  # results and accepts took the shared bucket
         await send.send(ev("T", "late line"))
         await trio.lowlevel.checkpoint()
         b.task_finished("T")
         t0 = trio.current_time()
         assert await b.wait_task_flushed("T", 2.0) is False
         assert trio.current_time() - t0 <= b.window_s  # not the whole 2 s
+        assert b.stats.progress_after_result == 1
         # The progress is not lost: it follows once the budget allows.
-        await trio.sleep(30)
+        await trio.sleep(60)
         assert [e["text"] for e in sink.of("T")] == ["first", "late line"]
 
 
 async def test_result_wait_serves_the_finishing_task_first(autojump_clock: trio.abc.Clock) -> None:
-    """With one token left, the task whose result waits gets it, not a busier peer."""
-    b = Batcher(budget_per_min=40, burst=3)
+    """With one token above the reserve, the task whose result waits gets it, not a busier peer."""
+    b = Batcher(RateBudget(capacity=20, refill_per_s=0.001, reserve=12), held_tasks=lambda: 4)
     sink = RecordingSink()
     async with running(b, sink) as send:
         for t in ("Z", "A", "B", "T"):
@@ -451,16 +437,104 @@ async def test_result_wait_serves_the_finishing_task_first(autojump_clock: trio.
         await send.send(ev("Z", "z"))
         await trio.sleep(0.01)  # virtual: Z went out at 0.2, the next window opens at 0.3
         assert sink.of("Z")
-        b.note_lifecycle_frame()  # one token left
+        b.budget.spend_lifecycle(trio.current_time())  # one token left above the reserve (12 + 4)
         for t in ("A", "B", "T"):
             await send.send(ev(t, f"{t} line"))
         await trio.lowlevel.checkpoint()
         b.task_finished("T")
         t0 = trio.current_time()
         assert await b.wait_task_flushed("T", 2.0) is True
-        assert trio.current_time() - t0 <= 2 * b.window_s
+        assert trio.current_time() - t0 <= b.window_s
         assert [e["text"] for e in sink.of("T")] == ["T line"]
         assert sink.of("A") == [] and sink.of("B") == []  # they wait for the next tokens
+
+
+async def test_result_wait_sends_all_of_a_tasks_segments_in_one_window(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    b = Batcher()
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        b.task_started("T")
+        await send.send(ev("T", "a"))
+        await trio.sleep(0.01)
+        for i, kind in enumerate(("stderr", "stdout", "stderr", "stdout")):
+            await send.send(ev("T", f"{kind} {i}", kind))
+        await trio.lowlevel.checkpoint()
+        b.task_finished("T")
+        t0 = trio.current_time()
+        assert await b.wait_task_flushed("T", 2.0) is True
+        assert trio.current_time() - t0 <= b.window_s
+    assert [e["text"] for e in sink.of("T")] == ["a", "stderr 0", "stdout 1", "stderr 2", "stdout 3"]
+    assert b.stats.flushes_before_result == 1
+
+
+async def test_result_wait_gives_up_at_once_when_the_hub_paused_us(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(finish_grace_s=60)
+    sink = RecordingSink()
+    async with running(b, sink) as send:
+        b.task_started("T")
+        b.budget.on_rate_limited(trio.current_time(), 5.0)
+        await send.send(ev("T", "line"))
+        await trio.lowlevel.checkpoint()
+        b.task_finished("T")
+        t0 = trio.current_time()
+        assert await b.wait_task_flushed("T", 2.0) is False
+        assert trio.current_time() == t0
+        await trio.sleep(40)
+    assert [e["text"] for e in sink.of("T")] == ["line"]
+
+
+async def test_a_flood_yields_to_a_sparse_task_which_still_flushes_before_its_result(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Three tasks flood (more than a frame carries: lossy anyway) while one prints
+    2.5 lines a second: once the bucket is down to the reserve, the sparse task
+    gets the tokens the refill brings, the floods one frame each per
+    `bulk_wait_s`, and the sparse task's last lines still precede its result."""
+    b = Batcher(max_text_bytes=1000, bulk_wait_s=10.0)
+    sink = RecordingSink()
+    printed: dict[str, float] = {}
+    async with running(b, sink) as send:
+        for t in ("F1", "F2", "F3", "S"):
+            b.task_started(t)
+
+        async def flood(tid: str) -> None:
+            for _ in range(3000):  # 30 s of 10 KB a second
+                await send.send(ev(tid, "x" * 100))
+                await trio.sleep(0.01)
+
+        async def sparse() -> bool:
+            for i in range(75):  # 30 s
+                printed[f"L{i};"] = trio.current_time()
+                await send.send(ev("S", f"L{i};"))
+                await trio.sleep(0.4)
+            await trio.sleep(0.001)
+            b.task_finished("S")
+            return await b.wait_task_flushed("S", 1.0)
+
+        flushed = []
+        async with trio.open_nursery() as n:
+            for tid in ("F1", "F2", "F3"):
+                n.start_soon(flood, tid)
+
+            async def run_sparse() -> None:
+                flushed.append(await sparse())
+
+            n.start_soon(run_sparse)
+    assert flushed == [True]
+    arrival = {}
+    for f, t in zip(sink.frames, sink.times, strict=True):
+        if f["task_id"] == "S":
+            for line in f["execution_event"]["text"].split(";")[:-1]:
+                arrival[line + ";"] = t
+    assert set(arrival) == set(printed)
+    steady = sorted(arrival[k] - printed[k] for k in printed if printed[k] > 5)
+    assert steady[len(steady) // 2] <= 0.7, steady  # a token a second, and S goes first
+    assert steady[-1] <= 2.0 + 0.1, steady  # every other token while a flood had waited too long
+    for tid in ("F1", "F2", "F3"):
+        late = [t for t in sink.times_of(tid) if t > 5]
+        assert 1 <= len(late) <= 30 / 10 + 1, (tid, late)  # not starved, but one per bulk_wait_s
 
 
 async def test_finished_task_data_expires_when_it_cannot_go_out(autojump_clock: trio.abc.Clock) -> None:
@@ -482,7 +556,7 @@ async def test_finished_task_data_expires_when_it_cannot_go_out(autojump_clock: 
 
 
 async def test_many_tasks_leave_no_state(autojump_clock: trio.abc.Clock) -> None:
-    b = Batcher(budget_per_min=60_000)
+    b = Batcher(roomy())
     sink = RecordingSink()
     async with running(b, sink) as send:
         for i in range(2000):
@@ -494,7 +568,7 @@ async def test_many_tasks_leave_no_state(autojump_clock: trio.abc.Clock) -> None
         await trio.sleep(5)
     assert b.tracked_tasks() == [] and b.pending_bytes == 0
     assert len(sink.frames) == 2000
-    assert len(b._retired) <= 1024
+    assert b.retired_count <= 1024
 
 
 async def test_forget_drops_state_and_late_events(autojump_clock: trio.abc.Clock) -> None:
@@ -515,7 +589,7 @@ async def test_forget_drops_state_and_late_events(autojump_clock: trio.abc.Clock
 
 
 async def test_fair_round_robin_across_tasks(autojump_clock: trio.abc.Clock) -> None:
-    b = Batcher(budget_per_min=40)
+    b = Batcher()
     sink = RecordingSink()
     async with running(b, sink) as send:
 
@@ -530,9 +604,11 @@ async def test_fair_round_robin_across_tasks(autojump_clock: trio.abc.Clock) -> 
             n.start_soon(produce, "noisy", 100)
             n.start_soon(produce, "mid", 10)
             n.start_soon(produce, "slow", 2)
-    counts = {tid: len(sink.of(tid)) for tid in ("noisy", "mid", "slow")}
+    # Once the bucket is down to the reserve, each task gets every third token.
+    late = [(f["task_id"], t) for f, t in zip(sink.frames, sink.times, strict=True) if t > 10]
+    counts = {tid: sum(1 for x, _ in late if x == tid) for tid in ("noisy", "mid", "slow")}
     assert max(counts.values()) - min(counts.values()) <= 1, counts
-    order = [f["task_id"] for f in sink.frames[10:40]]
+    order = [x for x, _ in late[:30]]
     for i in range(0, 27, 3):
         assert len(set(order[i : i + 3])) == 3, order
 
@@ -540,7 +616,7 @@ async def test_fair_round_robin_across_tasks(autojump_clock: trio.abc.Clock) -> 
 async def test_flush_waits_for_pending_and_run_ends_when_channel_closes(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    b = Batcher(budget_per_min=16, burst=1)
+    b = Batcher(RateBudget(capacity=14, refill_per_s=0.25, reserve=12))
     sink = RecordingSink()
     send, recv = trio.open_memory_channel[ProgressEvent](16)
     async with trio.open_nursery() as nursery:
@@ -548,10 +624,10 @@ async def test_flush_waits_for_pending_and_run_ends_when_channel_closes(
         for kind in ("stdout", "stderr", "stdout"):
             await send.send(ev("T", kind, kind))
         await trio.testing.wait_all_tasks_blocked()
-        assert not await b.flush(1.0)  # one token every 4 s
+        assert not await b.flush(1.0)  # two frames at once, then one token every 4 s
         t0 = trio.current_time()
         assert await b.flush(60.0)
-        assert 6 < trio.current_time() - t0 < 10
+        assert 2.5 < trio.current_time() - t0 < 3.5
         await send.send(ev("T", "last"))
         await send.aclose()
         # run() returns by itself once the channel is closed and flushed.
@@ -590,7 +666,7 @@ def test_property_every_kept_byte_arrives_in_order_and_drops_are_counted(
 
     async def main() -> RecordingSink:
         b = Batcher(
-            budget_per_min=rng.choice([4, 40, 6000]),
+            RateBudget(capacity=rng.choice([14, 60, 100_000]), refill_per_s=rng.choice([0.1, 1.0, 1000.0])),
             max_text_bytes=rng.choice([8, 32, 1000]),
             max_segments=rng.choice([2, 3, 16]),
             keepalive_s=1e9,

@@ -55,7 +55,7 @@ class RssSampler:
 # "burst": `seq` prints everything in a fraction of a second.
 # "paced": the same million lines in 100 bursts over about 8 s, so that many
 # 100 ms windows have output: sent one frame per window, progress alone would
-# exceed the hub's bucket of 60 within the run; the batcher's budget must hold.
+# exceed the hub's bucket of 60 within the run; the rate budget must hold.
 PACED = (
     f"{shlex.quote(sys.executable)} -c 'import sys, time\n"
     "for b in range(100):\n"
@@ -84,10 +84,13 @@ async def test_million_lines_with_rate_limits_on(tmp_path: Path, hub: DevHub, ki
             rec = await hub.wait_until(
                 lambda: hub.task(tid) if hub.task(tid).status == "completed" else None, 50
             )
-            # Drops are announced: wait for a frame that says what was lost.
-            await hub.wait_until(
-                lambda: any(e.get("dropped_bytes", 0) > 0 for e in hub.task(tid).progress_events), 30
-            )
+            if kind == "paced":
+                # Drops are announced: wait for a frame that says what was lost.
+                # (A burst may all fit: the executor clips each block it reads
+                # itself, saying so in the text, and the bucket is still full.)
+                await hub.wait_until(
+                    lambda: any(e.get("dropped_bytes", 0) > 0 for e in hub.task(tid).progress_events), 30
+                )
             nursery.cancel_scope.cancel()
         # A graceful stop flushes what progress is left (bounded): after it, every
         # frame the sidecar will ever send for this task is in the hub's records.
@@ -121,11 +124,14 @@ async def test_million_lines_with_rate_limits_on(tmp_path: Path, hub: DevHub, ki
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         assert all(e["event_type"] == "stdout" for e in events)
         dropped = sum(int(e.get("dropped_bytes", 0)) for e in events)
-        assert 0 < dropped < SEQ_BYTES
-        assert sum(int(e.get("dropped_events", 0)) for e in events) > 0
-        # The budget held: the whole run is under a minute, so at most the
-        # sidecar's progress budget (default 40 a minute) of the hub's 60.
-        assert len(events) <= 40
+        assert dropped < SEQ_BYTES
+        if kind == "paced":
+            assert dropped > 0 and sum(int(e.get("dropped_events", 0)) for e in events) > 0
+        # The budget held: progress took only what lay above the reserve (the
+        # hub's 60, less 12 and one for the task held) plus the refill of one
+        # a second over the run.
+        times = [f.at for f in ours if f.type == "task_progress"]
+        assert len(events) <= 60 - 12 - 1 + (times[-1] - times[0]) + 1
 
         # Memory stayed bounded while the output streamed through.
         assert sampler.samples, "no RSS sample taken"

@@ -112,7 +112,7 @@ async def test_rate_limited_pauses_normal_frames(clock: trio.testing.MockClock, 
             limited = await rec.wait(
                 lambda: next((f for f in rec.frames if isinstance(f, RateLimited)), None)
             )
-            assert link.paused_until > trio.current_time()
+            assert link.budget.paused(trio.current_time())
             before = trio.current_time()
             await link.wait_ready()
             assert trio.current_time() - before >= (limited.retry_after_ms or 0) / 1000 - 0.01
@@ -260,4 +260,4 @@ async def test_a_huge_retry_after_pauses_at_most_30_s(make_config: Any) -> None:
                 # The link sets its pause, then hands the frame on.
                 await rec.wait(lambda: any(isinstance(f, RateLimited) for f in rec.frames))
             assert link.rate_limited_hits == 1
-            assert link.paused_until - trio.current_time() <= 30.0
+            assert link.budget.paused_until - trio.current_time() <= 30.0

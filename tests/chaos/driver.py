@@ -280,6 +280,10 @@ class Episode:
             "connect_timeout_s": 3.0,
             "shutdown_grace_s": 3.0,
             "progress_window_s": 0.05,
+            # The chaos hub runs without rate limits: the sidecar's model of the
+            # hub's bucket must say so, or it paces itself to the real hub's 60.
+            "hub_rate_capacity": 1_000_000,
+            "hub_rate_refill_per_s": 1_000_000.0,
             "default_timeout_ms": 30_000,
             # The same bound for LLM and wake tasks as for shell ones (by default theirs is minutes).
             "time_limits": {k: 30_000 for k in ("trivial_ms", "standard_ms", "complex_ms", "unknown_ms")},
