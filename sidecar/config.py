@@ -14,10 +14,21 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import attrs
 
+from .configfields import (
+    ConfigError,
+    at_least,
+    host_port,
+    http_url,
+    hub_string,
+    non_negative,
+    positive,
+    setting,
+    ws_url,
+)
+from .configtables import ClaudeConfig, OllamaConfig, PriceOverride, TimeLimits, validate_agentic
 from .log import get_logger
 from .messages import LIMITS, converter, error_path
 
@@ -31,114 +42,255 @@ ENV_OVERRIDES = {
 }
 
 
-class ConfigError(ValueError):
-    """A config problem; `field` is the dotted path of the bad key."""
-
-    def __init__(self, field: str, problem: str, source: str | None = None) -> None:
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}config field '{field}': {problem}")
-        self.field = field
-        self.problem = problem
-
-
-@attrs.frozen
-class OllamaConfig:
-    default_model: str = "qwen3:8b"
-    idle_timeout_s: float = 60.0
-    connect_timeout_s: float = 10.0
-    load_timeout_s: float = 300.0
-    # The agentic tool loop (docs/agentic.md).
-    agentic: str = "on_request"
-    agentic_max_iterations: dict[str, int] = attrs.field(factory=dict)
-    agentic_command_timeout_s: float = 30.0
-    agentic_env: dict[str, str] = attrs.field(factory=dict)
-    agentic_env_pass: list[str] = attrs.field(factory=list)
-    agentic_sandbox: str = "none"
-
-
-@attrs.frozen
-class ClaudeConfig:
-    binary: str = "claude"
-    extra_args: list[str] = attrs.field(factory=list)
-    # Extra environment for the CLI (e.g. ANTHROPIC_BASE_URL, CLAUDE_CODE_MAX_RETRIES).
-    env: dict[str, str] = attrs.field(factory=dict)
-    baseline_model: str = "claude-sonnet-4-5"
-
-
-@attrs.frozen
-class TimeLimits:
-    """Default time limit per kind of work, for a task without `metadata.timeout_ms`.
-
-    A kind left unset (None) is bounded by the task's tier: LLM work and woken
-    agents take minutes, not the shell's 60 s (`default_timeout_ms`).
-    """
-
-    ollama_ms: int | None = None
-    claude_ms: int | None = None
-    wake_ms: int | None = None
-    trivial_ms: int = 600_000
-    standard_ms: int = 1_800_000
-    complex_ms: int = 1_800_000
-    unknown_ms: int = 1_800_000
-
-
-@attrs.frozen
-class PriceOverride:
-    """USD per million tokens for one model, overriding the price catalogue."""
-
-    input_per_mtok: float
-    output_per_mtok: float
-
-
 @attrs.frozen
 class Config:
     # Original config.json fields (protocol.md).
-    agent_id: str
-    token: str
-    hub_url: str
-    hub_api_url: str | None = None
-    name: str | None = None
-    repo_dir: str | None = None
-    wake_command: str | None = None
-    capabilities: list[str] = attrs.field(factory=lambda: ["code"])
-    confirmation_timeout_ms: int = 30_000
-    results_dir: str | None = None
-    log_file: str | None = None
-    ollama_url: str | None = None
+    agent_id: str = setting(
+        doc="Agent id the hub knows this sidecar by (identify). Hub limit 128 characters.",
+        check=hub_string(LIMITS["agent_id"]),
+    )
+    token: str = setting(
+        doc="The agent's hub token. Never logged, never passed to task processes.",
+        check=hub_string(LIMITS["token"]),
+    )
+    hub_url: str = setting(
+        doc="Hub WebSocket URL, `ws://HOST:4000/ws` or `wss://…`.",
+        check=ws_url,
+    )
+    hub_api_url: str | None = setting(
+        None,
+        doc=(
+            "Hub HTTP API base (`http://HOST:4000`); pull requests link to the task there "
+            "(`/api/tasks/ID`)."
+        ),
+    )
+    name: str | None = setting(
+        None,
+        doc="Display name sent in identify (default: agent_id).",
+    )
+    repo_dir: str | None = setting(
+        None,
+        doc=(
+            "Working directory for tasks (default: the state dir). A git checkout turns on the "
+            "branch-and-PR workflow (docs/delivery.md). Relative paths resolve against the config "
+            "file's directory."
+        ),
+    )
+    wake_command: str | None = setting(
+        None,
+        doc=(
+            "Shell template for legacy wake tasks; `${TASK_ID}`, `${TASK_JSON}`, "
+            "`${TASK_DESCRIPTION}` are passed as environment variables, never substituted into the "
+            "text."
+        ),
+    )
+    capabilities: list[str] = setting(
+        factory=lambda: ["code"],
+        doc="Capabilities announced in identify.",
+    )
+    confirmation_timeout_ms: int = setting(
+        30_000,
+        doc="Wake path: how long the woken agent has to create `<task_id>.started`.",
+        check=positive,
+    )
+    results_dir: str | None = setting(
+        None,
+        doc="Wake path: where the woken agent writes `<task_id>.started` and `<task_id>.json`.",
+    )
+    log_file: str | None = setting(
+        None,
+        doc="Also write JSON log lines to this file (stderr always gets them).",
+    )
+    ollama_url: str | None = setting(
+        None,
+        doc=(
+            "Local Ollama server, sent in identify and `ollama_report`; used when the hub names no "
+            "endpoint."
+        ),
+        check=http_url,
+    )
     # GitHub user asked to review each pull request ("" or unset: nobody).
-    reviewer: str | None = None
+    reviewer: str | None = setting(
+        None,
+        doc=(
+            "GitHub user asked to review each pull request (`gh pr create --reviewer`); `\"\"` or "
+            "unset: nobody."
+        ),
+    )
     # Ours.
     # The branch-and-PR workflow for a git `repo_dir` (docs/delivery.md).
-    git_workflow: bool = True
-    state_dir: str | None = None
-    capacity: int = 1
-    queue_length: int = 0
-    default_timeout_ms: int = 60_000
-    kill_grace_s: float = 5.0
-    ping_interval_s: float = 30.0
-    pong_timeout_s: float = 10.0
-    connect_timeout_s: float = 10.0
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-    auth_backoff_s: float = 300.0
-    output_cap_bytes: int = 1024 * 1024
-    max_frame_bytes: int = 16 * 1024 * 1024
-    progress_window_s: float = 0.1
-    hub_rate_capacity: int = 60
-    hub_rate_refill_per_s: float = 1.0
-    progress_reserve: int = 12
-    progress_budget_per_min: int | None = None
-    keepalive_s: float = 120.0
-    shutdown_grace_s: float = 10.0
-    wake_attempt_timeout_s: float = 60.0
+    git_workflow: bool = setting(
+        True,
+        doc=(
+            "The branch-and-PR workflow for a git `repo_dir` or a task's `repo` workspace: a branch "
+            "per task, push and pull request after a verified success. `false`: tasks run in the tree"
+            " as it is."
+        ),
+    )
+    state_dir: str | None = setting(
+        None,
+        doc=(
+            "SQLite store (`sidecar.db`) and per-task logs (`logs/`). Default: `state` next to the "
+            "config file."
+        ),
+    )
+    capacity: int = setting(
+        1,
+        doc="Tasks run at once.",
+        check=positive,
+    )
+    queue_length: int = setting(
+        0,
+        doc="Tasks held waiting for a slot beyond `capacity` (0: refuse when full).",
+        check=non_negative,
+    )
+    default_timeout_ms: int = setting(
+        60_000,
+        doc=(
+            "Time limit of a shell task whose metadata has no `timeout_ms` (other kinds: "
+            "`[time_limits]`). It bounds the whole run, verification and pull request included."
+        ),
+        check=positive,
+    )
+    kill_grace_s: float = setting(
+        5.0,
+        doc=(
+            "On time-out/cancel/shutdown: SIGTERM to the task's process group, SIGKILL this much "
+            "later."
+        ),
+        check=positive,
+    )
+    ping_interval_s: float = setting(
+        30.0,
+        doc="Heartbeat ping period (the hub drops sockets idle for 60 s).",
+        check=positive,
+    )
+    pong_timeout_s: float = setting(
+        10.0,
+        doc="No pong within this: the connection is dead, reconnect.",
+        check=positive,
+    )
+    connect_timeout_s: float = setting(
+        10.0,
+        doc="TCP + WebSocket handshake + identify time limit.",
+        check=positive,
+    )
+    backoff_initial_s: float = setting(
+        1.0,
+        doc="First reconnect delay (doubles, with jitter).",
+        check=positive,
+    )
+    backoff_max_s: float = setting(
+        60.0,
+        doc="Reconnect delay cap.",
+        check=positive,
+    )
+    auth_backoff_s: float = setting(
+        300.0,
+        doc="Wait after the hub refuses the token (`invalid_token`), instead of a tight loop.",
+        check=positive,
+    )
+    output_cap_bytes: int = setting(
+        1024 * 1024,
+        doc="Output kept in a result (the tail); the task log keeps everything.",
+        check=positive,
+    )
+    max_frame_bytes: int = setting(
+        16 * 1024 * 1024,
+        doc="Largest frame accepted from the hub.",
+        check=positive,
+    )
+    progress_window_s: float = setting(
+        0.1,
+        doc="Progress coalescing window per task.",
+        check=positive,
+    )
+    hub_rate_capacity: int = setting(
+        60,
+        doc=(
+            "The hub's normal-tier bucket per agent (accepts, progress, results and reports share "
+            "it), as the sidecar models it. The real hub: 60."
+        ),
+        check=at_least(3),
+    )
+    hub_rate_refill_per_s: float = setting(
+        1.0,
+        doc="Its refill, tokens per second. The real hub: 1.",
+        check=positive,
+    )
+    progress_reserve: int = setting(
+        12,
+        doc=(
+            "Tokens of that bucket progress never spends, kept for accepts and results, plus one per "
+            "task held. At least 10 is advised; 12 also keeps progress alone from drawing the hub's "
+            "`rate_limit_warning` (sent below 20 % of its bucket)."
+        ),
+        check=non_negative,
+    )
+    progress_budget_per_min: int | None = setting(
+        None,
+        doc=(
+            "Optional extra cap on task_progress frames per minute, all tasks together (formerly the "
+            "only progress budget, default 40). Unset: progress spends whatever the bucket holds "
+            "above the reserve."
+        ),
+        check=positive,
+    )
+    keepalive_s: float = setting(
+        120.0,
+        doc=(
+            "A silent running task gets a `status` progress frame this often (hub stuck detection is "
+            "10 min)."
+        ),
+        check=positive,
+    )
+    shutdown_grace_s: float = setting(
+        10.0,
+        doc="On SIGTERM: how long to keep flushing results and progress before exiting.",
+        check=positive,
+    )
+    wake_attempt_timeout_s: float = setting(
+        60.0,
+        doc="Wake path: time limit of one wake command attempt.",
+        check=positive,
+    )
     # After the hub's restart_sidecar: how long running tasks may take to end first.
-    restart_drain_s: float = 300.0
+    restart_drain_s: float = setting(
+        300.0,
+        doc=(
+            "After the hub's `restart_sidecar`: how long the running tasks may take to end (no new "
+            "ones are taken) before the graceful restart cancels them."
+        ),
+        check=non_negative,
+    )
     # Local /healthz and /metrics endpoint, "host:port" (off when unset).
-    metrics_listen: str | None = None
-    ollama: OllamaConfig = attrs.field(factory=OllamaConfig)
-    claude: ClaudeConfig = attrs.field(factory=ClaudeConfig)
-    time_limits: TimeLimits = attrs.field(factory=TimeLimits)
-    prices: dict[str, PriceOverride] = attrs.field(factory=dict)
+    metrics_listen: str | None = setting(
+        None,
+        doc=(
+            "`host:port` for `/healthz` and `/metrics` (Prometheus). Off when unset; use "
+            "`127.0.0.1:9464` unless a scraper on another host needs it."
+        ),
+        check=host_port,
+    )
+    ollama: OllamaConfig = setting(
+        factory=OllamaConfig,
+        doc="Table `[ollama]`, below.",
+    )
+    claude: ClaudeConfig = setting(
+        factory=ClaudeConfig,
+        doc="Table `[claude]`, below.",
+    )
+    time_limits: TimeLimits = setting(
+        factory=TimeLimits,
+        doc="Table `[time_limits]`, below: default limits of Ollama, Claude and wake tasks.",
+    )
+    prices: dict[str, PriceOverride] = setting(
+        factory=dict,
+        doc=(
+            "Table `[prices.\"MODEL\"]` with `input_per_mtok`, `output_per_mtok` (USD per million "
+            "tokens): overrides the bundled price catalogue for that model."
+        ),
+    )
 
     @property
     def display_name(self) -> str:
@@ -149,100 +301,16 @@ class Config:
         return Path(self.state_dir)
 
 
-_POSITIVE = (
-    "capacity",
-    "default_timeout_ms",
-    "kill_grace_s",
-    "ping_interval_s",
-    "pong_timeout_s",
-    "connect_timeout_s",
-    "backoff_initial_s",
-    "backoff_max_s",
-    "output_cap_bytes",
-    "max_frame_bytes",
-    "progress_window_s",
-    "hub_rate_capacity",
-    "hub_rate_refill_per_s",
-    "keepalive_s",
-    "confirmation_timeout_ms",
-    "wake_attempt_timeout_s",
-)
-
-
-AGENTIC_MODES = ("on_request", "always", "never")
-AGENTIC_SANDBOXES = ("none", "bwrap", "auto")
-_TIERS = ("trivial", "standard", "complex")
-
-
-def _validate_agentic(o: OllamaConfig) -> None:
-    if o.agentic not in AGENTIC_MODES:
-        raise ConfigError("ollama.agentic", f"must be one of {', '.join(AGENTIC_MODES)}, got {o.agentic!r}")
-    if o.agentic_sandbox not in AGENTIC_SANDBOXES:
-        raise ConfigError(
-            "ollama.agentic_sandbox",
-            f"must be one of {', '.join(AGENTIC_SANDBOXES)}, got {o.agentic_sandbox!r}",
-        )
-    for tier, n in o.agentic_max_iterations.items():
-        if tier not in _TIERS:
-            raise ConfigError(f"ollama.agentic_max_iterations.{tier}", f"not a tier ({', '.join(_TIERS)})")
-        if n < 1:
-            raise ConfigError(f"ollama.agentic_max_iterations.{tier}", f"must be at least 1, got {n!r}")
-    if o.agentic_command_timeout_s <= 0:
-        raise ConfigError("ollama.agentic_command_timeout_s", "must be positive")
-    for name in [*o.agentic_env, *o.agentic_env_pass]:
-        if not name or "=" in name or "\0" in name or name.startswith("SIDECAR_"):
-            raise ConfigError("ollama.agentic_env", f"not an allowed variable name: {name!r}")
 
 
 def _validate(cfg: Config) -> None:
-    _validate_agentic(cfg.ollama)
-    for key in ("agent_id", "token"):
-        value = getattr(cfg, key)
-        if not value:
-            raise ConfigError(key, "must not be empty")
-        if len(value) > LIMITS[key]:
-            raise ConfigError(key, f"longer than the hub's limit of {LIMITS[key]} characters")
-    url = urlparse(cfg.hub_url)
-    if url.scheme not in ("ws", "wss") or not url.hostname:
-        raise ConfigError("hub_url", f"must be a ws:// or wss:// URL, got {cfg.hub_url!r}")
-    for key in _POSITIVE:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(key, f"must be positive, got {getattr(cfg, key)!r}")
-    if cfg.restart_drain_s < 0:
-        raise ConfigError("restart_drain_s", f"must be zero or more, got {cfg.restart_drain_s!r}")
-    for name in (
-        "ollama_ms",
-        "claude_ms",
-        "wake_ms",
-        "trivial_ms",
-        "standard_ms",
-        "complex_ms",
-        "unknown_ms",
-    ):
-        value = getattr(cfg.time_limits, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"time_limits.{name}", f"must be positive, got {value!r}")
-    if cfg.progress_budget_per_min is not None and cfg.progress_budget_per_min <= 0:
-        raise ConfigError(
-            "progress_budget_per_min", f"must be positive (or unset), got {cfg.progress_budget_per_min!r}"
-        )
-    if cfg.hub_rate_capacity < 3:
-        raise ConfigError("hub_rate_capacity", f"must be at least 3, got {cfg.hub_rate_capacity!r}")
-    if not 0 <= cfg.progress_reserve <= cfg.hub_rate_capacity - 2:
+    """What no single field can check alone (each field checks itself: `configfields.setting`)."""
+    validate_agentic(cfg.ollama)
+    if cfg.progress_reserve > cfg.hub_rate_capacity - 2:
         raise ConfigError(
             "progress_reserve",
-            f"must be 0 or more and at most hub_rate_capacity - 2, got {cfg.progress_reserve!r}",
+            f"must be at most hub_rate_capacity - 2, got {cfg.progress_reserve!r}",
         )
-    if cfg.queue_length < 0:
-        raise ConfigError("queue_length", f"must be zero or more, got {cfg.queue_length!r}")
-    if cfg.metrics_listen is not None:
-        host, sep, port = cfg.metrics_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError("metrics_listen", f"must be host:port, got {cfg.metrics_listen!r}")
-    if cfg.ollama_url is not None:
-        o = urlparse(cfg.ollama_url if "://" in cfg.ollama_url else "http://" + cfg.ollama_url)
-        if o.scheme not in ("http", "https") or not o.hostname:
-            raise ConfigError("ollama_url", f"must be an http(s) URL, got {cfg.ollama_url!r}")
 
 
 def config_from_mapping(
@@ -316,3 +384,16 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
         if env.get(var):
             data[key] = env[var]
     return config_from_mapping(data, base_dir=base_dir, source=source, lenient=is_json)
+
+
+__all__ = [
+    "ENV_OVERRIDES",
+    "ClaudeConfig",
+    "Config",
+    "ConfigError",
+    "OllamaConfig",
+    "PriceOverride",
+    "TimeLimits",
+    "config_from_mapping",
+    "load_config",
+]

@@ -233,6 +233,10 @@ def error_path(exc: BaseException, root: str = "$") -> tuple[str, str]:
             return error_path(sub, root)
     if isinstance(exc, KeyError):
         return root, "is required"
+    field, problem = getattr(exc, "field", None), getattr(exc, "problem", None)
+    if isinstance(field, str) and isinstance(problem, str):
+        # A check of the field itself (configfields.setting) named it.
+        return f"{root}.{field}", problem
     return root, str(exc) or type(exc).__name__
 
 

@@ -82,6 +82,15 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"ollama": {"idle_timeout_s": "slow"}}, "ollama.idle_timeout_s", "expected a number"),
         ({"token": None}, "token", "is required"),
         ({"queue_length": -1}, "queue_length", "zero or more"),
+        # Checks carried by the fields of nested tables name the whole path.
+        ({"ollama": {"idle_timeout_s": -1}}, "ollama.idle_timeout_s", "must be positive"),
+        ({"ollama": {"agentic": "sometimes"}}, "ollama.agentic", "must be one of on_request"),
+        ({"time_limits": {"trivial_ms": 0}}, "time_limits.trivial_ms", "must be positive"),
+        ({"token": ""}, "token", "must not be empty"),
+        ({"agent_id": "a" * 129}, "agent_id", "limit of 128"),
+        ({"metrics_listen": "nohost"}, "metrics_listen", "host:port"),
+        ({"hub_rate_capacity": 2}, "hub_rate_capacity", "at least 3"),
+        ({"progress_reserve": 59}, "progress_reserve", "at most hub_rate_capacity - 2"),
     ],
 )
 def test_bad_config_names_field(tmp_path: Path, patch: dict[str, object], field: str, problem: str) -> None:

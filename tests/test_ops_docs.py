@@ -24,7 +24,7 @@ def test_configuration_doc_lists_every_key_as_generated() -> None:
     assert {f.name for f in attrs.fields(Config)} <= keys
     assert documented == keys
     assert "UNDOCUMENTED" not in block.group(1)
-    assert not set(configdoc.DESCRIPTIONS) - keys, "descriptions of keys that no longer exist"
+    assert all(f.metadata.get("doc") for _, f in configdoc.fields()), "every field carries its doc text"
 
 
 def test_unit_stop_timeout_exceeds_the_sidecars_own_shutdown() -> None:
