@@ -47,7 +47,7 @@ from .hubtypes import SCHEMAS_TIMEOUT_S, HubTypes, api_url_of
 from .link import HubLink
 from .log import get_logger, register_secret
 from .messages import FrameError
-from .metrics import SidecarMetrics
+from .metrics import SidecarMetrics, Snapshot
 from .pipeline import Pipeline
 from .progress import open_progress
 from .restart import Restarter
@@ -125,6 +125,28 @@ class Sidecar:
 
     def busy(self) -> bool:
         return self.supervisor.busy()
+
+    def snapshot(self) -> Snapshot:
+        """What /healthz and /metrics show, read from the components now."""
+        link, outbox, store = self.link, self.outbox, self.store
+        return Snapshot(
+            agent_id=self.config.agent_id,
+            capacity=self.config.capacity,
+            connected=link.connected,
+            identified=link.identified,
+            last_pong_at=link.last_pong_at,
+            reconnects=link.reconnects,
+            rate_limited_hits=link.rate_limited_hits,
+            rate_limit_warnings=self.budget.stats.warnings,
+            progress=self.batcher.stats,
+            outbox_depth=outbox.depth,
+            results_delivered=outbox.delivered,
+            results_refused=outbox.refused,
+            results_unstored=len(outbox.unstored),
+            state_error=store.write_error,
+            state_unwritable_since=store.health.since,
+            tasks_held=len(self.supervisor.held),
+        )
 
     def _held_tasks(self) -> int:
         return len(self.supervisor.held)

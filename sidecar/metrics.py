@@ -21,20 +21,19 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import attrs
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .asgi import ASGIReceive, ASGISend, serve_lifespan
+from .batcher import BatcherStats
 from .dispatcher import DispatchResult, UnknownTargetError, target_of
 from .log import get_logger
 from .messages import Task
 from .taskrun import TaskRun
-
-if TYPE_CHECKING:
-    from .app import Sidecar
 
 log = get_logger("sidecar.metrics")
 
@@ -44,15 +43,47 @@ DispatchFn = Callable[[TaskRun], Awaitable[DispatchResult]]
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
+@attrs.frozen
+class Snapshot:
+    """What the endpoint reads of the running daemon, taken at scrape time."""
+
+    agent_id: str
+    capacity: int
+    connected: bool
+    identified: bool
+    last_pong_at: float | None  # trio time
+    reconnects: int
+    rate_limited_hits: int
+    rate_limit_warnings: int
+    progress: BatcherStats
+    outbox_depth: int
+    results_delivered: int
+    results_refused: int
+    results_unstored: int
+    state_error: str | None
+    state_unwritable_since: float | None  # trio time
+    tasks_held: int
+
+    def last_pong_age(self) -> float | None:
+        at = self.last_pong_at
+        return None if at is None else max(0.0, trio.current_time() - at)
+
+
+class Observed(Protocol):
+    """The one thing metrics need of the daemon."""
+
+    def snapshot(self) -> Snapshot: ...
+
+
 class _LiveCollector:
     """Figures owned by other objects, read when Prometheus scrapes."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
-        self._sc = sidecar
+    def __init__(self, observed: Observed) -> None:
+        self._observed = observed
 
     def collect(self) -> Iterator[Metric]:
-        sc = self._sc
-        link, stats = sc.link, sc.batcher.stats
+        snap = self._observed.snapshot()
+        stats = snap.progress
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
@@ -61,23 +92,23 @@ class _LiveCollector:
             return CounterMetricFamily(name, doc, value=value)
 
         yield gauge(
-            "sidecar_hub_connected", "1 while the WebSocket to the hub is open", float(link.connected)
+            "sidecar_hub_connected", "1 while the WebSocket to the hub is open", float(snap.connected)
         )
         yield gauge(
-            "sidecar_hub_identified", "1 while the hub has accepted our identify", float(link.identified)
+            "sidecar_hub_identified", "1 while the hub has accepted our identify", float(snap.identified)
         )
-        age = last_pong_age(sc)
+        age = snap.last_pong_age()
         yield gauge(
             "sidecar_hub_last_pong_age_seconds",
             "Seconds since the hub last answered (pong or identified); NaN before the first",
             math.nan if age is None else age,
         )
-        yield counter("sidecar_hub_reconnects", "Reconnect attempts to the hub", link.reconnects)
+        yield counter("sidecar_hub_reconnects", "Reconnect attempts to the hub", snap.reconnects)
         yield counter(
-            "sidecar_rate_limited", "Frames the hub dropped with rate_limited", link.rate_limited_hits
+            "sidecar_rate_limited", "Frames the hub dropped with rate_limited", snap.rate_limited_hits
         )
         yield counter(
-            "sidecar_rate_limit_warnings", "rate_limit_warning frames from the hub", sc.budget.stats.warnings
+            "sidecar_rate_limit_warnings", "rate_limit_warning frames from the hub", snap.rate_limit_warnings
         )
         yield counter("sidecar_progress_events", "Progress events produced by executors", stats.events_in)
         yield counter(
@@ -98,34 +129,30 @@ class _LiveCollector:
             stats.send_failures,
         )
         yield gauge(
-            "sidecar_outbox_depth", "Results stored and not yet acknowledged by the hub", sc.outbox.depth
+            "sidecar_outbox_depth", "Results stored and not yet acknowledged by the hub", snap.outbox_depth
         )
-        yield counter("sidecar_results_delivered", "Results the hub acknowledged", sc.outbox.delivered)
-        yield counter("sidecar_results_refused", "Results the hub refused (stale)", sc.outbox.refused)
+        yield counter("sidecar_results_delivered", "Results the hub acknowledged", snap.results_delivered)
+        yield counter("sidecar_results_refused", "Results the hub refused (stale)", snap.results_refused)
         yield gauge(
             "sidecar_state_writable",
             "1 while the state store takes writes (0: disk full or failing; new tasks are refused)",
-            float(sc.store.write_error is None),
+            float(snap.state_error is None),
         )
         yield gauge(
             "sidecar_results_unstored",
             "Results the store could not write, held in memory until acknowledged",
-            len(sc.outbox.unstored),
+            snap.results_unstored,
         )
-        yield gauge("sidecar_tasks_held", "Tasks held (running or queued)", len(sc.supervisor.held))
-        yield gauge("sidecar_task_slots", "Tasks that may run at once (capacity)", sc.config.capacity)
+        yield gauge("sidecar_tasks_held", "Tasks held (running or queued)", snap.tasks_held)
+        yield gauge("sidecar_task_slots", "Tasks that may run at once (capacity)", snap.capacity)
 
-
-def last_pong_age(sidecar: Sidecar) -> float | None:
-    at = sidecar.link.last_pong_at
-    return None if at is None else max(0.0, trio.current_time() - at)
 
 
 class SidecarMetrics:
     """The sidecar's metrics registry, its task hooks, and the HTTP endpoint."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
-        self.sidecar = sidecar
+    def __init__(self, observed: Observed) -> None:
+        self.observed = observed
         self.registry = CollectorRegistry(auto_describe=False)
         self.tasks = Counter(
             "sidecar_tasks",
@@ -152,7 +179,7 @@ class SidecarMetrics:
             ["model"],
             registry=self.registry,
         )
-        self.registry.register(_LiveCollector(sidecar))
+        self.registry.register(_LiveCollector(observed))
         self.bound_url: str | None = None
 
     # -- task hooks ------------------------------------------------------------
@@ -210,25 +237,24 @@ class SidecarMetrics:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """503 while the hub link is down or the state store cannot write (tasks are refused)."""
-        sc = self.sidecar
-        age = last_pong_age(sc)
-        store = sc.store
-        writable = store.write_error is None
-        healthy = sc.link.identified and writable
-        status = "ok" if healthy else "unavailable" if not sc.link.identified else "state_store_unwritable"
-        since = store.health.since
+        snap = self.observed.snapshot()
+        age = snap.last_pong_age()
+        writable = snap.state_error is None
+        healthy = snap.identified and writable
+        status = "ok" if healthy else "unavailable" if not snap.identified else "state_store_unwritable"
+        since = snap.state_unwritable_since
         doc = {
             "status": status,
-            "agent_id": sc.config.agent_id,
-            "connected": sc.link.connected,
-            "identified": sc.link.identified,
+            "agent_id": snap.agent_id,
+            "connected": snap.connected,
+            "identified": snap.identified,
             "last_pong_age_s": None if age is None else round(age, 3),
-            "tasks_held": len(sc.supervisor.held),
-            "outbox_depth": sc.outbox.depth,
+            "tasks_held": snap.tasks_held,
+            "outbox_depth": snap.outbox_depth,
             "state_writable": writable,
-            "state_error": store.write_error,
+            "state_error": snap.state_error,
             "state_unwritable_for_s": None if since is None else round(trio.current_time() - since, 3),
-            "results_unstored": len(sc.outbox.unstored),
+            "results_unstored": snap.results_unstored,
         }
         return (200 if healthy else 503), doc
 
