@@ -59,12 +59,34 @@ class Outbox:
         self.refused = 0
         self._changed = trio.Event()
         self._inflight: OutboxItem | None = None
+        self._inflight_changed = trio.Event()
         self._answered = trio.Event()
         self._resend = trio.Event()
         self._empty = trio.Event()
         # Results the store could not write, sent from memory (ids below zero).
         self.unstored: list[OutboxItem] = []
         self._next_unstored_id = -1
+
+    @property
+    def inflight(self) -> OutboxItem | None:
+        """The result being delivered now (sent or about to be), or None."""
+        return self._inflight
+
+    @property
+    def inflight_answered(self) -> bool:
+        """The hub has answered the result in flight (acked or refused it)."""
+        return self._inflight is not None and self._answered.is_set()
+
+    async def wait_inflight(self, task_id: str) -> OutboxItem:
+        """Until a result of `task_id` is the one in flight; that item."""
+        while (item := self._inflight) is None or item.task_id != task_id:
+            await self._inflight_changed.wait()
+        return item
+
+    def _set_inflight(self, item: OutboxItem | None) -> None:
+        self._inflight = item
+        self._inflight_changed.set()
+        self._inflight_changed = trio.Event()
 
     def notify(self) -> None:
         """A result was written to the store."""
@@ -126,8 +148,8 @@ class Outbox:
             await self._empty.wait()
 
     async def _deliver(self, item: OutboxItem) -> None:
-        self._inflight = item
         self._answered = trio.Event()
+        self._set_inflight(item)
         if self.before_send is not None:
             await self.before_send(item.task_id)
         try:
@@ -155,7 +177,7 @@ class Outbox:
             else:
                 await self.store.retire(item.id)
         finally:
-            self._inflight = None
+            self._set_inflight(None)
             self._empty.set()  # wakes wait_empty to re-check
 
     def on_frame(self, frame: TaskAck | HubError | RateLimited) -> None:

@@ -126,16 +126,13 @@ async def test_ack_and_error_frames_with_mistyped_fields_answer_nothing(make_con
     async with offline_sidecar(config) as (sc, _store):
         await feed(sc, shell_assign("t-1", "echo hi"))
         with trio.fail_after(20):
-            while True:  # the outbox has no public "taken up" event: poll it
-                if sc.outbox._inflight is not None:
-                    break
-                await trio.sleep(0.01)
+            await sc.outbox.wait_inflight("t-1")
         await feed(sc, {"type": "task_ack", "task_id": "t-1", "status": ["complete"]})
         await feed(sc, {"type": "error", "error": "validation_failed", "message_type": [1, 2]})
         await feed(sc, {"type": "error", "error": ["stale_generation"], "message_type": {}})
-        assert not sc.outbox._answered.is_set()  # none of those answered the result
+        assert not sc.outbox.inflight_answered  # none of those answered the result
         assert sc.refused_types == set()
         # (No hub here, so the link never connects: the outbox cannot retire the
         # item until it is ready; the answer itself is what a valid ack gives.)
         await feed(sc, {"type": "task_ack", "task_id": "t-1", "status": "complete"})
-        assert sc.outbox._answered.is_set()
+        assert sc.outbox.inflight_answered

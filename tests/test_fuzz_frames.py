@@ -182,12 +182,9 @@ async def _one_batch(config: Config, batch: list[str | bytes], n: int) -> None:
                 }
                 await feed(sc, valid)
                 with trio.fail_after(20):
-                    while True:  # the store has no change event: poll it
-                        items = await store.outbox()
-                        done = [i for i in items if i.task_id == valid["task_id"]]
-                        if any(i.frame["type"] == "task_complete" for i in done):
-                            break
-                        await trio.sleep(0.005)
+                    await sc.supervisor.held[str(valid["task_id"])].done.wait()  # its end is stored
+                done = [i for i in await store.outbox() if i.task_id == valid["task_id"]]
+                assert [i.frame["type"] for i in done] == ["task_complete"]
                 sc.stopped.set()
     finally:
         await store.close()

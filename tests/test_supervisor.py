@@ -61,17 +61,14 @@ async def test_results_of_older_generations_leave_the_outbox_when_the_task_comes
         async def results_of(tid: str) -> list[int]:
             return [i.generation for i in await store.outbox() if i.task_id == tid]
 
-        async def wait_for_result(tid: str, gen: int) -> None:
+        async def run_to_its_end(tid: str, command: str, gen: int) -> None:
+            await feed(sc, shell_assign(tid, command, generation=gen))
             with trio.fail_after(20):
-                while True:  # the store has no change event: poll it
-                    if gen in await results_of(tid):
-                        return
-                    await trio.sleep(0.01)
+                await sc.supervisor.held[tid].done.wait()  # set once the end is stored
 
-        await feed(sc, shell_assign("t-1", "echo run-1", generation=1))
-        await wait_for_result("t-1", 1)
-        await feed(sc, shell_assign("t-1", "echo run-3", generation=3))
-        await wait_for_result("t-1", 3)
+        await run_to_its_end("t-1", "echo run-1", 1)
+        assert await results_of("t-1") == [1]
+        await run_to_its_end("t-1", "echo run-3", 3)
         assert await results_of("t-1") == [3]
 
 
