@@ -13,19 +13,19 @@ group kill never reaches. See design.md, "Known pitfalls".
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import fcntl
 import os
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import attrs
 import trio
 
 from .log import get_logger
+from .pipes import MAX_LINE_CHARS as MAX_LINE_CHARS  # re-exported: the callbacks' contract
+from .pipes import LineCallback, PipeReader, salvage
 from .proctree import (
     MARKER_VAR,
     agent_marker_prefix,
@@ -41,16 +41,8 @@ from .proctree import (
 
 log = get_logger(__name__)
 
-# A line longer than this (in characters) without a newline is passed on in pieces.
-MAX_LINE_CHARS = 64 * 1024
-# Bytes asked of the pipe per read. The pipe itself is enlarged to this size
-# where the kernel allows, so one wake-up moves up to 1 MiB instead of 64 KiB.
-READ_SIZE = 1024 * 1024
 # After cleanup, how long we wait for SIGKILLed processes to be gone (not zombies).
 _REAP_WAIT_S = 2.0
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-LineCallback = Callable[[str], Awaitable[None]]
 
 
 @attrs.frozen
@@ -59,8 +51,9 @@ class ChildResult:
 
     `returncode` follows Popen: negative for death by a signal. `signalled`: we
     sent `first_signal` (only on cancellation); `killed`: we sent SIGKILL after
-    the grace period. `drain_timed_out`: a pipe was still open `drain_grace_s`
-    after the direct child exited (a descendant held it). `strays_killed`: how
+    the grace period. `drain_timed_out`: a pipe had not reached its end
+    `drain_grace_s` after the direct child exited (a descendant held it open;
+    what it held then was still passed on). `strays_killed`: how
     many processes the final sweep (group + marker) had to kill.
     """
 
@@ -190,56 +183,6 @@ async def _feed_stdin(fd: int, data: bytes) -> None:
             await stream.send_all(data)
 
 
-def _enlarge_pipe(stream: trio.abc.ReceiveStream) -> None:
-    fileno = getattr(stream, "fileno", None)
-    if fileno is None:
-        return
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fileno(), _F_SETPIPE_SZ, READ_SIZE)
-
-
-async def _pump(stream: trio.abc.ReceiveStream, callback: LineCallback | None, batch_lines: bool) -> None:
-    """Read `stream` to EOF, decoding UTF-8 and passing lines to `callback`."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    async with stream:
-        _enlarge_pipe(stream)
-        while True:
-            data = await stream.receive_some(READ_SIZE)
-            if callback is None:
-                if not data:
-                    return
-                continue
-            text = decoder.decode(data, final=not data)
-            if pending:
-                text = pending + text
-                pending = ""
-            if not data:  # EOF: what is left holds no newline (and fits MAX_LINE_CHARS)
-                if text:
-                    await callback(text)
-                return
-            if batch_lines:
-                cut = text.rfind("\n") + 1
-                if cut:
-                    await callback(text[:cut])
-                    text = text[cut:]
-                if len(text) >= MAX_LINE_CHARS:
-                    await callback(text)
-                    text = ""
-                pending = text
-            else:
-                lines = text.split("\n")
-                pending = lines.pop()
-                for line in lines:
-                    while len(line) > MAX_LINE_CHARS:
-                        await callback(line[:MAX_LINE_CHARS])
-                        line = line[MAX_LINE_CHARS:]
-                    await callback(line)
-                while len(pending) >= MAX_LINE_CHARS:
-                    await callback(pending[:MAX_LINE_CHARS])
-                    pending = pending[MAX_LINE_CHARS:]
-
-
 def _sweep(pgid: int | None, marker: str | None) -> int:
     """SIGKILL the group and every marked process; return how many were signalled."""
     n = 0
@@ -323,7 +266,9 @@ async def run_child(
     cancellation: `first_signal` to the group, SIGKILL `grace_s` later, child
     reaped, output still read meanwhile (so a CLI's last words after SIGINT are
     seen), then `trio.Cancelled` propagates. After the direct child exits,
-    pipes are drained for at most `drain_grace_s` (default `grace_s`). Raises
+    pipes are drained for at most `drain_grace_s` (default `grace_s`); what a
+    pipe holds when that time is up is still passed on (all the direct child
+    wrote is in it), only more is not waited for. Raises
     OSError if the child cannot be started (e.g. missing cwd or binary).
 
     `sweep_marker=False` kills only the group after a normal exit: processes
@@ -405,11 +350,16 @@ async def run_child(
                 running_children.discard(popen.pid)
             drain_scope.deadline = min(drain_scope.deadline, trio.current_time() + drain_grace_s)
 
-    async def drain(stdout: trio.abc.ReceiveStream, stderr: trio.abc.ReceiveStream) -> None:
+    readers = (
+        PipeReader(stdout_stream, on_stdout, batch_lines),
+        PipeReader(stderr_stream, on_stderr, batch_lines),
+    )
+
+    async def drain() -> None:
         with drain_scope:
-            async with trio.open_nursery() as readers:
-                readers.start_soon(_pump, stdout, on_stdout, batch_lines)
-                readers.start_soon(_pump, stderr, on_stderr, batch_lines)
+            async with trio.open_nursery() as nursery:
+                for reader in readers:
+                    nursery.start_soon(reader.pump)
 
     strays = 0
     try:
@@ -417,9 +367,12 @@ async def run_child(
             async with trio.open_nursery() as nursery:
                 pgid = await nursery.start(run_it)
                 close_write_ends()  # the child has its copies: EOF comes when it (and its heirs) exit
-                nursery.start_soon(drain, stdout_stream, stderr_stream)
+                nursery.start_soon(drain)
         except BaseExceptionGroup as eg:
             raise _unwrap(eg) from None
+        finally:
+            if drain_scope.cancelled_caught:
+                await salvage(readers, drain_grace_s)
     except BaseException:
         await _final_cleanup(pgid, marker)
         raise
@@ -429,15 +382,20 @@ async def run_child(
         stderr_stream.close()
     if kill_leftovers:
         strays = await _final_cleanup(pgid, marker if sweep_marker else None)
+    held_open = not all(reader.eof for reader in readers)
     if drain_scope.cancelled_caught:
-        log.warning("child_drain_timed_out", pgid=pgid, marker=marker)
+        salvaged = sum(reader.salvaged_bytes for reader in readers)
+        if held_open:
+            log.warning("child_drain_timed_out", pgid=pgid, marker=marker, salvaged_bytes=salvaged)
+        else:
+            log.info("child_output_read_late", pgid=pgid, marker=marker, salvaged_bytes=salvaged)
     assert returncode is not None
     return ChildResult(
         returncode=returncode,
         signalled=state.signalled,
         killed=state.killed,
         duration_s=trio.current_time() - t0,
-        drain_timed_out=drain_scope.cancelled_caught,
+        drain_timed_out=held_open,
         strays_killed=strays,
     )
 

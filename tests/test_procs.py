@@ -233,6 +233,54 @@ async def test_grandchild_ignoring_term_dies_even_when_shell_exits_on_term(tmp_p
 
 
 # --------------------------------------------------------------------------
+def _open_fifo_and_write_a_line(path: Path) -> None:
+    with path.open("w") as fifo:  # blocks until the child opens it for reading
+        fifo.write("go\n")
+
+
+@pytest.mark.parametrize("batch_lines", [False, True])
+async def test_output_in_the_pipe_when_the_drain_grace_ends_is_still_passed_on(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, batch_lines: bool
+) -> None:
+    """What the child wrote before it exited is its output, however late the reader gets to it.
+
+    The reader is held (here in its callback for the first line; a full progress
+    channel or a starved event loop holds it the same way) until the child has
+    written its last line and exited, and the drain grace has run out. The last
+    line is in the pipe at that moment and must still be passed on: a shell task
+    `echo TOKEN` must not complete with empty output.
+    """
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    got: list[str] = []
+
+    async def on_stdout(text: str) -> None:
+        got.append(text)
+        if len(got) > 1:
+            return
+        pidfd = os.pidfd_open(int(text))
+        try:
+            await trio.to_thread.run_sync(_open_fifo_and_write_a_line, fifo)
+            await trio.lowlevel.wait_readable(pidfd)  # exited: "tok" is in the pipe now
+        finally:
+            os.close(pidfd)
+        await trio.sleep(10)  # the drain grace (0.4 s) runs out meanwhile
+
+    res = await run_child(
+        [SH, "-c", f"echo $$; read x < {fifo}; echo tok"],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        marker=marker(),
+        on_stdout=on_stdout,
+        drain_grace_s=0.4,
+        batch_lines=batch_lines,
+    )
+    assert res.returncode == 0
+    assert [t.rstrip("\n") for t in got[1:]] == ["tok"]
+    # The pipe did reach its end: no descendant held it, the reader was late.
+    assert not res.drain_timed_out
+
+
 # Leftovers after a normal exit
 
 
