@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from sidecar.procs import agent_marker_prefix, task_marker
 from tests.fakes.ollama_server import OllamaServer, open_ollama_server
 from tests.harness import SidecarProcess
 
+from .dossier import Clock, task_dossier
 from .procscan import describe, fd_count, marked_processes, read_state
 
 TOKEN = "chaos-token-7"
@@ -48,6 +50,8 @@ WAKE_AGENT = HERE.parent / "fakes" / "proc_wake_agent.py"
 TERMINAL = ("task_complete", "task_failed")
 FINISHED = ("completed", "dead_letter", "cancelled")
 TASK_LOG_EVENTS = ("task_accepted", "task_started", "task_finished")
+# Violating tasks per episode that get a dossier (tests/chaos/dossier.py).
+DOSSIERS_MAX = 20
 
 # Task kinds and their weights in a schedule.
 KINDS: dict[str, float] = {
@@ -179,6 +183,8 @@ class Report:
     late_exits: int = 0
     # Results left on disk at the final stop that the hub would refuse (stale).
     stale_left: int = 0
+    # Violation -> what the episode knew of the task(s) it names (`dossier.py`).
+    details: dict[str, str] = attrs.field(factory=dict)
 
     def merge(self, other: Report) -> None:
         self.lifecycles += other.lifecycles
@@ -193,6 +199,14 @@ class Report:
         self.hub_restarts += other.hub_restarts
         self.late_exits += other.late_exits
         self.stale_left += other.stale_left
+        self.details.update(other.details)
+
+    def text(self, violation: str) -> str:
+        """A violation with its dossier, if it has one (indented below it)."""
+        detail = self.details.get(violation)
+        if not detail:
+            return violation
+        return violation + "\n" + "\n".join("    " + line for line in detail.splitlines())
 
 
 class ChaosSidecar(SidecarProcess):
@@ -259,6 +273,9 @@ class Episode:
         self._restart_hub = trio.Event()
         self._hub_gone = trio.Event()
         self._inflight_drops = 0
+        self.clock = Clock(0.0, 0.0)
+        # Violation -> the task ids it names, for their dossiers at the episode's end.
+        self._named: dict[str, list[str]] = {}
 
     # -- set-up ------------------------------------------------------------------
 
@@ -306,6 +323,7 @@ class Episode:
 
     async def run(self) -> Report:
         start = trio.current_time()
+        self.clock = Clock(start, time.time() - start)
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_claude_wrapper()
         async with open_ollama_server() as ollama, trio.open_nursery() as nursery:
@@ -331,6 +349,7 @@ class Episode:
                 self.report.settle_s = trio.current_time() - start - self.report.submit_s
                 await self._check_and_stop()
             finally:
+                self._write_dossiers()
                 for agent in self.agents.values():
                     await agent.proc.cleanup()
                 nursery.cancel_scope.cancel()
@@ -713,6 +732,7 @@ class Episode:
                         1,
                         f"task {rec.task_id} ({self.planned[rec.task_id].kind}) never finished: "
                         f"status {rec.status} gen {rec.generation}, history {rec.history[-6:]}",
+                        rec.task_id,
                     )
         # Let results of cancelled tasks' cleanup and queued progress drain.
         await trio.sleep(1.0)
@@ -723,8 +743,42 @@ class Episode:
             self._violation(5, f"{agent.name} died by itself: exit code {proc.returncode}")
             agent.up = False
 
-    def _violation(self, invariant: int, text: str) -> None:
-        self.report.violations.append(f"[seed {self.seed}] I{invariant}: {text}")
+    def _violation(self, invariant: int, text: str, task_id: str | None = None) -> None:
+        line = f"[seed {self.seed}] I{invariant}: {text}"
+        self.report.violations.append(line)
+        if task_id is not None:
+            self._named.setdefault(line, []).append(task_id)
+
+    def _write_dossiers(self) -> None:
+        """Attach to each violation naming a task what the episode knew of it.
+
+        Built once at the end (each sidecar's log read once), when the logs hold
+        everything, shutdown included. Also written beside the episode's state
+        dirs, as `violations.txt`.
+        """
+        if not self.report.violations:
+            return
+        events = {name: agent.proc.events() for name, agent in self.agents.items()}
+        tasks = list(dict.fromkeys(t for ids in self._named.values() for t in ids))[:DOSSIERS_MAX]
+        built: dict[str, str] = {}
+        for tid in tasks:
+            plan = self.planned.get(tid)
+            built[tid] = task_dossier(
+                tid,
+                kind=plan.kind if plan else "?",
+                state=self.state,
+                hubs=self.hubs,
+                logs={name: (task_marker(name, tid), evs) for name, evs in events.items()},
+                clock=self.clock,
+            )
+        for line, ids in self._named.items():
+            parts = [built[t] for t in ids if t in built]
+            if parts:
+                self.report.details[line] = "\n".join(parts)
+        if self.root.is_dir():
+            (self.root / "violations.txt").write_text(
+                "".join(self.report.text(v) + "\n" for v in self.report.violations)
+            )
 
     async def _check_and_stop(self) -> None:
         for agent in self.agents.values():
@@ -806,6 +860,7 @@ class Episode:
                 f"({plan.kind if plan else '?'}) on {agent}; hub status "
                 f"{rec.status if rec else '?'}, history {rec.history[-4:] if rec else []}; "
                 f"sidecar log {logged[-6:]}; agent up {up}",
+                tid if tid in self.planned else None,
             )
 
     def _result_needed(self, task_id: str, generation: int, kind: str) -> bool:
@@ -854,20 +909,24 @@ class Episode:
                 and self._accepted_by_sidecar(rec.task_id, h[2])
             ]
             if bad:
-                self._violation(1, f"{rec.task_id} reclaimed by a hub clock: {bad}")
+                self._violation(1, f"{rec.task_id} reclaimed by a hub clock: {bad}", rec.task_id)
             if rec.status == "completed":
                 if plan.kind in NEVER_COMPLETES:
-                    self._violation(1, f"{rec.task_id} ({plan.kind}) reported success: {rec.result}")
+                    self._violation(
+                        1, f"{rec.task_id} ({plan.kind}) reported success: {rec.result}", rec.task_id
+                    )
                 out = str((rec.result or {}).get("output", ""))
                 token = plan.token.split()[-1] if plan.kind.startswith("shell") else None
                 if token and plan.kind != "shell_stubborn" and token not in out:
-                    self._violation(1, f"{rec.task_id} ({plan.kind}) output lacks {token!r}: {out[:200]!r}")
+                    self._violation(
+                        1, f"{rec.task_id} ({plan.kind}) output lacks {token!r}: {out[:200]!r}", rec.task_id
+                    )
                 if plan.kind == "wake_ok" and f"did {rec.task_id}" not in out:
-                    self._violation(1, f"{rec.task_id} wake output wrong: {out[:200]!r}")
+                    self._violation(1, f"{rec.task_id} wake output wrong: {out[:200]!r}", rec.task_id)
             elif rec.status == "dead_letter" and plan.kind in MUST_COMPLETE:
                 reasons = {f.get("reason") for f in rec.failures}
                 if not reasons <= FAULT_REASONS:
-                    self._violation(1, f"{rec.task_id} ({plan.kind}) failed: {rec.failures[-1]}")
+                    self._violation(1, f"{rec.task_id} ({plan.kind}) failed: {rec.failures[-1]}", rec.task_id)
             assert events  # every task has a history
         # At most one terminal outcome per (task, generation).
         for rec in self.state.tasks.values():
@@ -875,7 +934,7 @@ class Episode:
             gens = Counter(h[2].get("generation") for h in terminal if h[0] != "dead_letter")
             for gen, n in gens.items():
                 if n > 1:
-                    self._violation(1, f"{rec.task_id} gen {gen} finished {n} times")
+                    self._violation(1, f"{rec.task_id} gen {gen} finished {n} times", rec.task_id)
 
     def _check_progress(self) -> None:
         """Invariant 4: per task and sidecar run, seq rises by one; gaps are announced."""
@@ -897,7 +956,7 @@ class Episode:
             prev_seq, prev_session = 0, None
             for _, session, seq, ev in items:
                 if seq <= prev_seq:
-                    self._violation(4, f"{key}: seq {seq} after {prev_seq}")
+                    self._violation(4, f"{key}: seq {seq} after {prev_seq}", key[1])
                 elif seq != prev_seq + 1:
                     announced = (ev.get("dropped_events") or 0) > 0 or (ev.get("dropped_bytes") or 0) > 0
                     if announced:
@@ -909,7 +968,9 @@ class Episode:
                         # started recording this session (a kill -9 restart window).
                         self.report.transit_gaps += 1
                     else:
-                        self._violation(4, f"{key}: unannounced gap {prev_seq} -> {seq} in one session")
+                        self._violation(
+                            4, f"{key}: unannounced gap {prev_seq} -> {seq} in one session", key[1]
+                        )
                 prev_seq, prev_session = seq, session
 
     def _check_kills(self) -> None:
@@ -930,7 +991,9 @@ class Episode:
             ended = {str(f.frame.get("task_id")) for f in later if f.type in TERMINAL and f.frame}
             for tid, _gen, _state in snap.in_flight:
                 if tid not in recovering and tid not in ended:
-                    self._violation(6, f"{snap.agent}: held {tid} at kill -9, neither recovered nor ended")
+                    self._violation(
+                        6, f"{snap.agent}: held {tid} at kill -9, neither recovered nor ended", tid
+                    )
             sent = {
                 (str(f.frame.get("task_id")), int(f.frame.get("generation") or 0), f.type)
                 for f in later
@@ -954,7 +1017,7 @@ class Episode:
             for item in snap.outbox:
                 superseded = newest.get(item[0], -1) > item[1]
                 if item not in sent and item[0] not in reassigned and not superseded:
-                    self._violation(6, f"{snap.agent}: stored result {item} not sent after restart")
+                    self._violation(6, f"{snap.agent}: stored result {item} not sent after restart", item[0])
 
     def _sweep_leftovers(self) -> None:
         for agent in self.agents:
@@ -983,7 +1046,7 @@ async def run_episodes(
             total.merge(rep)
             print(json.dumps(summary(rep)), flush=True)
             for v in rep.violations:  # as they happen: a long soak's end may be far away
-                print(f"VIOLATION {v}", flush=True)
+                print(f"VIOLATION {rep.text(v)}", flush=True)
 
     async with trio.open_nursery() as nursery:
         for seed in seeds:

@@ -29,9 +29,15 @@ def _base_seed() -> int:
     return int(env) if env else random.SystemRandom().randrange(10**9)
 
 
+# Violations shown with their task's dossier in the failure message (all are in
+# violations.txt and in the output printed as they happen).
+FAIL_DOSSIERS = 3
+
+
 def _fail_with_replay(rep: Report) -> None:
     seeds = sorted({int(v.split("]")[0].split()[-1]) for v in rep.violations})
-    lines = "\n".join(rep.violations[:40])
+    with_detail = [v for v in rep.violations if v in rep.details][:FAIL_DOSSIERS]
+    lines = "\n".join(rep.text(v) if v in with_detail else v for v in rep.violations[:40])
     replay = "\n".join(
         f"  CHAOS_SEED={s} .venv/bin/pytest tests/chaos/test_chaos.py -k replay -s" for s in seeds
     )
@@ -46,8 +52,9 @@ async def _run(episodes: int, tasks: int, tmp_path: Path) -> Report:
         seeds, tmp_path, lambda s, root: Episode(s, root, tasks=tasks), parallel=PARALLEL
     )
     print(json.dumps({"total": summary(rep), "faults": dict(rep.faults), "outcomes": dict(rep.outcomes)}))
-    # Every violation in full, beside the episodes' state dirs and logs (the failure shows 40).
-    (tmp_path / "violations.txt").write_text("".join(v + "\n" for v in rep.violations))
+    # Every violation in full with its task's dossier, beside the episodes' state
+    # dirs and logs (the failure shows 40; each episode dir has its own file too).
+    (tmp_path / "violations.txt").write_text("".join(rep.text(v) + "\n" for v in rep.violations))
     return rep
 
 
