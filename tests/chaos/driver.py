@@ -734,6 +734,7 @@ class Episode:
                         f"status {rec.status} gen {rec.generation}, history {rec.history[-6:]}",
                         rec.task_id,
                     )
+        await self._await_kill_leftovers(15.0)
         # Let results of cancelled tasks' cleanup and queued progress drain.
         await trio.sleep(1.0)
 
@@ -976,48 +977,66 @@ class Episode:
     def _check_kills(self) -> None:
         """Invariant 6: after each kill -9 every held task was recovered, every stored result sent."""
         for snap in self.kills:
-            later = [
-                f
-                for hub in self.hubs[snap.hub_index - 1 :]
-                for f in hub.frames(snap.agent)
-                if f.at >= snap.at or hub is not self.hubs[snap.hub_index - 1]
-            ]
-            recovering = {
-                str(f.frame.get("task_id")) for f in later if f.type == "task_recovering" and f.frame
-            }
-            # A task held at the kill must be announced again after the restart, or
-            # ended there (a SIGTERM that came before the new session could
-            # identify fails it as sidecar_shutdown instead): either way the hub hears.
-            ended = {str(f.frame.get("task_id")) for f in later if f.type in TERMINAL and f.frame}
-            for tid, _gen, _state in snap.in_flight:
-                if tid not in recovering and tid not in ended:
-                    self._violation(
-                        6, f"{snap.agent}: held {tid} at kill -9, neither recovered nor ended", tid
-                    )
-            sent = {
-                (str(f.frame.get("task_id")), int(f.frame.get("generation") or 0), f.type)
-                for f in later
-                if f.type in TERMINAL and f.frame
-            }
-            # task_reassign tells the sidecar to drop the task's results (protocol.md).
-            reassigned = {
-                str(f.frame.get("task_id"))
-                for hub in self.hubs[snap.hub_index - 1 :]
-                for f in hub.sent(snap.agent, type="task_reassign")
-                if f.frame and f.at >= snap.at
-            }
-            # A newer generation given to this agent makes older results stale: the
-            # sidecar drops them rather than have the hub refuse them (also protocol).
-            newest: dict[str, int] = {}
-            for hub in self.hubs[snap.hub_index - 1 :]:
-                for f in hub.sent(snap.agent, type="task_assign"):
-                    if f.frame and f.at >= snap.at and isinstance(f.frame.get("generation"), int):
-                        tid = str(f.frame.get("task_id"))
-                        newest[tid] = max(newest.get(tid, 0), int(f.frame["generation"]))
-            for item in snap.outbox:
-                superseded = newest.get(item[0], -1) > item[1]
-                if item not in sent and item[0] not in reassigned and not superseded:
-                    self._violation(6, f"{snap.agent}: stored result {item} not sent after restart", item[0])
+            held, unsent = self._kill_leftovers(snap)
+            for tid in held:
+                self._violation(6, f"{snap.agent}: held {tid} at kill -9, neither recovered nor ended", tid)
+            for item in unsent:
+                self._violation(6, f"{snap.agent}: stored result {item} not sent after restart", item[0])
+
+    def _kill_leftovers(self, snap: KillSnapshot) -> tuple[list[str], list[tuple[str, int, str]]]:
+        """What the hub has not yet heard of since a kill -9: held tasks, stored results."""
+        later = [
+            f
+            for hub in self.hubs[snap.hub_index - 1 :]
+            for f in hub.frames(snap.agent)
+            if f.at >= snap.at or hub is not self.hubs[snap.hub_index - 1]
+        ]
+        recovering = {str(f.frame.get("task_id")) for f in later if f.type == "task_recovering" and f.frame}
+        # A task held at the kill must be announced again after the restart, or
+        # ended there (a SIGTERM that came before the new session could
+        # identify fails it as sidecar_shutdown instead): either way the hub hears.
+        ended = {str(f.frame.get("task_id")) for f in later if f.type in TERMINAL and f.frame}
+        held = [tid for tid, _gen, _state in snap.in_flight if tid not in recovering and tid not in ended]
+        sent = {
+            (str(f.frame.get("task_id")), int(f.frame.get("generation") or 0), f.type)
+            for f in later
+            if f.type in TERMINAL and f.frame
+        }
+        # task_reassign tells the sidecar to drop the task's results (protocol.md).
+        reassigned = {
+            str(f.frame.get("task_id"))
+            for hub in self.hubs[snap.hub_index - 1 :]
+            for f in hub.sent(snap.agent, type="task_reassign")
+            if f.frame and f.at >= snap.at
+        }
+        # A newer generation given to this agent makes older results stale: the
+        # sidecar drops them rather than have the hub refuse them (also protocol).
+        newest: dict[str, int] = {}
+        for hub in self.hubs[snap.hub_index - 1 :]:
+            for f in hub.sent(snap.agent, type="task_assign"):
+                if f.frame and f.at >= snap.at and isinstance(f.frame.get("generation"), int):
+                    tid = str(f.frame.get("task_id"))
+                    newest[tid] = max(newest.get(tid, 0), int(f.frame["generation"]))
+        unsent = [
+            item
+            for item in snap.outbox
+            if item not in sent and item[0] not in reassigned and not newest.get(item[0], -1) > item[1]
+        ]
+        return held, unsent
+
+    async def _await_kill_leftovers(self, limit_s: float) -> None:
+        """Give restarted sidecars time to tell the hub what a kill -9 left stored.
+
+        Every task can be finished at the hub (run again elsewhere) while a
+        sidecar restarted late, under load, has not yet sent the stale results
+        its store kept; it sends them (the hub refuses them) a few seconds later.
+        Invariant 6 is checked after this wait, which ends as soon as nothing is
+        left to hear.
+        """
+        with trio.move_on_after(limit_s):
+            while any(any(self._kill_leftovers(snap)) for snap in self.kills):
+                with trio.move_on_after(0.2):
+                    await self._hub()._changed.wait()
 
     def _sweep_leftovers(self) -> None:
         for agent in self.agents:
