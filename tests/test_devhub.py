@@ -414,3 +414,46 @@ async def test_hub_records_an_injected_undecodable_deep_frame() -> None:
             await agent.expect("pong")
         assert hub.internal_errors == []
         assert hub.sent("agent-1")[-2].frame is None
+
+
+class _ScriptedServer:
+    """The server side of one ASGI websocket: records what the app sends, can refuse a write."""
+
+    def __init__(self, refuse: str | None = None) -> None:
+        self.sent: list[dict[str, object]] = []
+        self.refuse = refuse  # a message type whose write collides with the server's own
+
+    async def receive(self) -> dict[str, object]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(self, message: dict[str, object]) -> None:
+        self.sent.append(message)
+        await trio.lowlevel.checkpoint()
+        if message["type"] == self.refuse:
+            raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
+
+
+async def _run_and_drop(server: _ScriptedServer, *frames: str) -> None:
+    from sidecar.devhub.session import Session
+
+    s = Session(1, None, None, 0.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s.run, server.receive, server.send, lambda *_: None, lambda *_: None, 60.0)
+        for frame in frames:
+            s.push_raw(frame)
+        await trio.testing.wait_all_tasks_blocked()
+        s.abort()
+
+
+@pytest.mark.parametrize("refuse", [None, "websocket.close", "websocket.send"])
+async def test_a_dropped_session_closes_its_socket_itself_before_the_app_returns(refuse: str | None) -> None:
+    """An app that returns with its websocket open leaves hypercorn to send a close frame
+    of its own from the app's task; when that write meets hypercorn's own `send_eof`
+    (its reader closing the connection), BusyResourceError escapes and ends the whole dev
+    hub (chaos, under load). The session sends `websocket.close` itself before returning,
+    and a write that collides ends the session quietly."""
+    server = _ScriptedServer(refuse)
+    with trio.fail_after(5):
+        await _run_and_drop(server, *(["queued frame"] if refuse == "websocket.send" else []))
+    assert server.sent[-1]["type"] == "websocket.close"

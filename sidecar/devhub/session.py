@@ -10,6 +10,7 @@ frame, like a network failure).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -58,6 +59,8 @@ class Session:
     _scope: trio.CancelScope | None = None
     _out_send: trio.MemorySendChannel[_Out] | None = None
     _out_recv: trio.MemoryReceiveChannel[_Out] | None = None
+    # The server knows the websocket is closed: we sent websocket.close, or it sent disconnect.
+    _asgi_closed: bool = False
 
     def __attrs_post_init__(self) -> None:
         self._out_send, self._out_recv = trio.open_memory_channel[_Out](math.inf)
@@ -113,7 +116,17 @@ class Session:
         on_sent: Callable[[Session, str | bytes], None],
         idle_timeout: float,
     ) -> None:
-        """Serve until the peer goes, the hub closes the socket, or it is dropped."""
+        """Serve until the peer goes, the hub closes the socket, or it is dropped.
+
+        The app never returns with the websocket still open: hypercorn (0.18) would
+        then send a close frame of its own from the app's task, and if its reader is
+        closing the connection at that moment (the peer's close frame, a drop), its
+        `send_eof` holds the socket and that write raises BusyResourceError, which
+        nothing catches: the whole hub ends. So a session that did not close in ASGI
+        terms sends `websocket.close` itself (hypercorn marks the socket closed
+        before writing; a drop's socket is already shut down, so nothing reaches the
+        peer), and a write that collides so ends the session quietly.
+        """
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
@@ -125,6 +138,10 @@ class Session:
                     # else the writer sends the close frame, then cancels the scope
         finally:
             self._release_unwritten()
+            if not self._asgi_closed:
+                self._asgi_closed = True
+                with contextlib.suppress(trio.BusyResourceError):
+                    await send({"type": "websocket.close", "code": 1011})
 
     def _release_unwritten(self) -> None:
         """The socket is gone: frames still queued will never be written.
@@ -158,6 +175,7 @@ class Session:
                 continue
             if message["type"] == "websocket.disconnect":
                 self.close_code = message.get("code")
+                self._asgi_closed = True
                 return
             if message["type"] == "websocket.receive":
                 text = message.get("text")
@@ -171,14 +189,21 @@ class Session:
             try:
                 await self._unstalled.wait()
                 if out.data is None:
-                    await send({"type": "websocket.close", "code": out.code, "reason": out.reason})
+                    self._asgi_closed = True
+                    with contextlib.suppress(trio.BusyResourceError):
+                        await send({"type": "websocket.close", "code": out.code, "reason": out.reason})
                     self.close_code = out.code
                     scope.cancel()
                     return
-                if isinstance(out.data, bytes):
-                    await send({"type": "websocket.send", "bytes": out.data})
-                else:
-                    await send({"type": "websocket.send", "text": out.data})
+                try:
+                    if isinstance(out.data, bytes):
+                        await send({"type": "websocket.send", "bytes": out.data})
+                    else:
+                        await send({"type": "websocket.send", "text": out.data})
+                except trio.BusyResourceError:
+                    # hypercorn is closing the connection under us (see `run`).
+                    scope.cancel()
+                    return
                 on_sent(self, out.data)
             finally:
                 # Written, or never to be (the session ended while it waited).
