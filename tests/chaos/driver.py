@@ -349,11 +349,15 @@ class Episode:
                 self.report.settle_s = trio.current_time() - start - self.report.submit_s
                 await self._check_and_stop()
             finally:
+                # Shielded: an episode ended by an exception (its hub crashed) is being
+                # cancelled, and an unshielded wait here would stop at the first agent,
+                # leaving the others' processes running after the test.
+                with trio.CancelScope(shield=True):
+                    for agent in self.agents.values():
+                        await agent.proc.cleanup()
+                self._sweep_leftovers()
                 self._write_dossiers()
-                for agent in self.agents.values():
-                    await agent.proc.cleanup()
                 nursery.cancel_scope.cancel()
-        self._sweep_leftovers()
         self.report.elapsed_s = trio.current_time() - start
         return self.report
 
