@@ -957,7 +957,11 @@ class Episode:
                 key = (f.agent_id, str(f.frame.get("task_id")), run)
                 runs.setdefault(key, []).append((f.at, hi * 10**6 + f.session, ev["seq"], ev))
         for key, items in runs.items():
-            items.sort(key=lambda x: x[0])
+            # In send order: a sidecar run speaks on one connection at a time, so a
+            # later session (hub, then session id) carries later frames. Arrival order
+            # is not send order: a stalled hub reads an old socket's last frames after
+            # the sidecar has given up on it and said more on a new one.
+            items.sort(key=lambda x: (x[1], x[0]))
             prev_seq, prev_session = 0, None
             for _, session, seq, ev in items:
                 if seq <= prev_seq:
