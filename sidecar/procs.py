@@ -13,7 +13,6 @@ group kill never reaches. See design.md, "Known pitfalls".
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from .childwait import ChildExit, KillState, feed_stdin, wait_or_kill
 from .log import get_logger
 from .pipes import MAX_LINE_CHARS as MAX_LINE_CHARS  # re-exported: the callbacks' contract
 from .pipes import LineCallback, PipeReader, salvage
@@ -109,78 +109,6 @@ def describe_returncode(returncode: int) -> str:
 
 # --------------------------------------------------------------------------
 # Running a child
-
-
-@attrs.define
-class _KillState:
-    first_signal: int
-    grace_s: float
-    signalled: bool = False
-    killed: bool = False
-
-
-async def _deliver_cancel(state: _KillState, pid: int) -> None:
-    # Runs shielded while the direct child is alive, and is cancelled as soon as
-    # it exits. Must not raise: kill_group never does.
-    state.signalled = True
-    kill_group(pid, state.first_signal)
-    await trio.sleep(state.grace_s)
-    state.killed = True
-    kill_group(pid, signal.SIGKILL)
-
-
-class _Exit:
-    """Waits for a child's exit and reaps it, without a worker thread.
-
-    Linux gives a pidfd that becomes readable when the child exits; the child
-    is then reaped at once by `Popen.wait`. Without pidfds (old kernels) the
-    child is polled with a growing pause (1 ms to 50 ms).
-    """
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.popen = popen
-        try:
-            self._pidfd: int | None = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):
-            self._pidfd = None
-
-    async def wait(self) -> int:
-        if self._pidfd is not None:
-            if self.popen.poll() is None:
-                await trio.lowlevel.wait_readable(self._pidfd)
-            return self.popen.wait()
-        delay = 0.001
-        while (code := self.popen.poll()) is None:
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        return code
-
-    def close(self) -> None:
-        if self._pidfd is not None:
-            trio.lowlevel.notify_closing(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-
-
-async def _wait_or_kill(exit_: _Exit, state: _KillState) -> int:
-    """Wait for the child; on cancellation signal its group, wait for it, re-raise."""
-    try:
-        return await exit_.wait()
-    except trio.Cancelled:
-        with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_deliver_cancel, state, exit_.popen.pid)
-                await exit_.wait()
-                nursery.cancel_scope.cancel()
-        raise
-
-
-async def _feed_stdin(fd: int, data: bytes) -> None:
-    """Write `data` to the child's stdin and close it; a child that stops reading is fine."""
-    stream = trio.lowlevel.FdStream(fd)
-    async with stream:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(data)
 
 
 def _sweep(pgid: int | None, marker: str | None) -> int:
@@ -283,7 +211,7 @@ async def run_child(
         drain_grace_s = grace_s
     full_env = dict(env)
     full_env[MARKER_VAR] = marker
-    state = _KillState(first_signal=first_signal, grace_s=grace_s)
+    state = KillState(first_signal=first_signal, grace_s=grace_s)
     # Readers are shielded from outer cancellation so that output written while
     # the child winds down is still read; their deadline is set once the direct
     # child has exited.
@@ -336,13 +264,13 @@ async def run_child(
         nonlocal returncode
         popen, stdin_w = spawn()
         running_children.add(popen.pid)  # ours to reap (proctree.reap_orphans leaves it)
-        exit_ = _Exit(popen)
+        exit_ = ChildExit(popen)
         try:
             async with trio.open_nursery() as feeder:
                 if stdin_w is not None:
-                    feeder.start_soon(_feed_stdin, stdin_w, stdin or b"")
+                    feeder.start_soon(feed_stdin, stdin_w, stdin or b"")
                 task_status.started(popen.pid)
-                returncode = await _wait_or_kill(exit_, state)
+                returncode = await wait_or_kill(exit_, state)
                 feeder.cancel_scope.cancel()
         finally:
             exit_.close()
