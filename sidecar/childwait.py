@@ -51,10 +51,19 @@ class ChildExit:
         except (AttributeError, OSError):
             self._pidfd = None
 
-    async def wait(self) -> int:
+    async def wait(self, *, kill_group_first: bool = False) -> int:
+        """The exit status, once the child is reaped.
+
+        With `kill_group_first`, the child's process group is SIGKILLed after
+        it exits and before it is reaped: while the leader is a zombie its pid,
+        the group's number, cannot be given to another process, so the kill
+        reaches only what is left of our group (after the reap, a number taken
+        again by a stranger's group could be hit).
+        """
         if self._pidfd is not None:
-            if self.popen.poll() is None:
-                await trio.lowlevel.wait_readable(self._pidfd)
+            await trio.lowlevel.wait_readable(self._pidfd)  # readable once it has exited
+            if kill_group_first:
+                kill_group(self.popen.pid, signal.SIGKILL)
             return self.popen.wait()
         delay = 0.001
         while (code := self.popen.poll()) is None:
@@ -69,15 +78,19 @@ class ChildExit:
             self._pidfd = None
 
 
-async def wait_or_kill(exit_: ChildExit, state: KillState) -> int:
-    """Wait for the child; on cancellation signal its group, wait for it, re-raise."""
+async def wait_or_kill(exit_: ChildExit, state: KillState, *, kill_group_first: bool) -> int:
+    """Wait for the child; on cancellation signal its group, wait for it, re-raise.
+
+    What is left of the group is SIGKILLed before the reap on cancellation, and
+    after a normal exit too with `kill_group_first` (see `ChildExit.wait`).
+    """
     try:
-        return await exit_.wait()
+        return await exit_.wait(kill_group_first=kill_group_first)
     except trio.Cancelled:
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(deliver_cancel, state, exit_.popen.pid)
-                await exit_.wait()
+                await exit_.wait(kill_group_first=True)
                 nursery.cancel_scope.cancel()
         raise
 

@@ -111,29 +111,30 @@ def describe_returncode(returncode: int) -> str:
 # Running a child
 
 
-def _sweep(pgid: int | None, marker: str | None) -> int:
-    """SIGKILL the group and every marked process; return how many were signalled."""
-    n = 0
-    if pgid is not None and group_alive(pgid):
-        n += int(kill_group(pgid, signal.SIGKILL))
-    return n + (kill_marked(marker, signal.SIGKILL) if marker is not None else 0)
+def _sweep(marker: str | None) -> int:
+    """SIGKILL every marked process; return how many were signalled."""
+    return kill_marked(marker, signal.SIGKILL) if marker is not None else 0
 
 
 async def _final_cleanup(pgid: int | None, marker: str | None) -> int:
     """Shielded and bounded: kill leftovers, then wait (briefly) until they are gone.
 
-    The common case (nothing left) costs one killpg(0) and, with a marker, one /proc scan.
+    The group itself was SIGKILLed before its leader was reaped (`childwait`):
+    here it is only counted and waited for, never signalled by its number, which
+    may since belong to a stranger. The common case (nothing left) costs one
+    killpg(0) and, with a marker, one scan.
     """
     strays = 0
     with trio.CancelScope(shield=True), trio.move_on_after(_REAP_WAIT_S) as scope:
-        strays = _sweep(pgid, marker)
+        in_group = len(group_members(pgid)) if pgid is not None and group_alive(pgid) else 0
+        strays = in_group + _sweep(marker)
         delay = 0.001
         while strays and (
             (pgid is not None and group_alive(pgid)) or (marker is not None and find_marked(marker))
         ):
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
-            _sweep(pgid, marker)
+            _sweep(marker)
     if scope.cancelled_caught:
         log.warning("child_leftovers_alive", pgid=pgid, marker=marker)
     return strays
@@ -270,7 +271,7 @@ async def run_child(
                 if stdin_w is not None:
                     feeder.start_soon(feed_stdin, stdin_w, stdin or b"")
                 task_status.started(popen.pid)
-                returncode = await wait_or_kill(exit_, state)
+                returncode = await wait_or_kill(exit_, state, kill_group_first=kill_leftovers)
                 feeder.cancel_scope.cancel()
         finally:
             exit_.close()

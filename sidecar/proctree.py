@@ -186,15 +186,50 @@ def find_marked(marker: str, *, prefix: bool = False, everywhere: bool = False) 
     users) or that vanish mid-scan are skipped. A subreaper looks only at its
     own descendants unless `everywhere` (see the module doc).
     """
+    needle = _needle(marker, prefix)
+    return [pid for pid in _candidates(everywhere) if _carries(pid, needle)]
+
+
+def _needle(marker: str, prefix: bool) -> bytes:
     needle = b"\0" + f"{MARKER_VAR}={marker}".encode()
-    if not prefix:
-        needle += b"\0"
-    found = []
-    for pid in _candidates(everywhere):
-        data = _read_proc(pid, "environ")
-        if data and needle in b"\0" + data + (b"" if data.endswith(b"\0") else b"\0"):
-            found.append(pid)
-    return found
+    return needle if prefix else needle + b"\0"
+
+
+def _carries(pid: int, needle: bytes) -> bool:
+    data = _read_proc(pid, "environ")
+    if not data:
+        return False
+    return needle in b"\0" + data + (b"" if data.endswith(b"\0") else b"\0")
+
+
+def _signal_if_marked(pid: int, needle: bytes, sig: int) -> bool:
+    """Signal `pid` only if it is still the marked process we found (pid reuse is checked).
+
+    A pidfd is taken first and the marker read after it: if the pid was given
+    to another process in between, the pidfd's process is dead and the signal
+    fails, so a stranger that got the number is never hit.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except AttributeError:  # no pidfds: plain kill, after a fresh look
+        if not _carries(pid, needle):
+            return False
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            return False
+        return True
+    except OSError:
+        return False  # gone
+    try:
+        if not _carries(pid, needle):
+            return False
+        signal.pidfd_send_signal(fd, sig)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def kill_marked(
@@ -208,6 +243,7 @@ def kill_marked(
     that were re-parented to us are reaped once dead (`reap_orphans`).
     """
     signalled: set[int] = set()
+    needle = _needle(marker, prefix)
     for _ in range(5):
         fresh = [
             pid
@@ -217,11 +253,8 @@ def kill_marked(
         if not fresh:
             break
         for pid in fresh:
-            try:
-                os.kill(pid, sig)
+            if _signal_if_marked(pid, needle, sig):
                 signalled.add(pid)
-            except OSError:
-                pass
         if sig != signal.SIGKILL:
             break
     if _subreaper:

@@ -382,7 +382,9 @@ async def test_bwrap_jail_contains_writes_tmp_network_and_the_state_dir(
     denied = await sh(f"echo pwned > {outside}/secret.txt")  # /tmp is the jail's own
     assert denied["exit_code"] != 0
     assert (outside / "secret.txt").read_text() == "top secret\n"
-    probe = Path(__file__).with_name("jail-probe.txt")  # outside /tmp: the read-only root
+    # A system directory of the read-only root (the checkout itself may live under
+    # /tmp, which the jail replaces with its own).
+    probe = Path("/usr") / f"jail-probe-{os.getpid()}.txt"
     denied = await sh(f"echo pwned > {probe}")
     assert denied["exit_code"] != 0 and "Read-only file system" in denied["output"]
     assert not _exists(probe)

@@ -285,21 +285,21 @@ async def test_output_in_the_pipe_when_the_drain_grace_ends_is_still_passed_on(
 
 
 async def test_grandchild_holding_stdout_does_not_block_the_drain(tmp_path: Path) -> None:
+    # What is left of the group is SIGKILLed as soon as the direct child exits
+    # (before it is reaped), so the pipe's last holder is gone and the drain ends.
     script = "sleep 1000 & echo $!; echo parent-done"
     t0 = trio.current_time()
-    res, out, _ = await run_sh(script, tmp_path, drain_grace_s=0.3)
+    res, out, _ = await run_sh(script, tmp_path, drain_grace_s=30)
     assert trio.current_time() - t0 < 5
     assert out.items[1] == "parent-done"
     assert res.returncode == 0
-    assert res.drain_timed_out
-    assert res.strays_killed >= 1
+    assert not res.drain_timed_out
     assert await wait_dead(int(out.items[0]), limit_s=2)
 
 
 async def test_background_child_is_killed_when_the_task_ends(tmp_path: Path) -> None:
     res, out, _ = await run_sh("sleep 1000 >/dev/null 2>&1 & echo $!", tmp_path)
     assert not res.drain_timed_out
-    assert res.strays_killed >= 1
     assert await wait_dead(int(out.items[0]), limit_s=2)
 
 

@@ -20,13 +20,14 @@ SCRIPT = textwrap.dedent(
         out = {"subreaper": procs.become_subreaper()}
         marker = "sc-test-subreaper-" + str(os.getpid())
         env = procs.child_env(os.environ, marker)
-        # The shell starts a session of its own and exits: its child is orphaned.
+        # The shell starts a session of its own and exits: its child is orphaned (and
+        # spared by run_child, as on the wake path, so that the sweep below finds it).
         got = []
         async def keep(line):
             got.append(line)
         res = await procs.run_child(
             ["/bin/sh", "-c", "setsid sleep 60 >/dev/null 2>&1 & echo $!"],
-            cwd=Path("/"), env=env, marker=marker, on_stdout=keep, sweep_marker=False,
+            cwd=Path("/"), env=env, marker=marker, on_stdout=keep, kill_leftovers=False,
         )
         orphan = int(got[0])
         out["returncode"] = res.returncode
@@ -63,3 +64,18 @@ def test_orphans_of_a_task_are_found_below_us_killed_and_reaped() -> None:
     assert out["killed"] == 1
     assert out["left_as_child"] == []  # reaped: no zombie left behind
     assert not alive(out["orphan"])
+
+
+def test_a_process_without_the_marker_is_never_signalled_even_when_named() -> None:
+    """kill_marked re-checks the marker through a pidfd before it signals: a pid that
+    was given to a stranger between the scan and the kill is left alone."""
+    from sidecar import proctree
+
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        needle = proctree._needle("sc-not-this-one", prefix=False)
+        assert proctree._signal_if_marked(stranger.pid, needle, 9) is False
+        assert stranger.poll() is None  # still running
+    finally:
+        stranger.kill()
+        stranger.wait()
