@@ -1,8 +1,11 @@
-"""Waiting for a child and killing it, without a worker thread (used by `procs.run_child`).
+"""Waiting for a child and stopping its group, without a worker thread (used by `procs.run_child`).
 
-`ChildExit` waits on a pidfd (polling where there is none) and reaps; on
-cancellation `wait_or_kill` signals the child's group, waits the grace, then
-SIGKILLs it, and only then lets the cancellation go on.
+Until it is reaped, an exited child is a zombie that keeps its pid, which is
+also its process group's number (every child leads a session of its own): a
+signal to that group then reaches only what is left of our group. After the
+reap the number may be given to a stranger, so every group kill happens
+before it. `ChildExit` waits for the exit on a pidfd (polling `waitid` with
+WNOWAIT where there is none) and reaps only when told to.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import subprocess
 import attrs
 import trio
 
-from .proctree import kill_group
+from .proctree import group_alive, kill_group
 
 
 @attrs.define
@@ -26,23 +29,8 @@ class KillState:
     killed: bool = False
 
 
-async def deliver_cancel(state: KillState, pid: int) -> None:
-    # Runs shielded while the direct child is alive, and is cancelled as soon as
-    # it exits. Must not raise: kill_group never does.
-    state.signalled = True
-    kill_group(pid, state.first_signal)
-    await trio.sleep(state.grace_s)
-    state.killed = True
-    kill_group(pid, signal.SIGKILL)
-
-
 class ChildExit:
-    """Waits for a child's exit and reaps it, without a worker thread.
-
-    Linux gives a pidfd that becomes readable when the child exits; the child
-    is then reaped at once by `Popen.wait`. Without pidfds (old kernels) the
-    child is polled with a growing pause (1 ms to 50 ms).
-    """
+    """A child's exit, waited for without reaping it (see the module doc)."""
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self.popen = popen
@@ -51,25 +39,20 @@ class ChildExit:
         except (AttributeError, OSError):
             self._pidfd = None
 
-    async def wait(self, *, kill_group_first: bool = False) -> int:
-        """The exit status, once the child is reaped.
-
-        With `kill_group_first`, the child's process group is SIGKILLed after
-        it exits and before it is reaped: while the leader is a zombie its pid,
-        the group's number, cannot be given to another process, so the kill
-        reaches only what is left of our group (after the reap, a number taken
-        again by a stranger's group could be hit).
-        """
+    async def exited(self) -> None:
+        """Until the child has exited (it stays a zombie until `reap`)."""
         if self._pidfd is not None:
-            await trio.lowlevel.wait_readable(self._pidfd)  # readable once it has exited
-            if kill_group_first:
-                kill_group(self.popen.pid, signal.SIGKILL)
-            return self.popen.wait()
+            await trio.lowlevel.wait_readable(self._pidfd)
+            return
         delay = 0.001
-        while (code := self.popen.poll()) is None:
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT  # WNOHANG: never blocks
+        while os.waitid(os.P_PID, self.popen.pid, flags) is None:  # noqa: ASYNC222
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
-        return code
+
+    def reap(self) -> int:
+        """The exit status; only once `exited` has returned."""
+        return self.popen.wait()
 
     def close(self) -> None:
         if self._pidfd is not None:
@@ -79,20 +62,40 @@ class ChildExit:
 
 
 async def wait_or_kill(exit_: ChildExit, state: KillState, *, kill_group_first: bool) -> int:
-    """Wait for the child; on cancellation signal its group, wait for it, re-raise.
+    """Wait for the child and reap it; on cancellation stop its group first, then re-raise.
 
-    What is left of the group is SIGKILLed before the reap on cancellation, and
-    after a normal exit too with `kill_group_first` (see `ChildExit.wait`).
+    After a normal exit, with `kill_group_first`, what is left of the group is
+    SIGKILLed before the reap. On cancellation the group gets `first_signal`,
+    then up to `grace_s` to be gone, the direct child and the rest of the group
+    alike (a shell that dies at SIGTERM does not cut its children's grace
+    short), then SIGKILL, and only then the reap.
     """
     try:
-        return await exit_.wait(kill_group_first=kill_group_first)
+        await exit_.exited()
     except trio.Cancelled:
         with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(deliver_cancel, state, exit_.popen.pid)
-                await exit_.wait(kill_group_first=True)
-                nursery.cancel_scope.cancel()
+            await _stop_group(exit_, state)
         raise
+    if kill_group_first:
+        kill_group(exit_.popen.pid, signal.SIGKILL)
+    return exit_.reap()
+
+
+async def _stop_group(exit_: ChildExit, state: KillState) -> None:
+    pid = exit_.popen.pid
+    state.signalled = True
+    kill_group(pid, state.first_signal)  # never raises
+    with trio.move_on_after(state.grace_s) as grace:
+        await exit_.exited()
+        delay = 0.005
+        while group_alive(pid):  # the zombie leader keeps the number ours meanwhile
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+    if grace.cancelled_caught:
+        state.killed = True
+    kill_group(pid, signal.SIGKILL)
+    await exit_.exited()
+    exit_.reap()
 
 
 async def feed_stdin(fd: int, data: bytes) -> None:

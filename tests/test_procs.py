@@ -205,8 +205,9 @@ async def test_cancel_uses_first_signal(tmp_path: Path) -> None:
 
 
 async def test_grandchild_ignoring_term_dies_even_when_shell_exits_on_term(tmp_path: Path) -> None:
-    # Pitfall 1: the shell dies on SIGTERM at once, so run_process stops
-    # delivering cancel before its SIGKILL; the group must be killed afterwards.
+    # Pitfall 1: the shell dies on SIGTERM at once; its child ignoring SIGTERM
+    # still gets its grace, then SIGKILL (before the shell is reaped, so the
+    # group's number is still ours), instead of outliving the task.
     out = Lines()
     script = "(trap '' TERM; exec sleep 1000) >/dev/null 2>&1 & echo $!; wait"
     with trio.fail_after(20):
@@ -221,7 +222,7 @@ async def test_grandchild_ignoring_term_dies_even_when_shell_exits_on_term(tmp_p
                         env=dict(os.environ),
                         marker=marker(),
                         on_stdout=out,
-                        grace_s=30,
+                        grace_s=1,
                     )
 
             nursery.start_soon(runner)
