@@ -127,6 +127,19 @@ class DevHub:
             if (agent_id is None or f.agent_id == agent_id) and (type is None or f.type == type)
         ]
 
+    def trim_history(self) -> int:
+        """Forget frame records and finished tasks' records; returns the tasks dropped.
+
+        For long benchmarks: the hub otherwise keeps every frame (text and
+        parsed) and every result, so its own memory grows with the run.
+        """
+        self._received.clear()
+        self._sent.clear()
+        done = [tid for tid, rec in self.state.tasks.items() if rec.status in FINISHED]
+        for tid in done:
+            del self.state.tasks[tid]
+        return len(done)
+
     def connected(self, agent_id: str) -> bool:
         """True while the agent has an identified session whose socket is open."""
         s = self._fsm.get(agent_id)
