@@ -49,7 +49,7 @@ import trio
 from .budget import RateBudget
 from .log import get_logger
 from .messages import ProgressEvent
-from .segments import BatcherStats, PendingProgress, Segment, TaskState, next_frame
+from .segments import MAX_PENDING_BYTES, BatcherStats, PendingProgress, Segment, TaskState, next_frame
 
 __all__ = ["Batcher", "BatcherStats", "ProgressSink"]
 
@@ -75,8 +75,10 @@ class Batcher:
 
     Per task, at most `max_segments` pending segments of at most
     `max_text_bytes` each are kept. A finished task's pending data is sent for
-    up to `finish_grace_s`, then dropped. At most `max_tasks` tasks are tracked
-    at once; a flooding task yields to the others for up to `bulk_wait_s`.
+    up to `finish_grace_s`, then dropped. At most `max_tasks` tasks (more only
+    while that many run) and `max_pending_bytes` of text are held in all;
+    finished tasks' data goes first (`segments.py`). A flooding task yields to
+    the others for up to `bulk_wait_s`.
     `held_tasks` says how many tasks the sidecar holds (the budget keeps a
     token for each one's result); by default, the running ones here.
     """
@@ -90,6 +92,7 @@ class Batcher:
         max_text_bytes: int = 65536,
         max_segments: int = 16,
         max_tasks: int = 64,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
         finish_grace_s: float = 30.0,
         sink_poll_s: float = 0.5,
         bulk_wait_s: float = 10.0,
@@ -106,7 +109,7 @@ class Batcher:
         self.bulk_wait_s = bulk_wait_s
         self.stats = BatcherStats()
         self._held = held_tasks or self._running_count
-        self._p = PendingProgress(self.stats, max_text_bytes, max_segments, max_tasks)
+        self._p = PendingProgress(self.stats, max_text_bytes, max_segments, max_tasks, max_pending_bytes)
         self._tasks = self._p.tasks  # least recently served first
         self._sink: ProgressSink | None = None
         self._last_window = -math.inf

@@ -9,6 +9,13 @@ progress is a live view of what a task is doing now (its full output travels
 in the result), and cutting only at the front leaves one hole right after the
 previous frame, which the drop counts describe exactly; a hole in the middle
 of a frame could not be located by a reader.
+
+In all, at most `max_tasks` tasks (more only while that many run) and
+`max_pending_bytes` of text, the frame in flight included. Past either,
+finished tasks give way first, the earliest finished first (their results are
+on their way), then the oldest text of the task holding the most. Otherwise
+sequential tasks ending faster than the budget lets their progress out would
+each keep it for the finish grace (issue 11: 900 tasks' worth at 30 a second).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ log = get_logger("sidecar.batcher")
 
 _CHUNK_EVENTS = 256  # small events sealed into one chunk at most this many at a time
 _RETIRED_MAX = 1024  # remembered seq of finished / forgotten tasks (bounded)
+MAX_PENDING_BYTES = 4 * 1024 * 1024  # text held for all tasks (UTF-8 bytes)
 
 
 @attrs.define
@@ -204,11 +212,21 @@ class TaskState:
 class PendingProgress:
     """Every tracked task's pending segments, least recently served first, within caps."""
 
-    def __init__(self, stats: BatcherStats, max_text_bytes: int, max_segments: int, max_tasks: int) -> None:
+    def __init__(
+        self,
+        stats: BatcherStats,
+        max_text_bytes: int,
+        max_segments: int,
+        max_tasks: int,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+    ) -> None:
+        if max_pending_bytes < max_text_bytes or max_tasks < 1:
+            raise ValueError("max_pending_bytes >= max_text_bytes and max_tasks >= 1 are required")
         self.stats = stats
         self.max_text_bytes = max_text_bytes
         self.max_segments = max_segments
         self.max_tasks = max_tasks
+        self.max_pending_bytes = max_pending_bytes
         self.chunk_bytes = max(1, min(1024, max_text_bytes // 16))
         self.tasks: OrderedDict[str, TaskState] = OrderedDict()
         self.retired: OrderedDict[str, int] = OrderedDict()  # finished task -> last seq
@@ -216,6 +234,8 @@ class PendingProgress:
         self.nbytes = 0  # text held for all tasks, in-flight frames included
 
     def new_state(self, task_id: str, now: float) -> TaskState:
+        """Track a task (a started one always: the supervisor bounds those)."""
+        self.room_for_task()
         seq = self.retired.pop(task_id, None)
         if seq is None:
             seq = self.forgotten.pop(task_id, 0)
@@ -229,7 +249,7 @@ class PendingProgress:
         size = nbytes(ev.text)
         st = self.tasks.get(ev.task_id)
         if st is None:
-            if ev.task_id in self.forgotten or len(self.tasks) >= self.max_tasks:
+            if ev.task_id in self.forgotten or not self.room_for_task():
                 stats.events_dropped += 1
                 stats.bytes_dropped += size
                 return
@@ -253,8 +273,45 @@ class PendingProgress:
         self.nbytes += size
         if seg.nbytes > self.max_text_bytes:
             self.count_drop(st, *seg.trim(self.max_text_bytes))
+        if self.nbytes > self.max_pending_bytes:
+            self.shed()
         if self.nbytes > stats.peak_pending_bytes:
             stats.peak_pending_bytes = self.nbytes
+
+    def room_for_task(self) -> bool:
+        """Room for one more tracked task, evicting finished ones; False if all run."""
+        while len(self.tasks) >= self.max_tasks:
+            if not self.evict_finished():
+                return False
+        return True
+
+    def evict_finished(self) -> bool:
+        """Drop the data of the earliest finished task (none in flight) and retire it."""
+        done = (st for st in self.tasks.values() if not st.running and st.inflight is None)
+        oldest = min(done, key=lambda st: st.expire_at, default=None)
+        if oldest is not None:
+            self.drop_all(oldest)
+            self.retire(oldest, "evicted")
+        return oldest is not None
+
+    def shed(self) -> None:
+        """Back within `max_pending_bytes`: finished tasks first, then the oldest
+        text of the task holding the most (announced in its next frame)."""
+        while self.nbytes > self.max_pending_bytes and not self.evict_finished():
+            largest = max(
+                (st for st in self.tasks.values() if st.segments),
+                key=lambda st: st.nbytes - (st.inflight.nbytes if st.inflight is not None else 0),
+                default=None,
+            )
+            if largest is None:
+                return
+            excess = self.nbytes - self.max_pending_bytes
+            seg = largest.segments[0]
+            if seg.nbytes <= excess:
+                largest.segments.popleft()
+                self.count_drop(largest, seg.nevents, seg.nbytes)
+            else:
+                self.count_drop(largest, *seg.trim(seg.nbytes - excess))
 
     def put_back(self, st: TaskState, seg: Segment) -> None:
         """A segment whose send failed goes back in front (merged with a newer one of its type)."""

@@ -571,6 +571,67 @@ async def test_many_tasks_leave_no_state(autojump_clock: trio.abc.Clock) -> None
     assert b.retired_count <= 1024
 
 
+async def test_finished_tasks_progress_is_bounded_in_tasks_and_bytes(autojump_clock: trio.abc.Clock) -> None:
+    """Sequential tasks faster than the budget: finished tasks' held progress stays
+    within `max_tasks` and `max_pending_bytes` (oldest finished dropped first),
+    not within "everything of the last `finish_grace_s`" (issue 11, memory)."""
+    b = Batcher(max_text_bytes=10_000, max_tasks=8, max_pending_bytes=50_000, finish_grace_s=30)
+    sink = RecordingSink()
+    sink.up = False  # the worst case: nothing leaves
+    given = 0
+    async with running(b, sink) as send:
+        for i in range(200):
+            tid = f"t{i}"
+            b.task_started(tid)
+            for j in range(10):
+                text = f"{tid}:{j}:" + "x" * 2000
+                given += utf8(text)
+                await send.send(ev(tid, text, ("stdout", "stderr")[j // 5]))
+            b.task_finished(tid)
+            await trio.sleep(0.1)  # 200 tasks in 20 s: none expires by time
+            assert len(b.tracked_tasks()) <= 8
+            assert b.pending_bytes <= 50_000
+        held = b.pending_bytes
+        assert b.stats.bytes_dropped + held == given
+        sink.up = True
+        b.notify_sink_ready()
+        await trio.sleep(60)
+    assert sum(utf8(f["execution_event"]["text"]) for f in sink.frames) == held
+    assert b.pending_bytes == 0
+    # The newest tasks' progress is what was kept.
+    assert sink.of("t199") and not sink.of("t0")
+    assert {f["task_id"] for f in sink.frames} <= {f"t{i}" for i in range(192, 200)}
+
+
+async def test_running_tasks_share_the_pending_bytes_cap(autojump_clock: trio.abc.Clock) -> None:
+    b = Batcher(max_text_bytes=10_000, max_segments=16, max_pending_bytes=25_000)
+    sink = RecordingSink()
+    sink.up = False
+    given = dict.fromkeys("ABCD", "")
+    async with running(b, sink) as send:
+        for tid in "ABCD":
+            b.task_started(tid)
+        for i in range(400):
+            tid = "ABCD"[i % 4]
+            text = f"<{i}>" + "y" * 300
+            given[tid] += text
+            await send.send(ev(tid, text, ("stdout", "stderr", "status")[(i // 40) % 3]))
+            assert b.pending_bytes <= 25_000
+        await trio.sleep(1)
+        sink.up = True
+        b.notify_sink_ready()
+        await trio.sleep(120)
+        assert b.pending_bytes == 0
+    for tid in "ABCD":
+        sent = sink.of(tid)
+        assert [e["seq"] for e in sent] == list(range(1, len(sent) + 1))
+        dropped = sum(e.get("dropped_bytes", 0) for e in sent)
+        assert sum(utf8(e["text"]) for e in sent) + dropped == utf8(given[tid])
+        assert dropped > 0
+        # Each task kept its newest text: its last frame ends with its last event.
+        assert sent[-1]["text"].endswith(given[tid][-300:])
+
+
 async def test_forget_drops_state_and_late_events(autojump_clock: trio.abc.Clock) -> None:
     b = Batcher()
     sink = RecordingSink()
@@ -664,11 +725,17 @@ def test_property_every_kept_byte_arrives_in_order_and_drops_are_counted(
 ) -> None:
     rng = random.Random(seed)
 
+    # Running tasks may also be cut by the shared `max_pending_bytes`; their drops
+    # are announced like any other. (Never-started tasks count as finished.)
+    started = rng.random() < 0.5
+    max_text = rng.choice([8, 32, 1000])
+
     async def main() -> RecordingSink:
         b = Batcher(
             RateBudget(capacity=rng.choice([14, 60, 100_000]), refill_per_s=rng.choice([0.1, 1.0, 1000.0])),
-            max_text_bytes=rng.choice([8, 32, 1000]),
+            max_text_bytes=max_text,
             max_segments=rng.choice([2, 3, 16]),
+            max_pending_bytes=rng.choice([max_text, 3 * max_text, 1 << 30]) if started else 1 << 30,
             keepalive_s=1e9,
             finish_grace_s=1e9,
         )
@@ -676,8 +743,12 @@ def test_property_every_kept_byte_arrives_in_order_and_drops_are_counted(
         send, recv = trio.open_memory_channel[ProgressEvent](rng.choice([1, 8, 1000]))
         async with trio.open_nursery() as nursery:
             await nursery.start(b.run, recv, sink)
+            if started:
+                b.task_started("A")
+                b.task_started("B")
             for tid, kind, text, pause, state in events:
                 await send.send(ev(tid, text, kind))
+                assert b.pending_bytes <= b._p.max_pending_bytes
                 sink.up = state != "down"
                 sink.fail_sends = state == "fail"
                 if pause:
