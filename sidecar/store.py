@@ -128,6 +128,10 @@ class Store:
                 # tests and benches that ask for `durable=False`.
                 db.execute(f"PRAGMA synchronous={'NORMAL' if durable else 'OFF'}")
                 db.executescript(_SCHEMA)
+                # Memory bound: a page cache of at most 2000 KiB, no file pages mapped
+                # (SQLite's usual defaults, stated here: docs/benchmarks.md, "Memory").
+                db.execute("PRAGMA cache_size=-2000")
+                db.execute("PRAGMA mmap_size=0")
             except BaseException:
                 db.close()
                 raise
