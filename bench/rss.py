@@ -114,7 +114,8 @@ async def sustained(args: argparse.Namespace) -> None:
     command = f"yes '{LINE}' | head -c {args.output_bytes}"
     with tempfile.TemporaryDirectory() as tmp:
         async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None) as hub:
-            sc = Sidecar(Path(tmp) / "sc", hub.ws_url)
+            # Limits OFF at the hub, so the sidecar's model of its bucket is unbounded too.
+            sc = Sidecar(Path(tmp) / "sc", hub.ws_url, **UNLIMITED)
             try:
                 await sc.start()
                 await hub.wait_until(lambda: hub.connected(AGENT), 30)
