@@ -457,3 +457,16 @@ async def test_a_dropped_session_closes_its_socket_itself_before_the_app_returns
     with trio.fail_after(5):
         await _run_and_drop(server, *(["queued frame"] if refuse == "websocket.send" else []))
     assert server.sent[-1]["type"] == "websocket.close"
+
+
+async def test_trim_history_forgets_records_and_finished_tasks_only() -> None:
+    async with open_dev_hub(tokens=TOKENS) as hub:
+        done = hub.submit(SHELL)
+        waiting = hub.submit(SHELL)
+        async with open_agent(hub.ws_url, "agent-1", "tok-1") as agent:
+            await agent.expect("task_assign", task_id=done)
+            assert hub.frames() and hub.sent()
+            assert hub.cancel(done)
+            assert hub.trim_history() == 1
+            assert hub.frames() == [] and hub.sent() == []
+            assert [r.task_id for r in hub.tasks()] == [waiting]  # not finished: kept
