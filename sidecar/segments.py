@@ -297,21 +297,20 @@ class PendingProgress:
     def shed(self) -> None:
         """Back within `max_pending_bytes`: finished tasks first, then the oldest
         text of the task holding the most (announced in its next frame)."""
+        def held(st: TaskState) -> int:
+            return st.nbytes - (st.inflight.nbytes if st.inflight is not None else 0)
+
         while self.nbytes > self.max_pending_bytes and not self.evict_finished():
-            largest = max(
-                (st for st in self.tasks.values() if st.segments),
-                key=lambda st: st.nbytes - (st.inflight.nbytes if st.inflight is not None else 0),
-                default=None,
-            )
+            largest = max((st for st in self.tasks.values() if held(st) > 0), key=held, default=None)
             if largest is None:
                 return
             excess = self.nbytes - self.max_pending_bytes
             seg = largest.segments[0]
-            if seg.nbytes <= excess:
+            if seg.nbytes <= excess and len(largest.segments) > 1:
                 largest.segments.popleft()
                 self.count_drop(largest, seg.nevents, seg.nbytes)
-            else:
-                self.count_drop(largest, *seg.trim(seg.nbytes - excess))
+            else:  # a task's last segment stays (maybe empty): its frame announces the loss
+                self.count_drop(largest, *seg.trim(max(0, seg.nbytes - excess)))
 
     def put_back(self, st: TaskState, seg: Segment) -> None:
         """A segment whose send failed goes back in front (merged with a newer one of its type)."""
