@@ -701,8 +701,12 @@ class Episode:
         if not agent.up:
             return
         agent.expected_exit = True
-        await agent.proc.kill9()
+        # Down before the wait: the SIGKILL goes out at once, and a fault cancelled
+        # while it waits (the submit phase ending) must not leave a dead process
+        # marked up, for the final stop to SIGTERM and then report as "exit code -9
+        # after SIGTERM" (I5) although the sidecar never saw that SIGTERM.
         agent.up = False
+        await agent.proc.kill9()
         self.report.kill9 += 1
         in_flight, outbox = read_state(agent.proc.state_dir)
         self.kills.append(KillSnapshot(agent.name, trio.current_time(), len(self.hubs), in_flight, outbox))
