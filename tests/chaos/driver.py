@@ -158,6 +158,8 @@ class Agent:
     up: bool = False
     fd_baseline: int | None = None
     expected_exit: bool = False
+    # The current process was sent SIGKILL by a kill -9 fault: its -9 is no crash.
+    killed9: bool = False
     starts: list[float] = attrs.field(factory=list)  # trio times of each start
     crashes: list[str] = attrs.field(factory=list)
 
@@ -429,6 +431,7 @@ class Episode:
         await agent.proc.start()
         agent.up = True
         agent.expected_exit = False
+        agent.killed9 = False
         agent.starts.append(trio.current_time())
 
     # -- schedule ----------------------------------------------------------------
@@ -688,7 +691,7 @@ class Episode:
             agent.crashes.append("graceful shutdown took over 30 s")
             proc.kill()
             await proc.wait()
-        elif code != 0:
+        elif code != 0 and not (agent.killed9 and code == -signal.SIGKILL):
             agent.crashes.append(f"exit code {code} after SIGTERM")
 
     async def _restart_later(self, agent: Agent) -> None:
@@ -706,6 +709,7 @@ class Episode:
         # marked up, for the final stop to SIGTERM and then report as "exit code -9
         # after SIGTERM" (I5) although the sidecar never saw that SIGTERM.
         agent.up = False
+        agent.killed9 = True
         await agent.proc.kill9()
         self.report.kill9 += 1
         in_flight, outbox = read_state(agent.proc.state_dir)
