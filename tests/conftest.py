@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 import structlog.testing
+import trio
+import trio.testing
 
 from sidecar.config import Config, config_from_mapping
+from sidecar.devhub import DevHub, open_dev_hub
 from sidecar.log import task_context
+from tests.harness import AGENT, TOKEN
 
 # A suite started in the background of a non-interactive shell (`.ci/run &`)
 # inherits SIGINT ignored, and so would every child it starts: a shell then
@@ -65,3 +69,18 @@ def logs() -> Iterator[Logs]:
             yield Logs(entries)
     finally:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time for tests that ask for it. Not a 0 threshold: the store works in
+    a thread of its own, and the clock must not jump while it does."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[DevHub]:
+    """A dev hub on 127.0.0.1 with the real hub's rate limits, knowing tests/harness's agent."""
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as h:
+        assert h.config.limits is not None
+        yield h

@@ -15,11 +15,6 @@ from tests.harness import feed, offline_sidecar, shell_assign
 AGENT, TOKEN = "agent-1", "app-test-token-7"
 
 
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.01)
-
-
 async def test_reports_sent_per_session_and_stopped_after_a_refusal(
     clock: trio.testing.MockClock, make_config: Any
 ) -> None:

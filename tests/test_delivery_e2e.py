@@ -37,11 +37,6 @@ TOKEN = "secret-token-123"
 PY = shlex.quote(sys.executable)
 
 
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.01)
-
-
 @asynccontextmanager
 async def running(make_config: Any, **overrides: Any) -> AsyncIterator[tuple[DevHub, Sidecar]]:
     async with open_dev_hub(tokens={"agent-1": TOKEN}) as hub:

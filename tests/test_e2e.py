@@ -27,12 +27,6 @@ SHELL = {"target_type": "sidecar"}
 
 
 @pytest.fixture
-async def hub() -> AsyncIterator[DevHub]:
-    async with open_dev_hub(tokens={AGENT: TOKEN}) as h:
-        yield h
-
-
-@pytest.fixture
 async def sidecar(tmp_path: Path, hub: DevHub) -> AsyncIterator[SidecarProcess]:
     sc = SidecarProcess(tmp_path / "sc", hub.ws_url)
     try:

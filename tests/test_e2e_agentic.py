@@ -3,21 +3,12 @@ process, against the scripted tool server; the files land in the workspace."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from sidecar.devhub import DevHub, open_dev_hub
+from sidecar.devhub import DevHub
 from tests.fakes.ollama_tools import Step, call, open_tool_server
 
-from .harness import AGENT, TOKEN, SidecarProcess
-
-
-@pytest.fixture
-async def hub() -> AsyncIterator[DevHub]:
-    async with open_dev_hub(tokens={AGENT: TOKEN}) as h:
-        yield h
+from .harness import TOKEN, SidecarProcess
 
 
 async def test_agentic_task_writes_files_in_the_workspace(tmp_path: Path, hub: DevHub) -> None:

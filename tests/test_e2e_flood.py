@@ -10,30 +10,21 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
 import trio
 
-from sidecar.devhub import DevHub, open_dev_hub
+from sidecar.devhub import DevHub
 
-from .harness import AGENT, TOKEN, SidecarProcess
+from .harness import AGENT, SidecarProcess
 
 LINES = 1_000_000
 # `seq 1 1000000` prints this many bytes: 9 one-digit, 90 two-digit, ... numbers, each with "\n".
 SEQ_BYTES = sum((min(LINES, 10**d - 1) - 10 ** (d - 1) + 1) * (d + 1) for d in range(1, 8))
 RSS_BOUND = 150 * 1024 * 1024
 OUTPUT_CAP = 1024 * 1024
-
-
-@pytest.fixture
-async def hub() -> AsyncIterator[DevHub]:
-    # Default limits: the real hub's buckets (assert they are on).
-    async with open_dev_hub(tokens={AGENT: TOKEN}) as h:
-        assert h.config.limits is not None
-        yield h
 
 
 class RssSampler:

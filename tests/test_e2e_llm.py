@@ -4,25 +4,18 @@ Ollama server, and the real Claude Code CLI against the fake Anthropic API."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from sidecar.devhub import DevHub, open_dev_hub
+from sidecar.devhub import DevHub
 from tests.fakes.anthropic_api import Scenario, serve_fake_anthropic
 from tests.fakes.ollama_server import Script, open_ollama_server
 
-from .harness import AGENT, TOKEN, SidecarProcess
+from .harness import SidecarProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 CLAUDE_BIN = os.environ.get("SIDECAR_TEST_CLAUDE_BIN") or str(ROOT / ".tools/claude/node_modules/.bin/claude")
-
-
-@pytest.fixture
-async def hub() -> AsyncIterator[DevHub]:
-    async with open_dev_hub(tokens={AGENT: TOKEN}) as h:
-        yield h
 
 
 async def test_ollama_task_end_to_end(tmp_path: Path, hub: DevHub) -> None:

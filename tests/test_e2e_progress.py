@@ -9,26 +9,17 @@ not guessed.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import trio
 
-from sidecar.devhub import DevHub, open_dev_hub
+from sidecar.devhub import DevHub
 
-from .harness import AGENT, TOKEN, SidecarProcess
+from .harness import AGENT, SidecarProcess
 
 LINES = 12
 # Each line: "line N <ms since the epoch>", one every 0.4 s.
 PRINTER = f'for i in $(seq 1 {LINES}); do echo "line $i $(date +%s%3N)"; sleep 0.4; done'
-
-
-@pytest.fixture
-async def hub() -> AsyncIterator[DevHub]:
-    async with open_dev_hub(tokens={AGENT: TOKEN}) as h:
-        assert h.config.limits is not None  # the real hub's buckets
-        yield h
 
 
 async def test_every_line_reaches_the_hub_live_and_before_the_result(tmp_path: Path, hub: DevHub) -> None:

@@ -12,7 +12,6 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 
@@ -24,11 +23,6 @@ from tests.conftest import Logs
 from tests.harness import running_link
 
 AGENT, TOKEN = "agent-1", "link-test-token-9"
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.01)
 
 
 def identify_times(hub: DevHub) -> list[float]:

@@ -31,12 +31,6 @@ from sidecar.taskrun import TaskRun
 AGENT, TOKEN = "agent-1", "live-test-token-9"
 
 
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    # Not 0: the store works in a thread, and the clock must not jump while it does.
-    return trio.testing.MockClock(autojump_threshold=0.01)
-
-
 class Ticker:
     """A shell task stand-in on virtual time: prints `lines` lines, one every `period` s."""
 

@@ -15,7 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +24,13 @@ import pytest
 import trio
 
 from sidecar.app import open_sidecar
-from sidecar.devhub import DevHub, open_dev_hub
+from sidecar.devhub import DevHub
 from sidecar.output import OutputCapture
 from sidecar.store import Store
 
 from .harness import AGENT, TOKEN, SidecarProcess
 
 SHELL = {"target_type": "sidecar"}
-
-
-@pytest.fixture
-async def hub() -> AsyncIterator[DevHub]:
-    async with open_dev_hub(tokens={AGENT: TOKEN}) as h:
-        yield h
 
 
 def _write_config(root: Path, hub_url: str) -> Path:

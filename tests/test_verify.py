@@ -39,11 +39,6 @@ REPORT_KEYS = [
 CHECK_KEYS = ["type", "target", "description", "status", "output", "duration_ms"]
 
 
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.01)
-
-
 async def verify(cwd: Path, steps: list[Any], **kw: Any) -> tuple[dict[str, Any], RecordingProgress]:
     progress = RecordingProgress("t1")
     report = await run_verification(
