@@ -52,11 +52,13 @@ class Reply:
         return msg
 
 
-def _int(value: Any) -> int:
+def count_of(value: Any) -> int:
+    """A token count from an Ollama reply (anything but a non-bool int is 0)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _error_text(body: bytes) -> str:
+def error_text(body: bytes) -> str:
+    """The `error` of Ollama's `{"error": …}` body, else the body text itself."""
     text = body.decode("utf-8", "replace").strip()
     try:
         obj = json.loads(text)
@@ -91,7 +93,7 @@ async def chat_turn(
                 status = response.status_code
                 raise ModelError(
                     f"ollama_http_{status}",
-                    f"{where} answered HTTP {status}: {_error_text(raw)}",
+                    f"{where} answered HTTP {status}: {error_text(raw)}",
                     status >= 500 or status in (408, 429),
                 )
             # Closed explicitly when the reply ends early (done line, error, idle).
@@ -147,8 +149,8 @@ async def _read(lines: AsyncIterator[str], where: str, idle_s: float, on_token: 
                 reply.tool_calls.extend(calls)
         if obj.get("done") is True:
             reply.content = "".join(parts)
-            reply.prompt_tokens = _int(obj.get("prompt_eval_count"))
-            reply.output_tokens = _int(obj.get("eval_count"))
+            reply.prompt_tokens = count_of(obj.get("prompt_eval_count"))
+            reply.output_tokens = count_of(obj.get("eval_count"))
             done_reason = obj.get("done_reason")
             reply.done_reason = done_reason if isinstance(done_reason, str) else None
             return reply

@@ -17,6 +17,7 @@ import httpx
 import trio
 
 from ..agentic import wants_agentic
+from ..agentic.chat import count_of, error_text
 from ..agentic.runner import run_agentic, scratch_workdir
 from ..log import get_logger
 from ..messages import Outcome, Task
@@ -53,18 +54,6 @@ class _Failure(Exception):
         self.reason = reason
         self.error = error
         self.transient = transient
-
-
-def _error_from_body(body: bytes) -> str:
-    """The `error` of Ollama's `{"error": …}` body, else the body text itself."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return text[:500] or "(empty body)"
-    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
-        return str(obj["error"])
-    return text[:500]
 
 
 def _describe(exc: BaseException) -> str:
@@ -176,7 +165,7 @@ class OllamaExecutor:
                     transient = status >= 500 or status in (408, 429)
                     raise _Failure(
                         f"ollama_http_{status}",
-                        f"{where} answered HTTP {status}: {_error_from_body(raw)}",
+                        f"{where} answered HTTP {status}: {error_text(raw)}",
                         transient,
                     )
                 # Closed explicitly when we stop early (error line, done line,
@@ -286,7 +275,7 @@ class OllamaExecutor:
                 f"truncated stream: {where} ended the response after {count} chunks without done:true",
                 True,
             )
-        return _int(final.get("prompt_eval_count")), _int(final.get("eval_count"))
+        return count_of(final.get("prompt_eval_count")), count_of(final.get("eval_count"))
 
 
 def _encoded(response: httpx.Response) -> bool:
@@ -341,7 +330,3 @@ def _slow_line(line: bytes, where: str) -> tuple[dict[str, Any] | None, str]:
     if not isinstance(msg, dict) or not isinstance(msg.get("content", ""), str):
         raise _Failure("ollama_bad_json", f"unexpected line from {where}: {shown!r}", False)
     return obj, msg.get("content", "")
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
