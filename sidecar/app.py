@@ -65,7 +65,6 @@ RESULT_PROGRESS_WAIT_S = 1.0
 RESTART_EXIT_CODE = 75
 
 
-
 class Sidecar:
     """The running daemon: also the link's frame handler."""
 

@@ -60,8 +60,7 @@ class Config:
     hub_api_url: str | None = setting(
         None,
         doc=(
-            "Hub HTTP API base (`http://HOST:4000`); pull requests link to the task there "
-            "(`/api/tasks/ID`)."
+            "Hub HTTP API base (`http://HOST:4000`); pull requests link to the task there (`/api/tasks/ID`)."
         ),
     )
     name: str | None = setting(
@@ -104,8 +103,7 @@ class Config:
     ollama_url: str | None = setting(
         None,
         doc=(
-            "Local Ollama server, sent in identify and `ollama_report`; used when the hub names no "
-            "endpoint."
+            "Local Ollama server, sent in identify and `ollama_report`; used when the hub names no endpoint."
         ),
         check=http_url,
     )
@@ -113,7 +111,7 @@ class Config:
     reviewer: str | None = setting(
         None,
         doc=(
-            "GitHub user asked to review each pull request (`gh pr create --reviewer`); `\"\"` or "
+            'GitHub user asked to review each pull request (`gh pr create --reviewer`); `""` or '
             "unset: nobody."
         ),
     )
@@ -154,10 +152,7 @@ class Config:
     )
     kill_grace_s: float = setting(
         5.0,
-        doc=(
-            "On time-out/cancel/shutdown: SIGTERM to the task's process group, SIGKILL this much "
-            "later."
-        ),
+        doc=("On time-out/cancel/shutdown: SIGTERM to the task's process group, SIGKILL this much later."),
         check=positive,
     )
     ping_interval_s: float = setting(
@@ -239,8 +234,7 @@ class Config:
     keepalive_s: float = setting(
         120.0,
         doc=(
-            "A silent running task gets a `status` progress frame this often (hub stuck detection is "
-            "10 min)."
+            "A silent running task gets a `status` progress frame this often (hub stuck detection is 10 min)."
         ),
         check=positive,
     )
@@ -287,7 +281,7 @@ class Config:
     prices: dict[str, PriceOverride] = setting(
         factory=dict,
         doc=(
-            "Table `[prices.\"MODEL\"]` with `input_per_mtok`, `output_per_mtok` (USD per million "
+            'Table `[prices."MODEL"]` with `input_per_mtok`, `output_per_mtok` (USD per million '
             "tokens): overrides the bundled price catalogue for that model."
         ),
     )
@@ -299,8 +293,6 @@ class Config:
     def resolved_state_dir(self) -> Path:
         assert self.state_dir is not None, "load_config always resolves state_dir"
         return Path(self.state_dir)
-
-
 
 
 def _validate(cfg: Config) -> None:

@@ -50,6 +50,7 @@ DEMO_TASKS: list[tuple[str, dict[str, Any]]] = [
     ),
 ]
 
+
 class _View:
     """Shows progress as the hub receives it, and a result line per task (`view.LiveView`)."""
 

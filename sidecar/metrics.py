@@ -147,7 +147,6 @@ class _LiveCollector:
         yield gauge("sidecar_task_slots", "Tasks that may run at once (capacity)", snap.capacity)
 
 
-
 class SidecarMetrics:
     """The sidecar's metrics registry, its task hooks, and the HTTP endpoint."""
 

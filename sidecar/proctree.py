@@ -246,9 +246,7 @@ def kill_marked(
     needle = _needle(marker, prefix)
     for _ in range(5):
         fresh = [
-            pid
-            for pid in find_marked(marker, prefix=prefix, everywhere=everywhere)
-            if pid not in signalled
+            pid for pid in find_marked(marker, prefix=prefix, everywhere=everywhere) if pid not in signalled
         ]
         if not fresh:
             break

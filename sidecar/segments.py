@@ -297,6 +297,7 @@ class PendingProgress:
     def shed(self) -> None:
         """Back within `max_pending_bytes`: finished tasks first, then the oldest
         text of the task holding the most (announced in its next frame)."""
+
         def held(st: TaskState) -> int:
             return st.nbytes - (st.inflight.nbytes if st.inflight is not None else 0)
 

@@ -15,9 +15,7 @@ from sidecar.store import Store
 from tests.harness import feed, offline_sidecar, shell_assign
 
 
-async def test_wake_files_of_a_task_that_never_ran_here_are_removed(
-    make_config: Any, tmp_path: Path
-) -> None:
+async def test_wake_files_of_a_task_that_never_ran_here_are_removed(make_config: Any, tmp_path: Path) -> None:
     """A wake task recovered from the store after a crash and then taken away by
     the hub never reaches the wake executor here: its result files are removed
     at its end all the same, and only that task's files."""
