@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import threading
 import tracemalloc
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import trio
+import trio.testing
 
-from sidecar import procs
+from sidecar import output, procs
 from sidecar.executors.shell import NO_COMMAND, PROGRESS_TEXT_MAX, ShellExecutor
 from sidecar.messages import parse_task
 from sidecar.output import OutputCapture
+from tests.conftest import Logs
 from tests.fakes.proc_helpers import RecordingProgress, make_ctx, task_run, wait_dead
 
 
@@ -220,3 +224,55 @@ async def test_log_file_is_closed_even_on_cancel(executor: ShellExecutor) -> Non
     with trio.move_on_after(0.2):
         await executor(task_run(executor.ctx, shell_task("sleep 1000"), RecordingProgress("t1")))  # type: ignore[arg-type]
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+async def test_a_task_whose_log_cannot_be_created_still_runs(executor: ShellExecutor, logs: Logs) -> None:
+    log_dir = executor.ctx.log_dir
+    log_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_dir.write_text("a file where the log directory should be")
+    outcome, progress = await run(executor, "echo still-here")
+    assert outcome.ok and outcome.output == "still-here\n"  # type: ignore[attr-defined]
+    assert progress.texts("stdout") == ["still-here\n"]
+    [warning] = logs.named("task_log_unavailable")
+    assert warning["path"] == str(executor.ctx.log_path("t1")) and warning["error"]
+
+
+async def test_output_waits_in_the_buffer_while_the_log_is_being_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log is created in a worker thread (a new file can wait on the disk):
+    what arrives meanwhile is buffered, and a writer is held back once the buffer is full."""
+    gate = threading.Event()
+    real_open = output._open_append
+
+    def slow_open(path: Path) -> BinaryIO:
+        gate.wait(30)
+        return real_open(path)
+
+    monkeypatch.setattr(output, "_open_append", slow_open)
+    path = tmp_path / "logs" / "slow.log"
+    block = "z" * 100_000 + "\n"
+    cap = OutputCapture(64, path)
+    held_back = trio.Event()
+    wrote_all = trio.Event()
+
+    async def writer() -> None:
+        for _ in range(5):
+            cap.write(block)
+            if len(cap._buf) >= output._LOG_BUFFER:
+                held_back.set()
+            await cap.wait_room()
+        wrote_all.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cap.open_log)
+            await trio.testing.wait_all_tasks_blocked()  # open_log is in its thread
+            nursery.start_soon(writer)
+            await held_back.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not wrote_all.is_set() and not path.exists()
+            gate.set()
+        cap.close()
+    assert wrote_all.is_set()
+    assert path.read_text() == block * 5

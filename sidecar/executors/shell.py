@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
+
+import trio
 
 from ..log import get_logger
 from ..messages import Outcome
 from ..output import OutputCapture
-from ..procs import child_env, describe_returncode, run_child
+from ..procs import ChildResult, child_env, describe_returncode, run_child
 from ..taskrun import TaskRun
 from . import ExecContext
 
@@ -37,14 +38,6 @@ def clip_progress(text: str, limit: int = PROGRESS_TEXT_MAX) -> str:
     if len(text) <= limit:
         return text
     return f"…[{len(text) - limit} chars omitted]…\n" + text[-limit:]
-
-
-def _open_capture(cap: int, path: Path | None) -> OutputCapture:
-    try:
-        return OutputCapture(cap, path)
-    except OSError as exc:
-        log.warning("task_log_unavailable", path=str(path), error=str(exc))
-        return OutputCapture(cap, None)
 
 
 class ShellExecutor:
@@ -71,7 +64,7 @@ class ShellExecutor:
         env = child_env(os.environ, marker, secrets=[cfg.token])
 
         with (
-            _open_capture(cfg.output_cap_bytes, run.log_path) as out,
+            OutputCapture(cfg.output_cap_bytes, run.log_path) as out,
             OutputCapture(_STDERR_KEEP, None) as err,
         ):
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -79,36 +72,45 @@ class ShellExecutor:
 
             async def on_stdout(block: str) -> None:
                 out.write(block)
+                await out.wait_room()
                 await progress.emit("stdout", clip_progress(block))
 
             async def on_stderr(block: str) -> None:
                 out.write(block, keep=False)
                 err.write(block)
+                await out.wait_room()
                 await progress.emit("stderr", clip_progress(block))
 
+            res: ChildResult | OSError
             try:
-                res = await run_child(
-                    ["/bin/sh", "-c", command],
-                    cwd=cwd,
-                    env=env,
-                    marker=marker,
-                    on_stdout=on_stdout,
-                    on_stderr=on_stderr,
-                    grace_s=cfg.kill_grace_s,
-                    batch_lines=True,
-                    sweep_marker=False,  # the task's end sweeps the marker (run_and_sweep)
-                )
-            except OSError as exc:
-                out.log_bytes(f"=== could not start: {exc}\n".encode())
-                return Outcome(
-                    ok=False,
-                    error=f"could not start /bin/sh in {cwd}: {exc}",
-                    reason="spawn_failed",
-                    transient=False,
-                )
+                async with trio.open_nursery() as nursery:
+                    # The log file is created while the child starts, not before it.
+                    nursery.start_soon(out.open_log)
+                    try:
+                        res = await run_child(
+                            ["/bin/sh", "-c", command],
+                            cwd=cwd,
+                            env=env,
+                            marker=marker,
+                            on_stdout=on_stdout,
+                            on_stderr=on_stderr,
+                            grace_s=cfg.kill_grace_s,
+                            batch_lines=True,
+                            sweep_marker=False,  # the task's end sweeps the marker (run_and_sweep)
+                        )
+                    except OSError as exc:
+                        res = exc
             except BaseException:
                 out.log_bytes(b"=== cancelled: process group killed\n")
                 raise
+            if isinstance(res, OSError):
+                out.log_bytes(f"=== could not start: {res}\n".encode())
+                return Outcome(
+                    ok=False,
+                    error=f"could not start /bin/sh in {cwd}: {res}",
+                    reason="spawn_failed",
+                    transient=False,
+                )
             ending = f"=== {describe_returncode(res.returncode)} after {res.duration_s:.3f} s\n"
             out.log_bytes(ending.encode())
 
