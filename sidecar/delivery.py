@@ -60,8 +60,10 @@ class Outbox:
         self._changed = trio.Event()
         self._inflight: OutboxItem | None = None
         self._inflight_changed = trio.Event()
-        self._answered = trio.Event()
-        self._resend = trio.Event()
+        # The result in flight was answered / may have been dropped; `_heard` wakes the sender.
+        self._answered = False
+        self._resend = False
+        self._heard = trio.Event()
         self._empty = trio.Event()
         # Results the store could not write, sent from memory (ids below zero).
         self.unstored: list[OutboxItem] = []
@@ -75,7 +77,7 @@ class Outbox:
     @property
     def inflight_answered(self) -> bool:
         """The hub has answered the result in flight (acked or refused it)."""
-        return self._inflight is not None and self._answered.is_set()
+        return self._inflight is not None and self._answered
 
     async def wait_inflight(self, task_id: str) -> OutboxItem:
         """Until a result of `task_id` is the one in flight; that item."""
@@ -129,33 +131,38 @@ class Outbox:
         self.notify()
         return False
 
+    def _pending_count(self) -> int:
+        return len(self.unstored) + self.store.outbox_size
+
     async def run(self) -> None:
         while True:
-            items = self.unstored + await self.store.outbox()
-            self.depth = len(items)
-            if not items:
+            self.depth = self._pending_count()
+            if not self.depth:
                 self._changed = trio.Event()
-                # Re-check after creating the event: a notify in between is kept.
-                if not self.unstored and not await self.store.outbox():
-                    await self._changed.wait()
+                await self._changed.wait()
                 continue
-            await self._deliver(items[0])
+            # The store's outbox is in memory: this reads the database only for
+            # a result whose frame it did not keep (a backlog from before a restart).
+            head = self.unstored[:1] or await self.store.outbox(limit=1)
+            if head:
+                await self._deliver(head[0])
 
     async def wait_empty(self) -> None:
         """Wait until every result (stored or in memory) has been answered by the hub."""
-        while self._inflight is not None or self.unstored or await self.store.outbox():
+        while self._inflight is not None or self._pending_count():
             self._empty = trio.Event()
             await self._empty.wait()
 
     async def _deliver(self, item: OutboxItem) -> None:
-        self._answered = trio.Event()
+        self._answered = False
         self._set_inflight(item)
         if self.before_send is not None:
             await self.before_send(item.task_id)
         try:
-            while not self._answered.is_set():
+            while not self._answered:
                 await self.link.wait_ready()
-                self._resend = trio.Event()
+                self._resend = False
+                self._heard = trio.Event()
                 if not await self.link.send(item.frame):
                     await self.link.wait_state_change()
                     continue
@@ -166,19 +173,24 @@ class Outbox:
                     type=item.frame.get("type"),
                 )
                 with trio.move_on_after(self.answer_timeout_s):
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_set_when, self._answered, nursery.cancel_scope)
-                        nursery.start_soon(_set_when, self._resend, nursery.cancel_scope)
-                if not self._answered.is_set() and not self._resend.is_set():
+                    await self._heard.wait()
+                if not self._answered and not self._resend:
                     log.info("result_unanswered_resend", task_id=item.task_id)
             if item.id < 0:
                 self.unstored.remove(item)
                 await self.store.mark_done(item.task_id, item.generation)
             else:
-                await self.store.retire(item.id)
+                self.store.retire(item.id)
         finally:
             self._set_inflight(None)
             self._empty.set()  # wakes wait_empty to re-check
+
+    def _hear(self, *, answered: bool) -> None:
+        if answered:
+            self._answered = True
+        else:
+            self._resend = True
+        self._heard.set()
 
     def on_frame(self, frame: TaskAck | HubError | RateLimited) -> None:
         item = self._inflight
@@ -188,7 +200,7 @@ class Outbox:
             case TaskAck(task_id=tid, status=status) if tid == item.task_id and status in _RESULT_ACKS:
                 log.info("result_acked", task_id=item.task_id, generation=item.generation, status=status)
                 self.delivered += 1
-                self._answered.set()
+                self._hear(answered=True)
             case HubError(error=err, message_type=mtype, errors=errors) if err.startswith(_REFUSALS) or (
                 err == "validation_failed" and mtype == item.frame.get("type")
             ):
@@ -201,13 +213,13 @@ class Outbox:
                     action="retired",
                 )
                 self.refused += 1
-                self._answered.set()
+                self._hear(answered=True)
             case RateLimited():
                 # The hub may have dropped our result: send it again after the pause.
-                self._resend.set()
+                self._hear(answered=False)
 
     def on_disconnected(self) -> None:
-        self._resend.set()
+        self._hear(answered=False)
 
 
 class AcceptTracker:
@@ -286,8 +298,3 @@ class AcceptTracker:
     def _was_limited(self, sent_at: float) -> bool:
         """The hub refused a normal-tier frame after this accept went: it may have been it."""
         return self.link.budget.limited_at >= sent_at
-
-
-async def _set_when(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

@@ -7,15 +7,23 @@ tells what was in flight when the process last died.
 
 SQLite is blocking, so every call runs in the store's own thread
 (`storethread.StoreThread`) on one connection, serialised by a trio lock. Every write is one transaction.
+The outbox is mirrored in memory (`pending.PendingResults`), so reading it costs
+no thread hop; a task costs two hops on its way (`admit`, `finish`).
 
 When the disk refuses a write (full, or an I/O error), the writes that must
 happen (`put_task`, `finish`) raise `StoreWriteError` and nothing of them is
 written: the caller refuses the task or sends the result from memory. The
-bookkeeping writes (`set_generation`, `mark_running`, `mark_done`, `retire`,
+bookkeeping writes (`set_generation`, `mark_running`, `mark_done`,
 `drop_results`) are owed instead: kept in memory, applied first in the next
 write that succeeds, and already reflected by `outbox()`. While writes fail,
 `watch()` probes every `PROBE_INTERVAL_S`, so the store recovers by itself
 once space returns. `write_error` says why writes fail (None while they work).
+
+`retire` (a result the hub answered) is owed on purpose, not tried at once:
+it rides in the next task's write, or `watch()` applies it `DEFER_S` later.
+Lost to a kill -9 in between, it costs one resend after the restart, which
+the hub answers as it answers any repeated result (an ack, or a stale refusal
+that retires it).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +40,7 @@ import attrs
 import trio
 
 from .log import get_logger
+from .pending import OutboxItem, PendingResults
 from .storefaults import (
     CANNOT_WRITE,
     NOT_A_DB,
@@ -79,6 +88,10 @@ _KEEP_DONE_S = 24 * 3600
 
 # While writes fail, how often `watch()` tries one.
 PROBE_INTERVAL_S = 1.0
+# How long an owed-on-purpose write (`retire`) waits for another write to ride in.
+DEFER_S = 0.25
+
+__all__ = ["DONE", "QUEUED", "RUNNING", "OutboxItem", "Store", "StoredTask"]
 
 
 @attrs.frozen
@@ -90,34 +103,30 @@ class StoredTask:
     marker: str
 
 
-@attrs.frozen
-class OutboxItem:
-    id: int
-    task_id: str
-    generation: int
-    frame: dict[str, Any]
-
-
 class Store:
     """Async facade over the SQLite file. Open with `await Store.open(path)`."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, path: Path, pending: Iterable[tuple[int, str, int]] = ()
+    ) -> None:
         self._db = db
         self._lock = trio.Lock()
         self._thread = StoreThread()
         self.path = path
         self.health = WriteHealth(path, PROBE_INTERVAL_S)
-        # Bookkeeping writes the disk refused, applied first in the next write that succeeds.
+        # Bookkeeping writes the disk refused (or `retire` deferred), applied first
+        # in the next write that succeeds.
         self._owed: list[Write] = []
-        self._retired: set[int] = set()
-        self._dropped: set[str] = set()
+        self._deferred = trio.Event()
+        self.pending = PendingResults()
+        self.pending.load(pending)
 
     @classmethod
     async def open(cls, path: Path, *, durable: bool = True) -> Store:
         """Open (or create) the database; `StoreCorruptError` if the file is not SQLite."""
         path.parent.mkdir(parents=True, exist_ok=True)
 
-        def _open() -> sqlite3.Connection:
+        def _open() -> tuple[sqlite3.Connection, list[tuple[int, str, int]]]:
             db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -132,13 +141,14 @@ class Store:
                 # (SQLite's usual defaults, stated here: docs/benchmarks.md, "Memory").
                 db.execute("PRAGMA cache_size=-2000")
                 db.execute("PRAGMA mmap_size=0")
+                rows = db.execute("SELECT id, task_id, generation FROM outbox ORDER BY id").fetchall()
             except BaseException:
                 db.close()
                 raise
-            return db
+            return db, rows
 
         try:
-            db = await trio.to_thread.run_sync(_open)
+            db, rows = await trio.to_thread.run_sync(_open)
         except sqlite3.Error as exc:
             if error_code(exc) in NOT_A_DB:
                 raise StoreCorruptError(path, str(exc)) from exc
@@ -146,7 +156,7 @@ class Store:
                 f"cannot open the state database {path}: {exc}",
                 transient=error_code(exc) in CANNOT_WRITE,
             ) from exc
-        return cls(db, path)
+        return cls(db, path, rows)
 
     @classmethod
     async def open_when_possible(cls, path: Path, *, retry_s: float = PROBE_INTERVAL_S) -> Store:
@@ -204,6 +214,7 @@ class Store:
             try:
                 with trio.CancelScope(shield=True):
                     result = await self._thread.run(partial(transaction(run), self._db))
+                del self._owed[: len(owed)]  # what was deferred meanwhile stays owed
             except sqlite3.OperationalError as exc:
                 if error_code(exc) not in CANNOT_WRITE:
                     raise
@@ -212,9 +223,6 @@ class Store:
                 error = StoreWriteError(self.path, exc)
                 self.health.refused(error)
                 raise error from exc
-            self._owed.clear()
-            self._retired.clear()
-            self._dropped.clear()
             self.health.took_write()
         return result
 
@@ -244,7 +252,27 @@ class Store:
         await self.health.wait_writable()
 
     async def watch(self, interval_s: float = PROBE_INTERVAL_S) -> None:
-        """While writes fail, `probe` every `interval_s`. Runs until cancelled."""
+        """While writes fail, `probe` every `interval_s`; apply deferred writes. Runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flush_deferred)
+            await self._probe_while_failing(interval_s)
+
+    def _defer(self, write: Write) -> None:
+        self._owed.append(write)
+        self._deferred.set()
+
+    async def _flush_deferred(self) -> None:
+        while True:
+            await self._deferred.wait()
+            await trio.sleep(DEFER_S)
+            self._deferred = trio.Event()
+            if self._owed and self.health.error is None:
+                try:
+                    await self._write(_nothing)  # applies what is owed
+                except StoreWriteError:
+                    pass  # now failing: the probe loop takes over
+
+    async def _probe_while_failing(self, interval_s: float) -> None:
         while True:
             await self.health.wait_failing()
             # Polling on purpose: nothing signals that the disk has room again.
@@ -288,15 +316,21 @@ class Store:
             )
             return _drop_older(db, task_id, generation)
 
-        return await self._write(_put)
+        dropped = await self._write(_put)
+        self.pending.remove_task(task_id, below_generation=generation)
+        return dropped
 
-    async def admit(self, task_id: str, generation: int, frame: dict[str, Any], marker: str) -> int | None:
+    async def admit(
+        self, task_id: str, generation: int, frame: dict[str, Any], marker: str, *, running: bool = False
+    ) -> int | None:
         """`put_task`, unless the task already finished here at this generation or a later one.
 
         None for such a duplicate (nothing written); else how many stale results
         went. One thread hop for the check and the write together: the accept
-        path's only store call before `task_accepted`.
+        path's only store call before `task_accepted`. `running`: it starts at
+        once (a free slot), so no `mark_running` needs to follow.
         """
+        state = RUNNING if running else QUEUED
         text = json.dumps(frame)
 
         def _admit(db: sqlite3.Connection) -> int | None:
@@ -306,11 +340,14 @@ class Store:
             db.execute(
                 "INSERT OR REPLACE INTO tasks (task_id, generation, frame, state, marker, received_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (task_id, generation, text, QUEUED, marker, time.time()),
+                (task_id, generation, text, state, marker, time.time()),
             )
             return _drop_older(db, task_id, generation)
 
-        return await self._write(_admit)
+        dropped = await self._write(_admit)
+        if dropped is not None:
+            self.pending.remove_task(task_id, below_generation=generation)
+        return dropped
 
     async def set_generation(self, task_id: str, generation: int) -> int:
         """The task now runs as `generation`; older unsent results go (see `put_task`).
@@ -324,7 +361,8 @@ class Store:
             db.execute("UPDATE tasks SET generation=? WHERE task_id=?", (generation, task_id))
             dropped = _drop_older(db, task_id, generation)
 
-        await self._settle(_set)
+        await self._settle(_set)  # done or owed: either way those results are gone
+        self.pending.remove_task(task_id, below_generation=generation)
         return dropped
 
     async def mark_running(self, task_id: str) -> None:
@@ -339,23 +377,32 @@ class Store:
             )
         )
 
-    async def finish(self, task_id: str, frame: dict[str, Any] | None) -> None:
-        """Mark a task done and, in the same transaction, queue its result frame.
+    async def finish(self, task_id: str, frame: dict[str, Any] | None) -> OutboxItem | None:
+        """Mark a task done and, in the same transaction, queue its result frame (the item returned).
 
         Raises `StoreWriteError` when the disk refuses it (nothing is written).
         """
+        generation = int(frame.get("generation", 0)) if frame is not None else 0
+        text = json.dumps(frame) if frame is not None else ""
 
-        def _finish(db: sqlite3.Connection) -> None:
+        def _finish(db: sqlite3.Connection) -> int | None:
             db.execute(
                 "UPDATE tasks SET state=?, finished_at=? WHERE task_id=?", (DONE, time.time(), task_id)
             )
-            if frame is not None:
-                db.execute(
-                    "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES (?, ?, ?, ?)",
-                    (task_id, int(frame.get("generation", 0)), json.dumps(frame), time.time()),
-                )
+            if frame is None:
+                return None
+            cur = db.execute(
+                "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES (?, ?, ?, ?)",
+                (task_id, generation, text, time.time()),
+            )
+            return cur.lastrowid
 
-        await self._write(_finish)
+        item_id = await self._write(_finish)
+        if item_id is None or frame is None:
+            return None
+        item = OutboxItem(item_id, task_id, generation, frame)
+        self.pending.add(item, len(text))
+        return item
 
     async def mark_done(self, task_id: str, generation: int | None = None) -> None:
         """Mark a task done without a stored result (it went from memory); owed if refused.
@@ -398,24 +445,47 @@ class Store:
 
     # -- outbox ------------------------------------------------------------
 
-    async def outbox(self) -> list[OutboxItem]:
-        """Stored results not yet acknowledged (owed retires and drops already left out)."""
+    @property
+    def outbox_size(self) -> int:
+        """How many stored results await the hub's answer."""
+        return len(self.pending)
 
-        def _list(db: sqlite3.Connection) -> list[OutboxItem]:
-            rows = db.execute("SELECT id, task_id, generation, frame FROM outbox ORDER BY id").fetchall()
-            return [OutboxItem(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+    async def outbox(self, limit: int | None = None) -> list[OutboxItem]:
+        """Stored results not yet answered, oldest first (at most `limit`).
 
-        items = await self._run(_list)
-        return [i for i in items if i.id not in self._retired and i.task_id not in self._dropped]
+        From memory; only frames not kept there (see `pending`) are read, in one hop.
+        """
+        head = self.pending.head(limit)
+        missing = [item_id for item_id, entry in head if entry.frame is None]
+        frames: dict[int, dict[str, Any]] = {}
+        if missing:
 
-    async def retire(self, item_id: int) -> None:
-        self._retired.add(item_id)
-        await self._settle(lambda db: db.execute("DELETE FROM outbox WHERE id=?", (item_id,)))
+            def _read(db: sqlite3.Connection) -> dict[int, dict[str, Any]]:
+                marks = ",".join("?" * len(missing))
+                rows = db.execute(f"SELECT id, frame FROM outbox WHERE id IN ({marks})", missing)
+                return {r[0]: json.loads(r[1]) for r in rows}
+
+            frames = await self._run(_read)
+        items = []
+        for item_id, entry in head:
+            frame = entry.frame if entry.frame is not None else frames.get(item_id)
+            if frame is not None and item_id in self.pending:  # (not retired during the read)
+                items.append(OutboxItem(item_id, entry.task_id, entry.generation, frame))
+        return items
+
+    def retire(self, item_id: int) -> None:
+        """The hub answered this result: forget it now, delete its row soon (see the module doc)."""
+        self.pending.remove(item_id)
+        self._defer(lambda db: db.execute("DELETE FROM outbox WHERE id=?", (item_id,)))
 
     async def drop_results(self, task_id: str) -> None:
         """Forget unsent results of a task the hub took away (reassigned)."""
-        self._dropped.add(task_id)
+        self.pending.remove_task(task_id)  # first: the outbox must not pick one during the write
         await self._settle(lambda db: db.execute("DELETE FROM outbox WHERE task_id=?", (task_id,)))
+
+
+def _nothing(db: sqlite3.Connection) -> None:
+    """A write of nothing: the transaction that applies what is owed."""
 
 
 def _drop_older(db: sqlite3.Connection, task_id: str, generation: int) -> int:

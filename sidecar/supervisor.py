@@ -74,6 +74,8 @@ class Held:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
     started: bool = False
+    # Stored as running: it had a free slot when admitted (no mark_running needed).
+    stored_running: bool = False
     # A task found in the store at start-up waits for the hub's task_continue.
     awaiting_recovery: bool = False
     recover_answered: trio.Event = attrs.field(factory=trio.Event)
@@ -235,8 +237,11 @@ class Supervisor:
         marker = procs.task_marker(self.config.agent_id, tid)
         # No checkpoint from here until the task is held: the frame handler runs in
         # the link's session scope, and a task stored but not held would be stranded.
+        # A free slot now is still free when the task reaches it: the slots are
+        # only taken by held tasks, and every held task is counted here.
+        running = len(self.held) < self.config.capacity
         try:
-            dropped = await self.store.admit(tid, gen, task.raw, marker)
+            dropped = await self.store.admit(tid, gen, task.raw, marker, running=running)
         except StoreWriteError as exc:
             # Not stored, so not accepted: a task we could lose must not be taken.
             log.warning("task_refused_store", task_id=tid, generation=gen, error=str(exc))
@@ -246,7 +251,7 @@ class Supervisor:
         if dropped is None:
             log.info("duplicate_assign_finished", task_id=tid, generation=gen, action="ignored")
             return
-        self._hold(Held(task, gen, marker))
+        self._hold(Held(task, gen, marker, stored_running=running))
         self._log_stale_dropped(tid, gen, dropped)
         queued = len(self.held) > self.config.capacity
         log.info("task_accepted", task_id=tid, generation=gen, queued=queued)
@@ -347,8 +352,9 @@ class Supervisor:
                     held.started = True
                     started_at = trio.current_time()
                     held.scope.deadline = started_at + timeout_s
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self.store.mark_running, tid)  # not awaited: see its doc
+                    if not held.stored_running:
+                        assert self._nursery is not None
+                        self._nursery.start_soon(self.store.mark_running, tid)  # not awaited: see its doc
                     self.batcher.task_started(tid)
                     tlog.info("task_started", generation=held.generation, timeout_s=timeout_s)
                     # Every child of this task carries the marker the store knows,

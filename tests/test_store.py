@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from sidecar.messages import failed_frame
-from sidecar.store import DONE, QUEUED, RUNNING, OutboxItem, Store
+from sidecar.store import DEFER_S, DONE, QUEUED, RUNNING, OutboxItem, Store
 from sidecar.storefaults import StoreCorruptError, StoreWriteError
 
 
@@ -24,7 +24,7 @@ async def test_task_and_outbox_roundtrip(tmp_path: Path) -> None:
     assert await store.in_flight() == []
     items = await store.outbox()
     assert len(items) == 1 and items[0].frame["error"] == "boom"
-    await store.retire(items[0].id)
+    store.retire(items[0].id)
     assert await store.outbox() == []
     await store.close()
 
@@ -189,13 +189,14 @@ async def test_refused_bookkeeping_is_owed_and_applied_by_the_next_write(tmp_pat
     store = await Store.open(tmp_path / "s.db")
     first, _, third = await _three_results(store)
     _writes(store, allowed=False)
-    # Refused by the disk, but the outbox already leaves them out: no result is sent twice.
-    await store.retire(first.id)
+    # Refused by the disk (the retire, deferred, is not even tried), but the outbox
+    # already leaves them out: no result is sent twice.
+    store.retire(first.id)
     await store.drop_results("b")
     await store.mark_running("r")
     assert await store.set_generation("r", 2) == 0
     assert [i.id for i in await store.outbox()] == [third.id]
-    assert store.write_error is not None and store.health.writes_refused == 4
+    assert store.write_error is not None and store.health.writes_refused == 3
     # Another connection (a restart) sees none of it yet.
     other = sqlite3.connect(store.path)
     assert other.execute("SELECT count(*) FROM outbox").fetchone()[0] == 3
@@ -217,7 +218,7 @@ async def test_probe_fails_while_writes_are_refused_and_applies_the_owed_once_th
     store = await Store.open(tmp_path / "s.db")
     first, *_ = await _three_results(store)
     _writes(store, allowed=False)
-    await store.retire(first.id)
+    store.retire(first.id)
     assert not await store.probe() and not await store.probe()
     assert store.write_error is not None
     _writes(store, allowed=True)
@@ -252,3 +253,83 @@ async def test_open_refuses_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
         await Store.open(db)
     text = str(info.value)
     assert str(db) in text and "move it aside" in text and "lost" in text
+
+
+# --------------------------------------------------------------------------
+# The outbox in memory, and the deferred retire
+
+
+def _rows(path: Path) -> list[tuple[int, str]]:
+    other = sqlite3.connect(path)
+    try:
+        return [(r[0], r[1]) for r in other.execute("SELECT id, task_id FROM outbox ORDER BY id")]
+    finally:
+        other.close()
+
+
+async def test_a_retire_rides_in_the_next_write(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    first, second, _ = await _three_results(store)
+    store.retire(first.id)
+    # Gone from the outbox at once; still on disk (a crash now costs one resend).
+    assert [i.id for i in await store.outbox()] == [second.id, _.id]
+    assert [r[0] for r in _rows(store.path)] == [first.id, second.id, _.id]
+    await store.finish("r", failed_frame("r", 1, "e"))  # the next write carries the delete
+    assert first.id not in [r[0] for r in _rows(store.path)]
+    await store.close()
+
+
+async def test_watch_applies_a_deferred_retire_when_no_write_comes(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    first, *_ = await _three_results(store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.watch)
+        store.retire(first.id)
+        await trio.sleep(DEFER_S / 2)
+        assert first.id in [r[0] for r in _rows(store.path)]  # not yet: a write may still come
+        await trio.sleep(DEFER_S)  # the flush began at DEFER_S; it holds the store's lock
+        async with store._lock:
+            assert first.id not in [r[0] for r in _rows(store.path)]
+        nursery.cancel_scope.cancel()
+    await store.close()
+
+
+async def test_close_applies_a_deferred_retire(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    first, *_ = await _three_results(store)
+    store.retire(first.id)
+    await store.close()
+    assert first.id not in [r[0] for r in _rows(tmp_path / "s.db")]
+
+
+async def test_frames_beyond_the_memory_budget_are_read_back_when_sent(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    store.pending.frame_budget = 3000  # room for about one result
+    big = {"pad": "p" * 2000}
+    for tid in ("a", "b", "c"):
+        await store.put_task(tid, 1, {"task_id": tid}, "m")
+        await store.finish(tid, failed_frame(tid, 1, tid) | big)
+    assert store.pending.frame_bytes <= 3000
+    items = await store.outbox()
+    assert [(i.task_id, i.frame["error"]) for i in items] == [("a", "a"), ("b", "b"), ("c", "c")]
+    assert [i.task_id for i in await store.outbox(limit=1)] == ["a"]
+    # A restart knows every unanswered result and reads each frame only when asked.
+    again = await Store.open(tmp_path / "s.db")
+    assert again.outbox_size == 3 and again.pending.frame_bytes == 0
+    assert [i.frame["error"] for i in await again.outbox(limit=2)] == ["a", "b"]
+    await again.close()
+    await store.close()
+
+
+async def test_a_newer_generation_drops_older_results_from_the_outbox_in_memory(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    await store.put_task("t", 1, {"task_id": "t"}, "m")
+    await store.finish("t", failed_frame("t", 1, "old"))
+    assert store.outbox_size == 1
+    assert await store.admit("t", 2, {"task_id": "t", "generation": 2}, "m2", running=True) == 1
+    assert store.outbox_size == 0 and await store.outbox() == []
+    row = await store.get_task("t")
+    assert row is not None and (row.generation, row.state) == (2, RUNNING)
+    await store.close()
