@@ -166,7 +166,7 @@ class Outbox:
                 if not await self.link.send(item.frame):
                     await self.link.wait_state_change()
                     continue
-                log.info(
+                log.debug(  # the ack (result_acked) is the line that matters
                     "result_sent",
                     task_id=item.task_id,
                     generation=item.generation,

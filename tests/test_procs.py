@@ -403,6 +403,25 @@ def test_child_env_drops_token_and_secrets_and_adds_marker() -> None:
     assert env == {"PATH": "/usr/bin", MARKER_VAR: "m-1"}
 
 
+def test_child_env_of_our_own_environment_follows_its_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The filtered copy of os.environ is reused while it is unchanged, never after a change."""
+    secret = "hub-token-0123456789"
+    first = child_env(os.environ, "m-1", secrets=[secret])
+    assert child_env(os.environ, "m-2", secrets=[secret]) == {**first, MARKER_VAR: "m-2"}
+    monkeypatch.setenv("ADDED_LATER", "yes")
+    monkeypatch.setenv("LEAKS_IT", f"Bearer {secret}")
+    monkeypatch.setenv("SIDECAR_TOKEN", secret)
+    later = child_env(os.environ, "m-3", secrets=[secret])
+    assert later["ADDED_LATER"] == "yes" and later[MARKER_VAR] == "m-3"
+    assert "LEAKS_IT" not in later and "SIDECAR_TOKEN" not in later
+    assert "ADDED_LATER" not in child_env(os.environ, "m-4", secrets=[secret], drop=["ADDED_LATER"])
+    monkeypatch.delenv("ADDED_LATER")
+    assert "ADDED_LATER" not in child_env(os.environ, "m-5", secrets=[secret])
+    # A copy each time: one child's environment never leaks into the next.
+    later["MUTATED"] = "1"
+    assert "MUTATED" not in child_env(os.environ, "m-6", secrets=[secret])
+
+
 def test_task_marker_is_deterministic_safe_and_agent_prefixed() -> None:
     a = task_marker("agent", "task\0with nul\n")
     assert a == task_marker("agent", "task\0with nul\n")
