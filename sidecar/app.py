@@ -98,7 +98,7 @@ class Sidecar:
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
         # Workspace, branch, verification and delivery around the dispatcher's run.
         self.pipeline = Pipeline(config, self.dispatcher.run)
-        self.metrics = SidecarMetrics(self)
+        self.metrics = SidecarMetrics(self, prometheus=config.metrics_listen is not None)
         self.supervisor = Supervisor(
             config=config,
             store=store,
