@@ -36,6 +36,7 @@ from .proctree import (
     group_members,
     kill_group,
     kill_marked,
+    kill_marked_any,
     running_children,
     task_marker,
 )
@@ -449,6 +450,7 @@ __all__ = [
     "group_members",
     "kill_group",
     "kill_marked",
+    "kill_marked_any",
     "run_child",
     "sweep_marked",
     "task_marker",

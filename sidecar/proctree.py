@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import signal
+from collections.abc import Iterable
 
 MARKER_VAR = "SIDECAR_TASK_MARKER"
 _PR_SET_CHILD_SUBREAPER = 36
@@ -186,8 +187,8 @@ def find_marked(marker: str, *, prefix: bool = False, everywhere: bool = False) 
     users) or that vanish mid-scan are skipped. A subreaper looks only at its
     own descendants unless `everywhere` (see the module doc).
     """
-    needle = _needle(marker, prefix)
-    return [pid for pid in _candidates(everywhere) if _carries(pid, needle)]
+    needles = (_needle(marker, prefix),)
+    return [pid for pid in _candidates(everywhere) if _carries(pid, needles)]
 
 
 def _needle(marker: str, prefix: bool) -> bytes:
@@ -195,14 +196,15 @@ def _needle(marker: str, prefix: bool) -> bytes:
     return needle if prefix else needle + b"\0"
 
 
-def _carries(pid: int, needle: bytes) -> bool:
+def _carries(pid: int, needles: tuple[bytes, ...]) -> bool:
     data = _read_proc(pid, "environ")
     if not data:
         return False
-    return needle in b"\0" + data + (b"" if data.endswith(b"\0") else b"\0")
+    env = b"\0" + data + (b"" if data.endswith(b"\0") else b"\0")
+    return any(needle in env for needle in needles)
 
 
-def _signal_if_marked(pid: int, needle: bytes, sig: int) -> bool:
+def _signal_if_marked(pid: int, needles: tuple[bytes, ...], sig: int) -> bool:
     """Signal `pid` only if it is still the marked process we found (pid reuse is checked).
 
     A pidfd is taken first and the marker read after it: if the pid was given
@@ -212,7 +214,7 @@ def _signal_if_marked(pid: int, needle: bytes, sig: int) -> bool:
     try:
         fd = os.pidfd_open(pid)
     except AttributeError:  # no pidfds: plain kill, after a fresh look
-        if not _carries(pid, needle):
+        if not _carries(pid, needles):
             return False
         try:
             os.kill(pid, sig)
@@ -222,7 +224,7 @@ def _signal_if_marked(pid: int, needle: bytes, sig: int) -> bool:
     except OSError:
         return False  # gone
     try:
-        if not _carries(pid, needle):
+        if not _carries(pid, needles):
             return False
         signal.pidfd_send_signal(fd, sig)
     except OSError:
@@ -242,20 +244,29 @@ def kill_marked(
     signalled may still show up while it dies; it is not counted twice. Those
     that were re-parented to us are reaped once dead (`reap_orphans`).
     """
+    return kill_marked_any((marker,), sig, prefix=prefix, everywhere=everywhere)
+
+
+def kill_marked_any(
+    markers: Iterable[str], sig: int = signal.SIGKILL, *, prefix: bool = False, everywhere: bool = False
+) -> int:
+    """`kill_marked` for several markers at once: one scan a round, whatever their number."""
+    needles = tuple(_needle(m, prefix) for m in dict.fromkeys(markers))
     signalled: set[int] = set()
-    needle = _needle(marker, prefix)
+    below_us = False
     for _ in range(5):
-        fresh = [
-            pid for pid in find_marked(marker, prefix=prefix, everywhere=everywhere) if pid not in signalled
-        ]
+        candidates = _candidates(everywhere)
+        below_us = below_us or bool(candidates)
+        fresh = [pid for pid in candidates if pid not in signalled and _carries(pid, needles)]
         if not fresh:
             break
         for pid in fresh:
-            if _signal_if_marked(pid, needle, sig):
+            if _signal_if_marked(pid, needles, sig):
                 signalled.add(pid)
         if sig != signal.SIGKILL:
             break
-    if _subreaper:
+    if _subreaper and below_us:
+        # Nothing below a subreaper means no orphan of ours either, dead or alive.
         reap_orphans()
     return len(signalled)
 

@@ -263,15 +263,33 @@ class Supervisor:
         A process caught in the middle of an exec by the end-of-task scan (its
         environment briefly unreadable; `setsid sleep 30 &` from a task that
         ends at once) escapes that scan. One task sweeps for all ended tasks;
-        no result waits for it.
+        no result waits for it. Tasks that ended within half that delay of each
+        other share one scan (a burst of short tasks costs one, not one each).
         """
-        async for due, task_id, marker in self._late_recv:
-            await trio.sleep_until(due)
-            if task_id in self.held:
-                continue  # a new run of the task owns the marker now
-            killed = procs.kill_marked(marker)
+        carry: tuple[float, str, str] | None = None
+        while True:
+            if carry is None:
+                try:
+                    carry = await self._late_recv.receive()
+                except trio.EndOfChannel:
+                    return
+            batch, carry = [carry], None
+            await trio.sleep_until(batch[0][0])
+            horizon = trio.current_time() + LATE_SWEEP_S / 2
+            while carry is None:
+                try:
+                    item = self._late_recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if item[0] <= horizon:
+                    batch.append(item)
+                else:
+                    carry = item  # due later: the next round starts with it
+            # A task held again meanwhile (a new run) owns its marker now.
+            due = {task_id: marker for _, task_id, marker in batch if task_id not in self.held}
+            killed = procs.kill_marked_any(due.values()) if due else 0
             if killed:
-                log.warning("late_leftovers_killed", task_id=task_id, killed=killed)
+                log.warning("late_leftovers_killed", task_ids=sorted(due), killed=killed)
 
     @staticmethod
     def _log_stale_dropped(task_id: str, generation: int, dropped: int) -> None:

@@ -384,6 +384,30 @@ async def test_group_helpers_tolerate_missing_groups(tmp_path: Path) -> None:
         kill_quietly(proc.pid)
 
 
+async def test_kill_marked_any_kills_several_markers_in_one_call_and_spares_the_rest(tmp_path: Path) -> None:
+    base = marker()
+    pids: dict[str, int] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            for suffix in ("-a", "-b", "-c"):
+                env = {**os.environ, MARKER_VAR: base + suffix}
+                proc = await trio.lowlevel.open_process(["sleep", "1000"], env=env, start_new_session=True)
+                pids[suffix] = proc.pid
+                nursery.start_soon(proc.wait)
+            for _ in range(2000):  # environ reads empty until exec is done (see above)
+                if len(find_marked(base, prefix=True)) == 3:
+                    break
+                await trio.sleep(0.001)
+            assert procs.kill_marked_any([base + "-a", base + "-c", base + "-a"]) == 2
+            assert await wait_dead(pids["-a"], limit_s=2) and await wait_dead(pids["-c"], limit_s=2)
+            assert alive(pids["-b"])
+            assert procs.kill_marked_any([]) == 0
+            assert kill_marked(base + "-b") == 1
+    finally:
+        for pid in pids.values():
+            kill_quietly(pid)
+
+
 # --------------------------------------------------------------------------
 # Environment
 

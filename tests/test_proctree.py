@@ -73,8 +73,8 @@ def test_a_process_without_the_marker_is_never_signalled_even_when_named() -> No
 
     stranger = subprocess.Popen(["sleep", "30"])
     try:
-        needle = proctree._needle("sc-not-this-one", prefix=False)
-        assert proctree._signal_if_marked(stranger.pid, needle, 9) is False
+        needles = (proctree._needle("sc-not-this-one", prefix=False),)
+        assert proctree._signal_if_marked(stranger.pid, needles, 9) is False
         assert stranger.poll() is None  # still running
     finally:
         stranger.kill()

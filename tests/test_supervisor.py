@@ -12,6 +12,7 @@ import trio
 
 from sidecar.procs import MARKER_VAR, task_marker
 from sidecar.store import Store
+from tests.conftest import Logs
 from tests.harness import feed, offline_sidecar, shell_assign
 
 
@@ -93,3 +94,33 @@ async def test_a_process_that_escaped_the_end_of_task_scan_is_killed_soon_after(
             if escapee.returncode is None:
                 escapee.kill()
         assert code == -signal.SIGKILL
+
+
+async def test_escapees_of_tasks_that_ended_together_are_killed_by_one_late_sweep(
+    make_config: Any, logs: Logs
+) -> None:
+    """Tasks ending within half the late-sweep delay of each other share one scan,
+    which finds each one's escapee; a task due later gets a sweep of its own."""
+
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, _store):
+        escapees = {}
+        for tid in ("t-a", "t-b", "t-c"):
+            env = {**os.environ, MARKER_VAR: task_marker(config.agent_id, tid)}
+            escapees[tid] = await trio.lowlevel.open_process(
+                ["sleep", "30"], env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        try:
+            now = trio.current_time()
+            # As `_finish` queues them: (due, task_id, marker), in order of their ends.
+            for tid, due in (("t-a", 0.05), ("t-b", 0.06), ("t-c", 2.0)):
+                sc.supervisor._late_send.send_nowait((now + due, tid, task_marker(config.agent_id, tid)))
+            with trio.fail_after(10):
+                codes = {tid: await p.wait() for tid, p in escapees.items()}
+        finally:
+            for p in escapees.values():
+                if p.returncode is None:
+                    p.kill()
+        assert codes == dict.fromkeys(escapees, -signal.SIGKILL)
+        sweeps = [(e["task_ids"], e["killed"]) for e in logs.named("late_leftovers_killed")]
+        assert sweeps == [(["t-a", "t-b"], 2), (["t-c"], 1)]
