@@ -53,6 +53,7 @@ from .storefaults import (
     transaction,
 )
 from .storethread import StoreThread
+from .walcheckpoint import Checkpointer
 
 log = get_logger("sidecar.store")
 
@@ -120,6 +121,7 @@ class Store:
         self._deferred = trio.Event()
         self.pending = PendingResults()
         self.pending.load(pending)
+        self.checkpointer = Checkpointer(path)
 
     @classmethod
     async def open(cls, path: Path, *, durable: bool = True) -> Store:
@@ -224,6 +226,7 @@ class Store:
                 self.health.refused(error)
                 raise error from exc
             self.health.took_write()
+            self.checkpointer.wrote()
         return result
 
     async def _settle(self, write: Write) -> bool:
@@ -252,10 +255,18 @@ class Store:
         await self.health.wait_writable()
 
     async def watch(self, interval_s: float = PROBE_INTERVAL_S) -> None:
-        """While writes fail, `probe` every `interval_s`; apply deferred writes. Runs until cancelled."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._flush_deferred)
-            await self._probe_while_failing(interval_s)
+        """While writes fail, `probe` every `interval_s`; apply deferred writes; checkpoint
+        the WAL in the background (`walcheckpoint`). Runs until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_deferred)
+                nursery.start_soon(self.checkpointer.run)
+                await self._run(lambda db: db.execute("PRAGMA wal_autocheckpoint=0"))
+                await self._probe_while_failing(interval_s)
+        finally:
+            with trio.CancelScope(shield=True):
+                # Without us, SQLite checkpoints by itself again.
+                await self._run(lambda db: db.execute("PRAGMA wal_autocheckpoint=1000"))
 
     def _defer(self, write: Write) -> None:
         self._owed.append(write)

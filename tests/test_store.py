@@ -11,6 +11,7 @@ import trio
 from sidecar.messages import failed_frame
 from sidecar.store import DEFER_S, DONE, QUEUED, RUNNING, OutboxItem, Store
 from sidecar.storefaults import StoreCorruptError, StoreWriteError
+from sidecar.walcheckpoint import MIN_WRITES
 
 
 async def test_task_and_outbox_roundtrip(tmp_path: Path) -> None:
@@ -289,7 +290,9 @@ async def test_watch_applies_a_deferred_retire_when_no_write_comes(
         store.retire(first.id)
         await trio.sleep(DEFER_S / 2)
         assert first.id in [r[0] for r in _rows(store.path)]  # not yet: a write may still come
-        await trio.sleep(DEFER_S)  # the flush began at DEFER_S; it holds the store's lock
+        # The flush begins DEFER_S after the retire at the latest, and holds the store's
+        # lock while it writes (virtual time may jump while its thread works).
+        await trio.sleep(2 * DEFER_S)
         async with store._lock:
             assert first.id not in [r[0] for r in _rows(store.path)]
         nursery.cancel_scope.cancel()
@@ -332,4 +335,34 @@ async def test_a_newer_generation_drops_older_results_from_the_outbox_in_memory(
     assert store.outbox_size == 0 and await store.outbox() == []
     row = await store.get_task("t")
     assert row is not None and (row.generation, row.state) == (2, RUNNING)
+    await store.close()
+
+
+async def test_while_watched_the_wal_is_checkpointed_in_the_background_not_by_a_commit(
+    tmp_path: Path,
+) -> None:
+    # Real time: a checkpoint fsyncs in a worker thread, which a mock clock would jump over.
+    store = await Store.open(tmp_path / "s.db")
+    db_file = trio.Path(store.path)
+
+    async def autocheckpoint() -> int:
+        return int(await store._run(lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]))
+
+    assert await autocheckpoint() == 1000  # SQLite's own, while nobody watches
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.watch)
+        while await autocheckpoint() != 0:  # watch() has started (one store hop)
+            pass
+        before = (await db_file.stat()).st_size
+        ran = store.checkpointer.checkpointed
+        for i in range(MIN_WRITES - 1):
+            await store.put_task(f"t{i}", 0, {"task_id": f"t{i}", "pad": "x" * 3000}, "m")
+        # No commit checkpointed: every page is still in the WAL.
+        assert (await db_file.stat()).st_size == before and not ran.is_set()
+        await store.put_task("last", 0, {"task_id": "last"}, "m")
+        with trio.fail_after(30):
+            await ran.wait()
+        assert (await db_file.stat()).st_size > before + (MIN_WRITES - 1) * 3000
+        nursery.cancel_scope.cancel()
+    assert await autocheckpoint() == 1000
     await store.close()
