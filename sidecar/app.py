@@ -162,7 +162,7 @@ class Sidecar:
         self.batcher.notify_sink_ready()
         await self.supervisor.recover_all()
         with trio.move_on_after(SCHEMAS_TIMEOUT_S):
-            await self.hub_types.learn(self.http, api_url_of(self.config))
+            await self.hub_types.learn(api_url_of(self.config))
         if self.config.ollama_url:
             await self._send_optional(link, {"type": "ollama_report", "ollama_url": self.config.ollama_url})
         await trio.sleep(reports.FIRST_REPORT_DELAY_S)
@@ -316,7 +316,7 @@ async def open_sidecar(config: Config, store: Store | None = None) -> AsyncItera
     try:
         async with httpx.AsyncClient(timeout=None) as http:
             if config.ollama_url:
-                await reports.probe_ollama(http, config.ollama_url)
+                await reports.probe_ollama(config.ollama_url)
             sidecar = Sidecar(config, store, http)
             async with trio.open_nursery() as nursery:
                 await nursery.start(sidecar.run)
