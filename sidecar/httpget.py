@@ -50,23 +50,26 @@ async def get_json(
     except ValueError as exc:  # a port that is not a number, or out of range
         raise FetchError(f"bad port in {url!r}") from exc
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = h11.Request(
-        method="GET",
-        target=target,
-        headers=[
-            ("Host", parts.netloc.rpartition("@")[2]),
-            ("Accept", "application/json"),
-            ("Accept-Encoding", "identity"),
-            ("Connection", "close"),
-            ("User-Agent", _USER_AGENT),
-        ],
-    )
+    try:
+        request = h11.Request(
+            method="GET",
+            target=target,
+            headers=[
+                ("Host", parts.netloc.rpartition("@")[2]),
+                ("Accept", "application/json"),
+                ("Accept-Encoding", "identity"),
+                ("Connection", "close"),
+                ("User-Agent", _USER_AGENT),
+            ],
+        )
+    except h11.ProtocolError as exc:  # a space or control character in the URL
+        raise FetchError(f"cannot ask for {url!r}: {exc}") from exc
     try:
         with trio.fail_after(timeout_s):
             body = await _exchange(parts.scheme, parts.hostname, port, request, max_bytes, ssl_context)
     except trio.TooSlowError as exc:
         raise FetchError(f"no complete answer within {timeout_s:g} s") from exc
-    except (OSError, trio.BrokenResourceError) as exc:  # refused, DNS, reset, TLS
+    except (OSError, trio.BrokenResourceError, UnicodeError) as exc:  # refused, DNS, reset, TLS, IDNA
         raise FetchError(_describe(exc)) from exc
     except h11.ProtocolError as exc:
         raise FetchError(f"bad HTTP answer: {exc}") from exc

@@ -279,9 +279,11 @@ def _free_port() -> int:
         ("ftp://127.0.0.1/x", "not an http"),
         ("http:///api/schemas", "not an http"),
         ("http://127.0.0.1:99999/", "bad port"),
+        ("http://127.0.0.1:1/a b", "cannot ask for"),
         ("http://no-such-host.invalid/", "gaierror|Errno|resolution|Name"),
+        (f"http://{'a' * 64}.example/", "UnicodeError"),
     ],
-    ids=["refused", "scheme", "no-host", "port", "dns"],
+    ids=["refused", "scheme", "no-host", "port", "space", "dns", "idna"],
 )
 async def test_unreachable_or_bad_urls(url: str, message: str) -> None:
     with pytest.raises(FetchError, match=message):
