@@ -12,9 +12,8 @@ from __future__ import annotations
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 
 from . import proctree, reports
@@ -51,9 +50,13 @@ from .metrics import SidecarMetrics, Snapshot
 from .pipeline import Pipeline
 from .progress import open_progress
 from .restart import Restarter
+from .sharedhttp import SharedHTTP
 from .store import Store
 from .storefaults import StoreError
 from .supervisor import Supervisor
+
+if TYPE_CHECKING:
+    import httpx
 
 log = get_logger("sidecar.app")
 
@@ -72,7 +75,7 @@ class Sidecar:
         self,
         config: Config,
         store: Store,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncClient | SharedHTTP,
         *,
         executors: Callable[[ExecContext], dict[str, Executor]] = build_executors,
     ) -> None:
@@ -162,7 +165,7 @@ class Sidecar:
         self.batcher.notify_sink_ready()
         await self.supervisor.recover_all()
         with trio.move_on_after(SCHEMAS_TIMEOUT_S):
-            await self.hub_types.learn(self.http, api_url_of(self.config))
+            await self.hub_types.learn(api_url_of(self.config))
         if self.config.ollama_url:
             await self._send_optional(link, {"type": "ollama_report", "ollama_url": self.config.ollama_url})
         await trio.sleep(reports.FIRST_REPORT_DELAY_S)
@@ -314,9 +317,9 @@ async def open_sidecar(config: Config, store: Store | None = None) -> AsyncItera
     )
     reports.prime_cpu_percent()
     try:
-        async with httpx.AsyncClient(timeout=None) as http:
+        async with SharedHTTP() as http:  # made (httpx loaded) by the first Ollama task, if any
             if config.ollama_url:
-                await reports.probe_ollama(http, config.ollama_url)
+                await reports.probe_ollama(config.ollama_url)
             sidecar = Sidecar(config, store, http)
             async with trio.open_nursery() as nursery:
                 await nursery.start(sidecar.run)

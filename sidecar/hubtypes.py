@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
-import httpx
 import trio
 
 from .config import Config
+from .httpget import FetchError, get_json
 from .log import get_logger
 
 log = get_logger("sidecar.hubtypes")
@@ -72,22 +72,21 @@ class HubTypes:
                 log.info("hub_type_refused", message_type=mtype, action="not sent again")
             self.refused.add(mtype)
 
-    async def learn(self, http: httpx.AsyncClient, api_url: str) -> None:
+    async def learn(self, api_url: str) -> None:
         """Ask the hub's `/api/schemas`; on any failure keep what is known."""
         try:
-            await self._learn(http, api_url)
+            await self._learn(api_url)
         finally:
             self._asked.set()
 
-    async def _learn(self, http: httpx.AsyncClient, api_url: str) -> None:
+    async def _learn(self, api_url: str) -> None:
         try:
-            resp = await http.get(f"{api_url}/api/schemas", timeout=SCHEMAS_TIMEOUT_S)
-            types = ws_types(resp.json()) if resp.status_code == 200 else None
-        except (httpx.HTTPError, ValueError) as exc:
-            log.info("hub_schemas_unavailable", url=api_url, error=f"{type(exc).__name__}: {exc}"[:200])
+            types = ws_types(await get_json(f"{api_url}/api/schemas", timeout_s=SCHEMAS_TIMEOUT_S))
+        except FetchError as exc:
+            log.info("hub_schemas_unavailable", url=api_url, error=str(exc)[:200], status=exc.status)
             return
         if types is None:
-            log.info("hub_schemas_unavailable", url=api_url, status=resp.status_code)
+            log.info("hub_schemas_unavailable", url=api_url, error="no websocket schemas in the answer")
             return
         self.known = types
         log.info("hub_schemas_learned", optional=sorted(OPTIONAL_TYPES & types))

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
-import httpx
 import trio
 
 from . import procs
@@ -30,6 +29,7 @@ from .executors import ExecContext
 from .executors.registry import REGISTRY, build_executors
 from .messages import ProgressEvent, parse_task
 from .progress import ProgressSender, open_progress
+from .sharedhttp import SharedHTTP
 from .taskrun import run_and_sweep
 from .timelimits import time_limit_ms
 from .view import LiveView
@@ -186,7 +186,7 @@ async def run_exec(
         result: DispatchResult | None = None
         interrupted = False
         started = trio.current_time()
-        async with httpx.AsyncClient(timeout=None) as http:
+        async with SharedHTTP() as http:  # httpx only if the task is Ollama's
             ctx = ExecContext(config=config, http=http, state_dir=state_dir)
             dispatcher = Dispatcher(build_executors(ctx), CostModel(config))
             async with trio.open_nursery() as nursery:

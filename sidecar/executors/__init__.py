@@ -12,15 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import httpx
 
 from ..config import Config
 from ..messages import Outcome, Task
 from ..progress import ProgressSender
+from ..sharedhttp import SharedHTTP
 from ..taskrun import TaskRun, safe_file_name
+
+if TYPE_CHECKING:
+    import httpx
 
 Executor = Callable[[TaskRun], Awaitable[Outcome]]
 
@@ -29,14 +32,20 @@ Executor = Callable[[TaskRun], Awaitable[Outcome]]
 class ExecContext:
     """What every executor may use: config, the shared HTTP client, the state dir.
 
+    `http`: a client, or the daemon's `SharedHTTP` that makes one on first use
+    (`http_client()`), so that httpx is loaded only by a kind that needs it.
     `notify`: send an informational frame to the hub (`wake_result`), only if
     the hub accepts its type; it never waits for the link to come back.
     """
 
     config: Config
-    http: httpx.AsyncClient
+    http: httpx.AsyncClient | SharedHTTP
     state_dir: Path
     notify: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+
+    def http_client(self) -> httpx.AsyncClient:
+        """The HTTP client; made now if `http` is a `SharedHTTP` not used yet (imports httpx)."""
+        return self.http.client() if isinstance(self.http, SharedHTTP) else self.http
 
     @property
     def log_dir(self) -> Path:

@@ -65,7 +65,7 @@ class OllamaExecutor:
 
     def __init__(self, ctx: ExecContext) -> None:
         self._ctx = ctx
-        self._http = ctx.http
+        self._http = ctx.http_client()
         cfg = ctx.config.ollama
         # httpx's read timeout applies to each socket read. It bounds the wait
         # for the answer to begin (Ollama loads a cold model first, which can

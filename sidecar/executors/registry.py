@@ -5,7 +5,8 @@ that builds it, its retry policy, the price catalogue's provider for its
 tokens, the hub `target_type` values and tiers routed to it, and an optional
 `discard` hook that removes what a run of a task may have left on disk when
 the task ends without reaching the executor here. A new kind is one entry
-here plus one module.
+here plus one module. Ollama's module loads httpx: its factory defers the
+import and the build to the kind's first task (`deferred.Deferred`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import attrs
 from ..config import Config
 from . import ExecContext, Executor
 from .claude import ClaudeExecutor
-from .ollama import OllamaExecutor
+from .deferred import Deferred
 from .shell import ShellExecutor
 from .wake import WakeExecutor, discard_result_files
 
@@ -31,6 +32,17 @@ class RetryPolicy:
     @property
     def max_retries(self) -> int:
         return len(self.backoffs_s)
+
+
+def _build_ollama(ctx: ExecContext) -> Executor:
+    from .ollama import OllamaExecutor
+
+    return OllamaExecutor(ctx)
+
+
+def _ollama(ctx: ExecContext) -> Executor:
+    """The Ollama executor, imported and built on its first task (see `deferred`)."""
+    return Deferred(ctx, _build_ollama)
 
 
 @attrs.frozen
@@ -65,7 +77,7 @@ SPECS: tuple[ExecutorSpec, ...] = (
     ExecutorSpec(
         name="ollama",
         label="Ollama",
-        factory=OllamaExecutor,
+        factory=_ollama,
         retry=RetryPolicy((1.0, 1.0)),
         price_provider="ollama",
         targets=("ollama",),
