@@ -18,6 +18,7 @@ start-up sweep after a crash, whose leftovers went to init) scans all of /proc.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import signal
@@ -42,6 +43,7 @@ def task_marker(agent_id: str, task_id: str) -> str:
     return agent_marker_prefix(agent_id) + digest[:20]
 
 
+@functools.lru_cache(maxsize=16)
 def agent_marker_prefix(agent_id: str) -> str:
     """The prefix every `task_marker` of this agent starts with."""
     return "sc-" + hashlib.sha256(agent_id.encode("utf-8", "surrogatepass")).hexdigest()[:12] + "-"
