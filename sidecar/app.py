@@ -9,6 +9,7 @@ flush progress and results while the hub is reachable (bounded), exit.
 
 from __future__ import annotations
 
+import gc
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -354,6 +355,7 @@ async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]
             if store is None:
                 return 0
         async with open_sidecar(config, store) as sidecar, trio.open_nursery() as nursery:
+            settle_heap()
             if early:
                 log.info("signal", signal=signal.Signals(early[0]).name, during="start-up")
                 sidecar.stop_requested.set()
@@ -361,6 +363,18 @@ async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]
             await sidecar.stop_requested.wait()
             nursery.cancel_scope.cancel()
     return sidecar.exit_code
+
+
+def settle_heap() -> None:
+    """Collect start-up's garbage, then exempt what is left from future collections.
+
+    What exists once the daemon runs (modules, classes, config, the store, the
+    link) lives as long as the process. A full collection walked all of it,
+    ~25 ms here, stalling whichever task was on its way then (the path's max
+    and p99); frozen, a full collection walks only what was made since.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def _open_store_unless_stopped(config: Config, signals: AsyncIterator[int]) -> Store | None:
