@@ -477,6 +477,12 @@ class Store:
                 return {r[0]: json.loads(r[1]) for r in rows}
 
             frames = await self._run(_read)
+            for item_id in missing:
+                if item_id not in frames and item_id in self.pending:
+                    # Its row is gone (nothing of ours deletes one without forgetting
+                    # it): forget it too, or the outbox would ask for it forever.
+                    log.warning("outbox_row_missing", item_id=item_id, action="forgotten")
+                    self.pending.remove(item_id)
         items = []
         for item_id, entry in head:
             frame = entry.frame if entry.frame is not None else frames.get(item_id)

@@ -12,6 +12,7 @@ from sidecar.messages import failed_frame
 from sidecar.store import DEFER_S, DONE, QUEUED, RUNNING, OutboxItem, Store
 from sidecar.storefaults import StoreCorruptError, StoreWriteError
 from sidecar.walcheckpoint import MIN_WRITES
+from tests.conftest import Logs
 
 
 async def test_task_and_outbox_roundtrip(tmp_path: Path) -> None:
@@ -365,4 +366,22 @@ async def test_while_watched_the_wal_is_checkpointed_in_the_background_not_by_a_
         assert (await db_file.stat()).st_size > before + (MIN_WRITES - 1) * 3000
         nursery.cancel_scope.cancel()
     assert await autocheckpoint() == 1000
+    await store.close()
+
+
+async def test_a_result_whose_row_vanished_is_forgotten_not_asked_for_forever(
+    tmp_path: Path, logs: Logs
+) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    store.pending.frame_budget = 0  # no frame kept: each is read back when asked for
+    first, second, _ = await _three_results(store)
+    other = sqlite3.connect(store.path)
+    other.execute("DELETE FROM outbox WHERE id=?", (first.id,))
+    other.commit()
+    other.close()
+    assert [i.id for i in await store.outbox(limit=1)] == []
+    assert first.id not in store.pending and store.outbox_size == 2
+    assert [i.id for i in await store.outbox(limit=1)] == [second.id]
+    [warning] = logs.named("outbox_row_missing")
+    assert warning["item_id"] == first.id
     await store.close()
