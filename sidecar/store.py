@@ -91,6 +91,10 @@ _KEEP_DONE_S = 24 * 3600
 PROBE_INTERVAL_S = 1.0
 # How long an owed-on-purpose write (`retire`) waits for another write to ride in.
 DEFER_S = 0.25
+# Finished task rows older than _KEEP_DONE_S go: first a minute after start, then hourly.
+PRUNE_FIRST_S = 60.0
+PRUNE_INTERVAL_S = 3600.0
+_PRUNE_BATCH = 1000
 
 __all__ = ["DONE", "QUEUED", "RUNNING", "OutboxItem", "Store", "StoredTask"]
 
@@ -256,11 +260,12 @@ class Store:
 
     async def watch(self, interval_s: float = PROBE_INTERVAL_S) -> None:
         """While writes fail, `probe` every `interval_s`; apply deferred writes; checkpoint
-        the WAL in the background (`walcheckpoint`). Runs until cancelled."""
+        the WAL in the background (`walcheckpoint`); prune old finished tasks. Runs until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_deferred)
                 nursery.start_soon(self.checkpointer.run)
+                nursery.start_soon(self._prune_periodically)
                 await self._run(lambda db: db.execute("PRAGMA wal_autocheckpoint=0"))
                 await self._probe_while_failing(interval_s)
         finally:
@@ -441,18 +446,41 @@ class Store:
 
         return await self._run(_list)
 
-    async def prune(self) -> int:
-        """Forget finished tasks older than a day whose results are acknowledged."""
+    async def prune(self, older_than_s: float = _KEEP_DONE_S) -> int:
+        """Forget finished tasks older than `older_than_s` whose results are acknowledged.
 
-        def _prune(db: sqlite3.Connection) -> int:
+        In batches of `_PRUNE_BATCH`, one transaction each, so that task writes
+        go between them; returns how many rows went. Raises `StoreWriteError`
+        when the disk refuses.
+        """
+        cutoff = time.time() - older_than_s
+
+        def _batch(db: sqlite3.Connection) -> int:
             cur = db.execute(
-                "DELETE FROM tasks WHERE state=? AND finished_at < ?"
-                " AND task_id NOT IN (SELECT task_id FROM outbox)",
-                (DONE, time.time() - _KEEP_DONE_S),
+                "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE state=? AND finished_at < ?"
+                " AND task_id NOT IN (SELECT task_id FROM outbox) LIMIT ?)",
+                (DONE, cutoff, _PRUNE_BATCH),
             )
             return cur.rowcount
 
-        return await self._write(_prune)
+        total = 0
+        while (n := await self._write(_batch)) > 0:
+            total += n
+            if n < _PRUNE_BATCH:
+                break
+        return total
+
+    async def _prune_periodically(self) -> None:
+        """Without it the tasks table grows by a row a task, forever (disk, and the page cache)."""
+        await trio.sleep(PRUNE_FIRST_S)
+        while True:
+            try:
+                pruned = await self.prune()
+            except StoreWriteError:
+                pruned = 0  # the probe loop reports the disk; the next round tries again
+            if pruned:
+                log.info("state_pruned", tasks=pruned, older_than_s=_KEEP_DONE_S)
+            await trio.sleep(PRUNE_INTERVAL_S)
 
     # -- outbox ------------------------------------------------------------
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+from sidecar import store as store_module
 from sidecar.messages import failed_frame
-from sidecar.store import DEFER_S, DONE, QUEUED, RUNNING, OutboxItem, Store
+from sidecar.store import DEFER_S, DONE, PRUNE_FIRST_S, QUEUED, RUNNING, OutboxItem, Store
 from sidecar.storefaults import StoreCorruptError, StoreWriteError
 from sidecar.walcheckpoint import MIN_WRITES
 from tests.conftest import Logs
@@ -384,4 +386,51 @@ async def test_a_result_whose_row_vanished_is_forgotten_not_asked_for_forever(
     assert [i.id for i in await store.outbox(limit=1)] == [second.id]
     [warning] = logs.named("outbox_row_missing")
     assert warning["item_id"] == first.id
+    await store.close()
+
+
+def _age(path: Path, task_ids: list[str], seconds: float) -> None:
+    other = sqlite3.connect(path)
+    other.executemany(
+        "UPDATE tasks SET finished_at = finished_at - ? WHERE task_id=?", [(seconds, t) for t in task_ids]
+    )
+    other.commit()
+    other.close()
+
+
+async def test_prune_forgets_old_finished_tasks_whose_results_were_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_PRUNE_BATCH", 2)  # several batches
+    store = await Store.open(tmp_path / "s.db")
+    for i in range(5):
+        await store.put_task(f"old{i}", 1, {"task_id": f"old{i}"}, "m")
+        await store.finish(f"old{i}", None)
+    await store.put_task("unanswered", 1, {"task_id": "unanswered"}, "m")
+    await store.finish("unanswered", failed_frame("unanswered", 1, "e"))
+    await store.put_task("recent", 1, {"task_id": "recent"}, "m")
+    await store.finish("recent", None)
+    await store.put_task("running", 1, {"task_id": "running"}, "m")
+    _age(store.path, [f"old{i}" for i in range(5)] + ["unanswered"], 2 * 86400)
+    assert await store.prune() == 5
+    left = {t: (await store.get_task(t)) is not None for t in ("old0", "unanswered", "recent", "running")}
+    assert left == {"old0": False, "unanswered": True, "recent": True, "running": True}
+    assert await store.prune() == 0
+    await store.close()
+
+
+async def test_watch_prunes_a_minute_after_start(tmp_path: Path, clock: trio.testing.MockClock) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    await store.put_task("old", 1, {"task_id": "old"}, "m")
+    await store.finish("old", None)
+    _age(store.path, ["old"], 2 * 86400)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.watch)
+        await trio.sleep(PRUNE_FIRST_S / 2)
+        assert await store.get_task("old") is not None
+        await trio.sleep(PRUNE_FIRST_S)  # the prune began at PRUNE_FIRST_S and holds the lock while it writes
+        async with store._lock:
+            pass
+        assert await store.get_task("old") is None
+        nursery.cancel_scope.cancel()
     await store.close()
