@@ -29,6 +29,7 @@ that retires it).
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -123,6 +124,7 @@ class Store:
         # in the next write that succeeds.
         self._owed: list[Write] = []
         self._deferred = trio.Event()
+        self._last_write_at = self._deferred_at = -math.inf
         self.pending = PendingResults()
         self.pending.load(pending)
         self.checkpointer = Checkpointer(path)
@@ -210,27 +212,31 @@ class Store:
         With `owe`, a refused write is kept to be applied later (see the module doc).
         """
         async with self._lock:
-            owed = list(self._owed)
+            return await self._write_locked(fn, owe)
 
-            def run(db: sqlite3.Connection) -> T:
-                for write in owed:
-                    write(db)
-                return fn(db)
+    async def _write_locked(self, fn: Callable[[sqlite3.Connection], T], owe: Write | None) -> T:
+        owed = list(self._owed)
 
-            try:
-                with trio.CancelScope(shield=True):
-                    result = await self._thread.run(partial(transaction(run), self._db))
-                del self._owed[: len(owed)]  # what was deferred meanwhile stays owed
-            except sqlite3.OperationalError as exc:
-                if error_code(exc) not in CANNOT_WRITE:
-                    raise
-                if owe is not None:
-                    self._owed.append(owe)
-                error = StoreWriteError(self.path, exc)
-                self.health.refused(error)
-                raise error from exc
-            self.health.took_write()
-            self.checkpointer.wrote()
+        def run(db: sqlite3.Connection) -> T:
+            for write in owed:
+                write(db)
+            return fn(db)
+
+        try:
+            with trio.CancelScope(shield=True):
+                result = await self._thread.run(partial(transaction(run), self._db))
+            del self._owed[: len(owed)]  # what was deferred meanwhile stays owed
+        except sqlite3.OperationalError as exc:
+            if error_code(exc) not in CANNOT_WRITE:
+                raise
+            if owe is not None:
+                self._owed.append(owe)
+            error = StoreWriteError(self.path, exc)
+            self.health.refused(error)
+            raise error from exc
+        self.health.took_write()
+        self.checkpointer.wrote()
+        self._last_write_at = trio.current_time()
         return result
 
     async def _settle(self, write: Write) -> bool:
@@ -275,18 +281,35 @@ class Store:
 
     def _defer(self, write: Write) -> None:
         self._owed.append(write)
+        self._deferred_at = trio.current_time()
         self._deferred.set()
 
     async def _flush_deferred(self) -> None:
+        """Apply what is owed once no write came for `DEFER_S`: while tasks keep
+        the store busy, it rides in their writes and costs no transaction of its own."""
         while True:
             await self._deferred.wait()
-            await trio.sleep(DEFER_S)
+            await self._until_quiet()
             self._deferred = trio.Event()
-            if self._owed and self.health.error is None:
+            if self.health.error is None:
                 try:
-                    await self._write(_nothing)  # applies what is owed
+                    await self._apply_owed()
                 except StoreWriteError:
                     pass  # now failing: the probe loop takes over
+
+    async def _apply_owed(self) -> None:
+        """A transaction of nothing but what is owed, unless a write took it meanwhile."""
+        async with self._lock:
+            if self._owed:
+                await self._write_locked(_nothing, None)
+
+    async def _until_quiet(self) -> None:
+        """Until neither a write nor a deferral came for `DEFER_S` (each one moves the end)."""
+        while True:
+            quiet_at = max(self._last_write_at, self._deferred_at) + DEFER_S
+            if quiet_at <= trio.current_time():
+                return
+            await trio.sleep_until(quiet_at)
 
     async def _probe_while_failing(self, interval_s: float) -> None:
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from pathlib import Path
 
@@ -432,5 +433,42 @@ async def test_watch_prunes_a_minute_after_start(tmp_path: Path, clock: trio.tes
         async with store._lock:
             pass
         assert await store.get_task("old") is None
+        nursery.cancel_scope.cancel()
+    await store.close()
+
+
+async def test_a_deferred_retire_costs_no_transaction_of_its_own_while_writes_keep_coming(
+    tmp_path: Path, clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The threshold clock (it jumps only after 10 ms of real idleness, not while a
+    # store hop is under way) and no hourly prune: each would let virtual time run off.
+    monkeypatch.setattr(store_module, "PRUNE_FIRST_S", math.inf)
+    flushes: list[int] = []
+    flushed = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    real_nothing = store_module._nothing
+
+    def counted(db: sqlite3.Connection) -> None:  # runs in the store thread
+        flushes.append(1)
+        token.run_sync_soon(flushed.set)
+        real_nothing(db)
+
+    monkeypatch.setattr(store_module, "_nothing", counted)
+    store = await Store.open(tmp_path / "s.db")
+    first, second, _ = await _three_results(store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.watch)
+        store.retire(first.id)
+        for i in range(6):  # a write every DEFER_S / 2: the store is never quiet for DEFER_S
+            await trio.sleep(DEFER_S / 2)
+            await store.put_task(f"busy{i}", 1, {"task_id": f"busy{i}"}, "m")
+        assert flushes == []  # the retire rode in the first of those writes
+        assert first.id not in [r[0] for r in _rows(store.path)]
+        store.retire(second.id)  # and now the store stays quiet: the flusher applies it
+        with trio.fail_after(20 * DEFER_S):
+            await flushed.wait()
+        async with store._lock:
+            assert second.id not in [r[0] for r in _rows(store.path)]
+        assert len(flushes) == 1
         nursery.cancel_scope.cancel()
     await store.close()
