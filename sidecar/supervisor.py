@@ -153,11 +153,16 @@ class Supervisor:
             task_status.started()
             await trio.sleep_forever()
 
-    def _hold(self, held: Held) -> None:
+    def _hold(self, held: Held) -> bool:
+        """Hold the task and start its run; False once the task nursery has closed."""
         assert self._nursery is not None
+        try:
+            self._nursery.start_soon(self._task_main, held)
+        except RuntimeError:  # "Nursery is closed to new arrivals": the daemon is stopping
+            return False
         self.held[held.task.task_id] = held
         self._idle = trio.Event()
-        self._nursery.start_soon(self._task_main, held)
+        return True
 
     def stop_taking_work(self) -> None:
         """From now on an assignment is refused (`sidecar_busy`); held tasks run on."""
@@ -251,7 +256,14 @@ class Supervisor:
         if dropped is None:
             log.info("duplicate_assign_finished", task_id=tid, generation=gen, action="ignored")
             return
-        self._hold(Held(task, gen, marker, stored_running=running))
+        # The daemon may have begun to stop while the row was written (a SIGTERM, the
+        # task nursery closed). The task is then neither accepted nor run; it stays in
+        # the store as in flight, and the next start reports it (task_recovering).
+        if self.closing or not self._hold(Held(task, gen, marker, stored_running=running)):
+            log.info(
+                "task_stored_while_stopping", task_id=tid, generation=gen, action="recovered at next start"
+            )
+            return
         self._log_stale_dropped(tid, gen, dropped)
         queued = len(self.held) > self.config.capacity
         log.info("task_accepted", task_id=tid, generation=gen, queued=queued)

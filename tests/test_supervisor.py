@@ -10,8 +10,10 @@ from typing import Any
 
 import trio
 
+from sidecar.messages import parse_task
 from sidecar.procs import MARKER_VAR, task_marker
 from sidecar.store import Store
+from sidecar.supervisor import Held
 from tests.conftest import Logs
 from tests.harness import feed, offline_sidecar, shell_assign
 
@@ -124,3 +126,40 @@ async def test_escapees_of_tasks_that_ended_together_are_killed_by_one_late_swee
         assert codes == dict.fromkeys(escapees, -signal.SIGKILL)
         sweeps = [(e["task_ids"], e["killed"]) for e in logs.named("late_leftovers_killed")]
         assert sweeps == [(["t-a", "t-b"], 2), (["t-c"], 1)]
+
+
+async def test_an_assign_stored_while_the_daemon_begins_to_stop_is_left_for_the_next_start(
+    make_config: Any, logs: Logs
+) -> None:
+    """Chaos seed 469759890: a SIGTERM landed while a new task's row was being written;
+    holding it then hit the closed task nursery and the frame handler logged a traceback.
+    Now it is neither accepted nor run, and stays in the store as in flight."""
+
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, store):
+        sup = sc.supervisor
+        real_admit = store.admit
+
+        async def admit_then_stop(*args: Any, **kw: Any) -> int | None:
+            dropped = await real_admit(*args, **kw)
+            sup.stop_taking_work()  # as shutdown() does, while the row was being written
+            return dropped
+
+        store.admit = admit_then_stop  # type: ignore[method-assign]
+        await feed(sc, shell_assign("t-late", "true"))
+        assert "t-late" not in sup.held
+        assert not logs.named("frame_handler_failed")
+        [stored] = logs.named("task_stored_while_stopping")
+        assert stored["task_id"] == "t-late"
+        assert [t.task_id for t in await store.in_flight()] == ["t-late"]
+        assert sc.accepts._pending == {}  # no task_accepted for it
+
+
+async def test_holding_a_task_after_the_task_nursery_closed_is_refused_not_raised(make_config: Any) -> None:
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, _store):
+        sup = sc.supervisor
+    # offline_sidecar has stopped the daemon: the supervisor's task nursery is closed.
+    task = parse_task(shell_assign("t-after", "true"))
+    assert sup._hold(Held(task, 1, "m")) is False
+    assert "t-after" not in sup.held
