@@ -13,12 +13,12 @@ group kill never reaches. See design.md, "Known pitfalls".
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import attrs
 import trio
@@ -92,18 +92,19 @@ def child_env(
         # (CPython's `_data`, 1 us to read, else the public bytes view, 12 us).
         data = getattr(os.environ, "_data", None)
         raw = tuple(data.items()) if isinstance(data, dict) else tuple(os.environb.items())
-        key = (raw, drop_key, secrets_key)
-        if _ENV_CACHE.get("key") != key:
-            _ENV_CACHE.clear()
-            _ENV_CACHE.update(key=key, env=_filtered(base, drop_key, secrets_key))
-        env = dict(_ENV_CACHE["env"])
+        env = dict(_own_env_filtered(raw, drop_key, secrets_key))
     else:
         env = _filtered(base, drop_key, secrets_key)
     env[MARKER_VAR] = marker
     return env
 
 
-_ENV_CACHE: dict[str, Any] = {}
+@functools.lru_cache(maxsize=8)
+def _own_env_filtered(
+    raw: tuple[tuple[bytes, bytes], ...], drop: tuple[str, ...], secrets: tuple[str, ...]
+) -> dict[str, str]:
+    """`_filtered(os.environ, …)`, remembered by the raw environment it was made from (do not mutate)."""
+    return _filtered(os.environ, drop, secrets)
 
 
 def _filtered(base: Mapping[str, str], drop: tuple[str, ...], secrets: tuple[str, ...]) -> dict[str, str]:

@@ -254,6 +254,8 @@ def kill_marked_any(
 ) -> int:
     """`kill_marked` for several markers at once: one scan a round, whatever their number."""
     needles = tuple(_needle(m, prefix) for m in dict.fromkeys(markers))
+    if not needles:
+        return 0  # no marker: nothing to look for, no /proc walk
     signalled: set[int] = set()
     below_us = False
     for _ in range(5):
