@@ -17,10 +17,12 @@ work (hypercorn, JSON, validation) on both legs, on the same 2 cores.
 
 Also printed: CPU seconds the sidecar and this process (the hub) spent per task,
 and the floor measured in the same run, before and after the sidecar's tasks:
-a bare `subprocess.Popen(["true"]).wait()` and a loopback WebSocket round trip
-(trio-websocket client and echo server in this process). Each median is also
-given as a ratio to its floor: one round trip for assign -> accepted, one round
-trip plus one bare spawn for assign -> complete.
+a bare `subprocess.Popen(["true"]).wait()`, a loopback WebSocket round trip
+(trio-websocket client and echo server in this process), and the creation of a
+file next to the sidecar's state dir (each task creates its log file). Each
+median is also given as a ratio to its floor: one round trip for assign ->
+accepted, one round trip plus one bare spawn for assign -> complete, and the
+same plus one file create.
 """
 
 from __future__ import annotations
@@ -145,6 +147,25 @@ async def ws_round_trip_ms(n: int) -> list[float]:
     return out
 
 
+def file_create_ms(n: int, where: Path) -> list[float]:
+    """Creating (and closing) a new file in `where`: every task creates its log like this.
+
+    On this project's VMs the figure depends on the directory and drifts over
+    time, from 0.015 ms to over 1 ms of kernel CPU per file (ext4 looking for a
+    free inode), so it is measured beside the sidecar's own state dir, in the same run.
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        path = where / f"floor-{i}.log"
+        t0 = time.perf_counter()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644))
+        out.append((time.perf_counter() - t0) * 1000)
+    for i in range(n):
+        (where / f"floor-{i}.log").unlink()
+    return out
+
+
 async def floors(n: int) -> dict[str, list[float]]:
     return {"spawn_ms": bare_spawn_ms(n), "ws_rtt_ms": await ws_round_trip_ms(n)}
 
@@ -191,9 +212,11 @@ def latencies(hub: DevHub, ids: list[str]) -> tuple[list[float], list[float]]:
 def default_state_parent() -> Path:
     """Where the bench's state dir goes unless told: on the disk a user's state dir is on.
 
-    Not $TMPDIR: /tmp is a tmpfs on many systems, and on this project's VMs an
-    ext4 directory where creating a file (every task creates its log) waits
-    0.4-0.9 ms on the disk, against 0.02 ms under the home directory.
+    Not $TMPDIR: /tmp is a tmpfs on many systems. Creating a file (every task
+    creates its log) costs what the directory's place on the disk makes it
+    cost: on this project's VMs 0.015 ms in one directory and 0.7 ms in
+    another, and which ones are slow changes over the hours (/tmp in one
+    session, ~/.cache in the next). `file_create_ms` prints it in the same run.
     """
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trio-sidecar-bench"
     base.mkdir(parents=True, exist_ok=True)
@@ -210,6 +233,7 @@ def describe(name: str, ms: list[float]) -> str:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     before = await floors(args.floor)
     with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
+        create = file_create_ms(args.floor, Path(tmp) / "create-floor-before")
         async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None) as hub:
             # Limits OFF at the hub, so the sidecar's model of its bucket is unbounded too.
             sc = Sidecar(Path(tmp) / "sc", hub.ws_url, log_level=args.log_level, **UNLIMITED)
@@ -231,10 +255,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     await trio.Path(args.keep_log).write_bytes(await trio.Path(sc.log_path).read_bytes())
             finally:
                 await sc.cleanup()
+        create += file_create_ms(args.floor, Path(tmp) / "create-floor-after")
     after = await floors(args.floor)
     return {
         "spawn_ms": before["spawn_ms"] + after["spawn_ms"],
         "ws_rtt_ms": before["ws_rtt_ms"] + after["ws_rtt_ms"],
+        "file_create_ms": create,
         "accept_ms": acc,
         "complete_ms": comp,
         "wall_s": wall,
@@ -275,9 +301,12 @@ def main() -> None:
     acc, comp = statistics.median(r["accept_ms"]), statistics.median(r["complete_ms"])
     print(describe("floor: bare spawn", r["spawn_ms"]))
     print(describe("floor: ws round trip", r["ws_rtt_ms"]))
+    print(describe("floor: file create", r["file_create_ms"]))
+    create = statistics.median(r["file_create_ms"])
     print(
         f"ratio to floor        : accepted {acc / rtt:5.2f}x one round trip,"
         f" complete {comp / (rtt + spawn):5.2f}x one round trip + one spawn"
+        f" ({comp / (rtt + spawn + create):.2f}x with one file create)"
     )
     print(
         f"throughput            : {args.tasks / r['wall_s']:6.1f} tasks/s"
