@@ -47,7 +47,7 @@ from sidecar.devhub import DevHub, open_dev_hub
 TOKEN = "bench-token-123456"
 AGENT = "bench-agent"
 # The sidecar's model of a hub whose rate limits are switched off (`limits=None`).
-UNLIMITED = {"hub_rate_capacity": 1_000_000, "hub_rate_refill_per_s": 1_000_000.0}
+UNLIMITED: dict[str, Any] = {"hub_rate_capacity": 1_000_000, "hub_rate_refill_per_s": 1_000_000.0}
 
 
 class Sidecar:

@@ -6,7 +6,6 @@ import os
 import threading
 import tracemalloc
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 import trio
@@ -219,6 +218,18 @@ def test_capture_does_not_break_multibyte_characters_at_the_cut(tmp_path: Path) 
     assert text.startswith("€") and text.endswith("€")
 
 
+async def test_open_log_makes_the_missing_directory_and_appends_to_an_existing_log(tmp_path: Path) -> None:
+    fresh = tmp_path / "new" / "deeper" / "a.log"
+    with OutputCapture(64, fresh) as cap:
+        await cap.open_log()
+        cap.write("one\n")
+    assert fresh.read_text() == "one\n"
+    with OutputCapture(64, fresh) as again:  # a later run of the task: the log grows
+        await again.open_log()
+        again.write("two\n")
+    assert fresh.read_text() == "one\ntwo\n"
+
+
 async def test_log_file_is_closed_even_on_cancel(executor: ShellExecutor) -> None:
     before = set(os.listdir("/proc/self/fd"))
     with trio.move_on_after(0.2):
@@ -243,13 +254,13 @@ async def test_output_waits_in_the_buffer_while_the_log_is_being_created(
     """The log is created in a worker thread (a new file can wait on the disk):
     what arrives meanwhile is buffered, and a writer is held back once the buffer is full."""
     gate = threading.Event()
-    real_open = output._open_append
+    real_open = output._open_append_fd
 
-    def slow_open(path: Path) -> BinaryIO:
+    def slow_open(path: Path) -> int:
         gate.wait(30)
         return real_open(path)
 
-    monkeypatch.setattr(output, "_open_append", slow_open)
+    monkeypatch.setattr(output, "_open_append_fd", slow_open)
     path = tmp_path / "logs" / "slow.log"
     block = "z" * 100_000 + "\n"
     cap = OutputCapture(64, path)
