@@ -15,7 +15,8 @@ records (trio clock): `task_assign` handed to the socket → `task_accepted`
 received, and → `task_complete` received. They include the dev hub's own
 work (hypercorn, JSON, validation) on both legs, on the same 2 cores.
 
-Also printed: CPU seconds the sidecar and this process (the hub) spent per task,
+Also printed: CPU seconds the sidecar and this process (the hub) spent per task
+(the sidecar's also per thread, user and system time apart),
 and the floor measured in the same run, before and after the sidecar's tasks:
 a bare `subprocess.Popen(["true"]).wait()`, a loopback WebSocket round trip
 (trio-websocket client and echo server in this process), and the creation of a
@@ -175,6 +176,30 @@ def cpu_s(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def thread_cpu_s(pid: int) -> dict[int, tuple[str, float, float]]:
+    """Per thread of `pid`: its name, user and system CPU seconds."""
+    out: dict[int, tuple[str, float, float]] = {}
+    for t in psutil.Process(pid).threads():
+        try:
+            name = Path(f"/proc/{pid}/task/{t.id}/comm").read_text().strip()
+        except OSError:
+            continue
+        out[t.id] = ("event loop" if t.id == pid else name, t.user_time, t.system_time)
+    return out
+
+
+def thread_cpu_delta(
+    before: dict[int, tuple[str, float, float]], after: dict[int, tuple[str, float, float]], tasks: int
+) -> list[tuple[str, float, float]]:
+    """(name, user ms, system ms) per task for each thread that used CPU between the two snapshots."""
+    rows = []
+    for tid, (name, user, system) in after.items():
+        u0, s0 = before.get(tid, (name, 0.0, 0.0))[1:]
+        if user - u0 + system - s0 > 0:
+            rows.append((name, (user - u0) * 1000 / tasks, (system - s0) * 1000 / tasks))
+    return sorted(rows, key=lambda r: -(r[1] + r[2]))
+
+
 def pct(values: list[float], p: float) -> float:
     """Nearest-rank percentile."""
     s = sorted(values)
@@ -242,10 +267,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 await hub.wait_until(lambda: hub.connected(AGENT), 30)
                 await run_tasks(hub, args.warmup, args.command)
                 sc_cpu0, hub_cpu0 = cpu_s(sc.pid), cpu_s(os.getpid())
+                threads0 = thread_cpu_s(sc.pid)
                 t0 = trio.current_time()
                 ids = await run_tasks(hub, args.tasks, args.command)
                 wall = trio.current_time() - t0
                 sc_cpu, hub_cpu = cpu_s(sc.pid) - sc_cpu0, cpu_s(os.getpid()) - hub_cpu0
+                threads = thread_cpu_delta(threads0, thread_cpu_s(sc.pid), args.tasks)
                 acc, comp = latencies(hub, ids)
                 bad = [t for t in ids if hub.task(t).status != "completed"]
                 assert not bad, f"{len(bad)} tasks did not complete"
@@ -265,6 +292,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "complete_ms": comp,
         "wall_s": wall,
         "sidecar_cpu_ms_per_task": sc_cpu * 1000 / args.tasks,
+        "sidecar_threads": threads,
         "hub_cpu_ms_per_task": hub_cpu * 1000 / args.tasks,
     }
 
@@ -313,6 +341,12 @@ def main() -> None:
         f"  CPU per task: sidecar {r['sidecar_cpu_ms_per_task']:.2f} ms,"
         f" hub+bench {r['hub_cpu_ms_per_task']:.2f} ms"
     )
+    # "Trio thread N" are to_thread workers (the task log's create: a slow one shows as system
+    # time), the other "python" is the store's SQLite thread (Python does not name OS threads).
+    by_thread = ", ".join(
+        f"{name} {user:.2f} user + {system:.2f} sys" for name, user, system in r["sidecar_threads"]
+    )
+    print(f"sidecar CPU by thread : {by_thread} (ms per task)")
     if args.json:
         print(json.dumps({k: v for k, v in r.items()}))
 
