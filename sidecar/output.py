@@ -105,11 +105,18 @@ class OutputCapture:
             self._unavailable(exc)
         finally:
             self._open_state = True
-            if self._closed and fd is not None:
-                os.close(fd)  # closed while we opened it: only a caller outside a nursery can do that
-            elif not self._closed:
-                self._adopt(None if fd is None else _as_file(fd))
-            opened.set()
+            try:
+                if self._closed and fd is not None:
+                    os.close(fd)  # closed while we opened it: only a caller outside a nursery can do that
+                elif fd is not None:
+                    try:
+                        self._adopt(_as_file(fd))
+                    except OSError as exc:
+                        self._unavailable(exc)
+                elif not self._closed:
+                    self._adopt(None)
+            finally:
+                opened.set()  # a writer held back by wait_room goes on, whatever happened
 
     async def wait_room(self) -> None:
         """Wait while the buffer is full and the log is still being opened."""

@@ -230,6 +230,29 @@ async def test_open_log_makes_the_missing_directory_and_appends_to_an_existing_l
     assert fresh.read_text() == "one\ntwo\n"
 
 
+async def test_a_log_whose_file_object_cannot_be_made_is_unavailable_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Logs
+) -> None:
+    """The descriptor came back from the thread but wrapping it failed: the fd is not leaked,
+    the log is reported unavailable, and a writer held back by `wait_room` goes on."""
+
+    def refuse(fd: int) -> None:
+        os.close(fd)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(output, "_as_file", refuse)
+    before = set(os.listdir("/proc/self/fd"))
+    with OutputCapture(64, tmp_path / "a.log") as cap:
+        await cap.open_log()
+        cap.write("still kept\n")
+        await cap.wait_room()
+        assert cap.text() == "still kept\n"
+    assert cap.log_error == "Input/output error"
+    [warning] = logs.named("task_log_unavailable")
+    assert warning["error"] == "Input/output error"
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
 async def test_log_file_is_closed_even_on_cancel(executor: ShellExecutor) -> None:
     before = set(os.listdir("/proc/self/fd"))
     with trio.move_on_after(0.2):
