@@ -24,6 +24,11 @@ file next to the sidecar's state dir (each task creates its log file). Each
 median is also given as a ratio to its floor: one round trip for assign ->
 accepted, one round trip plus one bare spawn for assign -> complete, and the
 same plus one file create.
+
+With `--skeleton`, the same tasks then go through `bench/skeleton.py`, the
+least worker that does a task's durable steps on the same stack (see its
+docstring), against a fresh dev hub in the same run: the ratio to it is what
+everything else the sidecar does costs.
 """
 
 from __future__ import annotations
@@ -71,12 +76,15 @@ class Sidecar:
         }
         self.proc: trio.Process | None = None
 
+    def argv(self, config_path: Path, extra_argv: list[str] | None) -> list[str]:
+        argv = [sys.executable, *(extra_argv or []), "-m", "sidecar", "--log-format", "json"]
+        return [*argv, "--log-level", self.log_level, "run", "--config", str(config_path)]
+
     async def start(self, extra_argv: list[str] | None = None) -> None:
         path = self.root / "sidecar.toml"
         path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.config.items()))
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        argv = [sys.executable, *(extra_argv or []), "-m", "sidecar", "--log-format", "json"]
-        argv += ["--log-level", self.log_level, "run", "--config", str(path)]
+        argv = self.argv(path, extra_argv)
         with self.log_path.open("ab") as log:
             self.proc = await trio.lowlevel.open_process(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
@@ -111,6 +119,13 @@ class Sidecar:
             self.proc.kill()
             with trio.move_on_after(10):
                 await self.proc.wait()
+
+
+class Skeleton(Sidecar):
+    """`bench/skeleton.py` on the same config: this stack's floor for the same durable steps."""
+
+    def argv(self, config_path: Path, extra_argv: list[str] | None) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("skeleton.py")), "--config", str(config_path)]
 
 
 def bare_spawn_ms(n: int) -> list[float]:
@@ -255,39 +270,33 @@ def describe(name: str, ms: list[float]) -> str:
     )
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    before = await floors(args.floor)
-    with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
-        create = file_create_ms(args.floor, Path(tmp) / "create-floor-before")
-        async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None) as hub:
-            # Limits OFF at the hub, so the sidecar's model of its bucket is unbounded too.
-            sc = Sidecar(Path(tmp) / "sc", hub.ws_url, log_level=args.log_level, **UNLIMITED)
-            try:
-                await sc.start(["-m", "cProfile", "-o", args.profile] if args.profile else None)
-                await hub.wait_until(lambda: hub.connected(AGENT), 30)
-                await run_tasks(hub, args.warmup, args.command)
-                sc_cpu0, hub_cpu0 = cpu_s(sc.pid), cpu_s(os.getpid())
-                threads0 = thread_cpu_s(sc.pid)
-                t0 = trio.current_time()
-                ids = await run_tasks(hub, args.tasks, args.command)
-                wall = trio.current_time() - t0
-                sc_cpu, hub_cpu = cpu_s(sc.pid) - sc_cpu0, cpu_s(os.getpid()) - hub_cpu0
-                threads = thread_cpu_delta(threads0, thread_cpu_s(sc.pid), args.tasks)
-                acc, comp = latencies(hub, ids)
-                bad = [t for t in ids if hub.task(t).status != "completed"]
-                assert not bad, f"{len(bad)} tasks did not complete"
-                assert not hub.violations, hub.violations[:3]
-                assert await sc.stop() == 0
-                if args.keep_log:
-                    await trio.Path(args.keep_log).write_bytes(await trio.Path(sc.log_path).read_bytes())
-            finally:
-                await sc.cleanup()
-        create += file_create_ms(args.floor, Path(tmp) / "create-floor-after")
-    after = await floors(args.floor)
+async def measure(worker: type[Sidecar], root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the tasks through one worker process against a fresh dev hub; its figures."""
+    async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None) as hub:
+        # Limits OFF at the hub, so the sidecar's model of its bucket is unbounded too.
+        sc = worker(root, hub.ws_url, log_level=args.log_level, **UNLIMITED)
+        profile = worker is Sidecar and args.profile
+        try:
+            await sc.start(["-m", "cProfile", "-o", args.profile] if profile else None)
+            await hub.wait_until(lambda: hub.connected(AGENT), 30)
+            await run_tasks(hub, args.warmup, args.command)
+            sc_cpu0, hub_cpu0 = cpu_s(sc.pid), cpu_s(os.getpid())
+            threads0 = thread_cpu_s(sc.pid)
+            t0 = trio.current_time()
+            ids = await run_tasks(hub, args.tasks, args.command)
+            wall = trio.current_time() - t0
+            sc_cpu, hub_cpu = cpu_s(sc.pid) - sc_cpu0, cpu_s(os.getpid()) - hub_cpu0
+            threads = thread_cpu_delta(threads0, thread_cpu_s(sc.pid), args.tasks)
+            acc, comp = latencies(hub, ids)
+            bad = [t for t in ids if hub.task(t).status != "completed"]
+            assert not bad, f"{len(bad)} tasks did not complete"
+            assert not hub.violations, hub.violations[:3]
+            assert await sc.stop() == 0
+            if args.keep_log and worker is Sidecar:
+                await trio.Path(args.keep_log).write_bytes(await trio.Path(sc.log_path).read_bytes())
+        finally:
+            await sc.cleanup()
     return {
-        "spawn_ms": before["spawn_ms"] + after["spawn_ms"],
-        "ws_rtt_ms": before["ws_rtt_ms"] + after["ws_rtt_ms"],
-        "file_create_ms": create,
         "accept_ms": acc,
         "complete_ms": comp,
         "wall_s": wall,
@@ -295,6 +304,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "sidecar_threads": threads,
         "hub_cpu_ms_per_task": hub_cpu * 1000 / args.tasks,
     }
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    before = await floors(args.floor)
+    with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
+        create = file_create_ms(args.floor, Path(tmp) / "create-floor-before")
+        r = await measure(Sidecar, Path(tmp) / "sc", args)
+        if args.skeleton:
+            r["skeleton"] = await measure(Skeleton, Path(tmp) / "skeleton", args)
+        create += file_create_ms(args.floor, Path(tmp) / "create-floor-after")
+    after = await floors(args.floor)
+    r["spawn_ms"] = before["spawn_ms"] + after["spawn_ms"]
+    r["ws_rtt_ms"] = before["ws_rtt_ms"] + after["ws_rtt_ms"]
+    r["file_create_ms"] = create
+    return r
 
 
 def main() -> None:
@@ -312,6 +336,11 @@ def main() -> None:
     ap.add_argument("--keep-log", default=None, help="copy the sidecar's JSON log here")
     ap.add_argument("--floor", type=int, default=300, help="floor samples, before and after (default 300)")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    ap.add_argument(
+        "--skeleton",
+        action="store_true",
+        help="also run bench/skeleton.py (the same durable steps, nothing else) and give the ratio to it",
+    )
     args = ap.parse_args()
     if args.profile:
         args.profile = str(Path(args.profile).resolve())
@@ -347,6 +376,15 @@ def main() -> None:
         f"{name} {user:.2f} user + {system:.2f} sys" for name, user, system in r["sidecar_threads"]
     )
     print(f"sidecar CPU by thread : {by_thread} (ms per task)")
+    if args.skeleton:
+        sk = r["skeleton"]
+        print(describe("skeleton: accepted", sk["accept_ms"]))
+        print(describe("skeleton: complete", sk["complete_ms"]))
+        sk_acc, sk_comp = statistics.median(sk["accept_ms"]), statistics.median(sk["complete_ms"])
+        print(
+            f"ratio to skeleton     : accepted {acc / sk_acc:5.2f}x, complete {comp / sk_comp:5.2f}x"
+            f"  (skeleton CPU per task {sk['sidecar_cpu_ms_per_task']:.2f} ms)"
+        )
     if args.json:
         print(json.dumps({k: v for k, v in r.items()}))
 
