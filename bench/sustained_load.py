@@ -66,15 +66,15 @@ async def bench(args: argparse.Namespace) -> None:
             finally:
                 await sc.cleanup()
             finished = {e["task_id"]: _wall(e["ts"]) for e in sc.events("task_finished")}
-    acks = {}
+    acks: dict[str, float] = {}
     for f in hub.sent(AGENT, type="task_ack"):
         if f.frame is not None and f.frame.get("status") == "complete":
             acks.setdefault(f.frame["task_id"], f.at + offset)
-    assigned = {}
+    assigned: dict[str, float] = {}
     for f in hub.sent(AGENT, type="task_assign"):
         if f.frame is not None:
             assigned.setdefault(f.frame["task_id"], f.at)
-    completed = {}
+    completed: dict[str, float] = {}
     for f in hub.frames(AGENT, type="task_complete"):
         if f.frame is not None and f.verdict == "ok":
             completed.setdefault(f.frame["task_id"], f.at)
@@ -109,8 +109,8 @@ async def bench(args: argparse.Namespace) -> None:
     for f in hub.frames(AGENT):
         kinds[f.type or "?"] = kinds.get(f.type or "?", 0) + 1
     print(f"frames received    : {dict(sorted(kinds.items()))}")
-    progress = len(hub.frames(AGENT, type="task_progress"))
-    print(f"progress frames    : {progress} ({progress / args.tasks:.2f} a task)")
+    n_progress = len(hub.frames(AGENT, type="task_progress"))
+    print(f"progress frames    : {n_progress} ({n_progress / args.tasks:.2f} a task)")
 
 
 def main() -> None:
