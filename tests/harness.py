@@ -81,27 +81,29 @@ class SidecarProcess:
     async def start(self) -> None:
         path = self.write_config()
         self.starts += 1
-        log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        self.proc = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-m",
-                "sidecar",
-                "--log-format",
-                "json",
-                "--log-level",
-                "debug",
-                "run",
-                "--config",
-                str(path),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        log.close()
+        # Closed by `with` also when open_process raises: it is a checkpoint (its
+        # worker-thread hand-off), and a start in a cancelled scope otherwise left
+        # the file to the GC, whose ResourceWarning the suite turns into an error.
+        with self.log_path.open("ab") as log:
+            self.proc = await trio.lowlevel.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "sidecar",
+                    "--log-format",
+                    "json",
+                    "--log-level",
+                    "debug",
+                    "run",
+                    "--config",
+                    str(path),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
 
     @property
     def pid(self) -> int:

@@ -222,18 +222,19 @@ class ChaosSidecar(SidecarProcess):
     async def start(self) -> None:
         path = self.write_config()
         self.starts += 1
-        log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         env["TMPDIR"] = str(self.tmpdir)
         env["CHAOS_PID_DIR"] = str(self.root)
-        self.proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "sidecar", "--log-format", "json", "run", "--config", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        log.close()
+        # `with`: a start cancelled at open_process's checkpoint (a fault's restart
+        # when the submit phase ends) must not leave the file to the GC.
+        with self.log_path.open("ab") as log:
+            self.proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "sidecar", "--log-format", "json", "run", "--config", str(path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
 
 
 class Episode:

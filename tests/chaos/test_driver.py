@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
 from pathlib import Path
 
 import pytest
 import trio
 
-from .driver import Episode
+from tests.harness import SidecarProcess
+
+from .driver import ChaosSidecar, Episode
 
 
 async def test_an_episode_whose_hub_crashes_leaves_no_sidecar_running(
@@ -38,3 +42,21 @@ async def test_an_episode_whose_hub_crashes_leaves_no_sidecar_running(
     for agent in ep.agents.values():
         proc = agent.proc.proc
         assert proc is not None and proc.returncode is not None, f"{agent.name} still running"
+
+
+@pytest.mark.parametrize("cls", [ChaosSidecar, SidecarProcess])
+async def test_a_start_cancelled_before_the_spawn_closes_its_log(
+    tmp_path: Path, cls: type[SidecarProcess]
+) -> None:
+    """A fault's restart can begin just as the submit phase cancels the injector:
+    open_process then raises Cancelled at its first checkpoint. The log file opened
+    for the child must be closed there, not by the GC (whose ResourceWarning the
+    suite's `error` filter turns into a PytestUnraisableExceptionWarning)."""
+    proc = cls(tmp_path / "a", "ws://127.0.0.1:1/ws")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await proc.start()
+        gc.collect()
+    assert proc.proc is None  # cancelled before anything was spawned
