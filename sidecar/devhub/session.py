@@ -227,9 +227,14 @@ def _shutdown_tcp(server: tuple[str, int] | None, client: tuple[str, int] | None
         if (conn.laddr.ip, conn.laddr.port) == tuple(server) and (conn.raddr.ip, conn.raddr.port) == tuple(
             client
         ):
-            sock = socket.socket(fileno=os.dup(conn.fd))
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock = socket.socket(fileno=os.dup(conn.fd))
+            except OSError:
+                return  # closed since the listing (or its number reused by a file)
+            try:
+                # The number may have been reused since the listing: only that connection.
+                if sock.getsockname()[:2] == tuple(server) and sock.getpeername()[:2] == tuple(client):
+                    sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             finally:
