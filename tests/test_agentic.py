@@ -26,6 +26,7 @@ from sidecar.executors.ollama import OllamaExecutor
 from sidecar.messages import Outcome, ProgressEvent, Task, parse_task
 from sidecar.progress import ProgressSender, open_progress
 from tests.fakes.ollama_tools import Step, ToolServer, call, open_tool_server
+from tests.fakes.proc_helpers import wait_marked
 
 MakeConfig = Callable[..., Config]
 
@@ -412,7 +413,7 @@ async def test_cancel_mid_run_command_through_the_loop_leaves_no_survivors(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(agent, make_task(srv))
                 await trio.to_thread.run_sync(read_pids)
-                marked = procs.find_marked(marker)
+                marked = await wait_marked(marker, pids, at_least=3)
                 assert set(pids) <= set(marked) and len(marked) >= 3
                 nursery.cancel_scope.cancel()
     assert procs.find_marked(marker) == []

@@ -19,6 +19,7 @@ from sidecar.agentic.parse import ArgumentError, ToolCall, coerce_arguments, par
 from sidecar.agentic.sandbox import Workspace, bwrap_argv, command_env, find_bwrap
 from sidecar.agentic.searcher import MAX_FILE_BYTES
 from sidecar.agentic.tools import SCHEMAS_BY_NAME, ToolContext, ToolResult, run_tool
+from tests.fakes.proc_helpers import wait_marked
 
 TOKEN = "hub-token-0123456789"
 
@@ -323,8 +324,8 @@ async def test_cancel_mid_run_command_leaves_no_survivors(ws: Path) -> None:
             nursery.start_soon(run_tool, ctx, ToolCall("run_command", {"command": f"sh -c '{script}'"}))
             await trio.to_thread.run_sync(read_pids)
             assert pids and all(psutil.pid_exists(p) for p in pids)
-            marked = procs.find_marked(ctx.marker)
-            assert len(marked) >= 3  # sh, sleep, setsid sleep
+            marked = await wait_marked(ctx.marker, pids, at_least=3)
+            assert set(pids) <= set(marked) and len(marked) >= 3  # sh, sleep, setsid sleep
             t0 = trio.current_time()
             nursery.cancel_scope.cancel()
     assert trio.current_time() - t0 < 1.0  # SIGTERM ends it at once, not after the grace
@@ -416,7 +417,7 @@ async def test_bwrap_cancel_leaves_no_survivors(ws: Path) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_tool, ctx, ToolCall("run_command", {"command": f"sh -c '{script}'"}))
             await trio.to_thread.run_sync(wait_started)
-            marked = procs.find_marked(ctx.marker)
+            marked = await wait_marked(ctx.marker, [], at_least=3)
             assert len(marked) >= 3  # bwrap, its child, sh, sleep
             nursery.cancel_scope.cancel()
     assert procs.find_marked(ctx.marker) == []

@@ -87,6 +87,22 @@ async def wait_dead(pid: int, limit_s: float = 5.0) -> bool:
         await trio.sleep(0.005)
 
 
+async def wait_marked(marker: str, pids: list[int], *, at_least: int = 0, limit_s: float = 5.0) -> list[int]:
+    """`procs.find_marked(marker)` once it holds every pid in `pids` and at least `at_least` pids.
+
+    A process in the middle of an exec (`setsid sleep` is two) has an unreadable
+    environment for a moment, so one scan right after a script said "started"
+    can miss it. Polled, bounded in real time (it also works under a MockClock);
+    what the last scan found is returned either way, for the caller to assert on.
+    """
+    end = time.monotonic() + limit_s
+    while True:
+        marked = procs.find_marked(marker)
+        if (set(pids) <= set(marked) and len(marked) >= at_least) or time.monotonic() > end:
+            return marked
+        await trio.sleep(0.005)
+
+
 def kill_quietly(pid: int) -> None:
     try:
         os.kill(pid, 9)
