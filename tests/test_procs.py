@@ -22,7 +22,7 @@ from sidecar.procs import (
     run_child,
     task_marker,
 )
-from tests.fakes.proc_helpers import alive, kill_quietly, wait_dead
+from tests.fakes.proc_helpers import alive, kill_quietly, wait_dead, wait_marked
 
 SH = "/bin/sh"
 
@@ -318,7 +318,7 @@ async def test_setsid_grandchild_is_found_and_killed_through_the_marker(tmp_path
     try:
         assert alive(pid)
         assert os.getsid(pid) == pid != os.getsid(0)  # escaped our session and group
-        assert pid in find_marked(m)
+        assert pid in await wait_marked(m, [pid])  # `exec sleep` may still be under way
         assert pid not in find_marked(m + "x")
         assert kill_marked(m) >= 1
         assert await wait_dead(pid, limit_s=2)
