@@ -78,31 +78,28 @@ class SidecarProcess:
             path.write_text("\n".join(lines) + "\n")
         return path
 
+    def argv(self, config_path: Path) -> list[str]:
+        """The command line of `sidecar run` on `config_path`."""
+        argv = [sys.executable, "-m", "sidecar", "--log-format", "json", "--log-level", "debug"]
+        return [*argv, "run", "--config", str(config_path)]
+
+    def child_env(self) -> dict[str, str]:
+        """The process's environment: ours, without SIDECAR_* variables."""
+        return {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+
     async def start(self) -> None:
         path = self.write_config()
         self.starts += 1
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
         # Closed by `with` also when open_process raises: it is a checkpoint (its
         # worker-thread hand-off), and a start in a cancelled scope otherwise left
         # the file to the GC, whose ResourceWarning the suite turns into an error.
         with self.log_path.open("ab") as log:
             self.proc = await trio.lowlevel.open_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "sidecar",
-                    "--log-format",
-                    "json",
-                    "--log-level",
-                    "debug",
-                    "run",
-                    "--config",
-                    str(path),
-                ],
+                self.argv(path),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=self.child_env(),
             )
 
     @property

@@ -23,7 +23,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -219,22 +218,12 @@ class ChaosSidecar(SidecarProcess):
         self.tmpdir = root / "tmp"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
 
-    async def start(self) -> None:
-        path = self.write_config()
-        self.starts += 1
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        env["TMPDIR"] = str(self.tmpdir)
-        env["CHAOS_PID_DIR"] = str(self.root)
-        # `with`: a start cancelled at open_process's checkpoint (a fault's restart
-        # when the submit phase ends) must not leave the file to the GC.
-        with self.log_path.open("ab") as log:
-            self.proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "sidecar", "--log-format", "json", "run", "--config", str(path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+    def argv(self, config_path: Path) -> list[str]:
+        # The daemon's default log level (info), not the harness's debug.
+        return [sys.executable, "-m", "sidecar", "--log-format", "json", "run", "--config", str(config_path)]
+
+    def child_env(self) -> dict[str, str]:
+        return {**super().child_env(), "TMPDIR": str(self.tmpdir), "CHAOS_PID_DIR": str(self.root)}
 
 
 class Episode:
