@@ -171,14 +171,14 @@ def file_create_ms(n: int, where: Path) -> list[float]:
     free inode), so it is measured beside the sidecar's own state dir, in the same run.
     """
     where.mkdir(parents=True, exist_ok=True)
+    paths = [where / f"floor-{i}.log" for i in range(n)]
     out = []
-    for i in range(n):
-        path = where / f"floor-{i}.log"
+    for path in paths:
         t0 = time.perf_counter()
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644))
         out.append((time.perf_counter() - t0) * 1000)
-    for i in range(n):
-        (where / f"floor-{i}.log").unlink()
+    for path in paths:
+        path.unlink()
     return out
 
 

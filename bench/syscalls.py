@@ -69,7 +69,7 @@ async def measure(args: argparse.Namespace) -> dict[str, int]:
                         argv += ["-p", tid]
                     proc = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL)
                     await trio.sleep(args.window)
-                    proc.send_signal(signal.SIGINT)  #: strace detaches and writes its summary
+                    proc.send_signal(signal.SIGINT)  # strace detaches and writes its summary
                     with trio.fail_after(30):
                         await proc.wait()
                     nursery.cancel_scope.cancel()
