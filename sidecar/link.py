@@ -24,6 +24,7 @@ from .config import Config
 from .frames import HubError, Identified, InboundFrame, Pong, RateLimited, RateLimitWarning, read_frame
 from .log import get_logger
 from .messages import FrameError, encode_frame, identify_frame
+from .quicklock import QuickLock
 
 log = get_logger("sidecar.link")
 
@@ -90,7 +91,7 @@ class HubLink:
         self.reconnects = 0
         self.rate_limited_hits = 0
         self._ws: trio_websocket.WebSocketConnection | None = None
-        self._send_lock = trio.Lock()
+        self._send_lock = QuickLock()  # a free lock is taken without a scheduler round
         self._identified_event = trio.Event()
         self._state_changed = trio.Event()
         self._pong = trio.Event()

@@ -42,6 +42,7 @@ import trio
 
 from .log import get_logger
 from .pending import OutboxItem, PendingResults
+from .quicklock import QuickLock
 from .storefaults import (
     CANNOT_WRITE,
     NOT_A_DB,
@@ -116,7 +117,7 @@ class Store:
         self, db: sqlite3.Connection, path: Path, pending: Iterable[tuple[int, str, int]] = ()
     ) -> None:
         self._db = db
-        self._lock = trio.Lock()
+        self._lock = QuickLock()  # a call reaches the store thread without a scheduler round first
         self._thread = StoreThread()
         self.path = path
         self.health = WriteHealth(path, PROBE_INTERVAL_S)

@@ -44,6 +44,7 @@ from .messages import (
     truncate,
 )
 from .progress import ProgressSender
+from .quicklock import QuickSemaphore
 from .store import Store, StoredTask
 from .storefaults import StoreWriteError
 from .taskrun import TaskRun, run_and_sweep
@@ -116,7 +117,7 @@ class Supervisor:
         self.held: dict[str, Held] = {}
         self.closing = False
         self.outcomes: dict[str, int] = {}
-        self._slots = trio.Semaphore(config.capacity)
+        self._slots = QuickSemaphore(config.capacity)
         self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
         self._idle.set()
