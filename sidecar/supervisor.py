@@ -67,6 +67,11 @@ class BatcherHooks(Protocol):
 LATE_SWEEP_S = 0.2
 
 
+def _set(event: trio.Event) -> trio.Event:
+    event.set()
+    return event
+
+
 @attrs.define(eq=False)
 class Held:
     task: Task
@@ -81,6 +86,9 @@ class Held:
     awaiting_recovery: bool = False
     recover_answered: trio.Event = attrs.field(factory=trio.Event)
     done: trio.Event = attrs.field(factory=trio.Event)
+    # A fresh task's run waits until its task_accepted is on the wire (or put off):
+    # the hub hears of it before the run's set-up and spawn, not after.
+    accept_sent: trio.Event = attrs.field(factory=lambda: _set(trio.Event()))
 
     def ending(self) -> str | None:
         """Why this run is being torn down (cancel reason, or its time limit); None if it is not."""
@@ -260,7 +268,8 @@ class Supervisor:
         # The daemon may have begun to stop while the row was written (a SIGTERM, the
         # task nursery closed). The task is then neither accepted nor run; it stays in
         # the store as in flight, and the next start reports it (task_recovering).
-        if self.closing or not self._hold(Held(task, gen, marker, stored_running=running)):
+        held = Held(task, gen, marker, stored_running=running, accept_sent=trio.Event())
+        if self.closing or not self._hold(held):
             log.info(
                 "task_stored_while_stopping", task_id=tid, generation=gen, action="recovered at next start"
             )
@@ -268,7 +277,10 @@ class Supervisor:
         self._log_stale_dropped(tid, gen, dropped)
         queued = len(self.held) > self.config.capacity
         log.info("task_accepted", task_id=tid, generation=gen, queued=queued)
-        await self.accepts.accept(tid)
+        try:
+            await self.accepts.accept(tid)
+        finally:
+            held.accept_sent.set()
 
     async def _late_sweeper(self) -> None:
         """Sweep each ended task's marker once more, `LATE_SWEEP_S` after its end.
@@ -379,6 +391,7 @@ class Supervisor:
             with held.scope:
                 if held.awaiting_recovery:
                     await held.recover_answered.wait()
+                await held.accept_sent.wait()  # at once unless a fresh accept is being sent
                 async with self._slots:
                     held.started = True
                     started_at = trio.current_time()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
 from sidecar.messages import parse_task
 from sidecar.procs import MARKER_VAR, task_marker
@@ -163,3 +164,34 @@ async def test_holding_a_task_after_the_task_nursery_closed_is_refused_not_raise
     task = parse_task(shell_assign("t-after", "true"))
     assert sup._hold(Held(task, 1, "m")) is False
     assert "t-after" not in sup.held
+
+
+async def test_a_fresh_task_runs_only_once_its_accept_is_on_the_wire(make_config: Any) -> None:
+    """The hub hears `task_accepted` before the run's set-up and spawn: while the
+    accept's send is under way, the task is held but its run has not begun; once the
+    send returns, it runs to its end."""
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, _store):
+        sup = sc.supervisor
+        sending = trio.Event()
+        release = trio.Event()
+        real_accept = sc.accepts.accept
+
+        async def slow_accept(task_id: str) -> None:
+            sending.set()
+            await release.wait()  # the frame still on its way to the socket
+            await real_accept(task_id)
+
+        sc.accepts.accept = slow_accept  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed, sc, shell_assign("t-first", "true"))
+            with trio.fail_after(10):
+                await sending.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            held = sup.held["t-first"]
+            assert not held.started
+            release.set()
+        with trio.fail_after(20):
+            await held.done.wait()
+        assert held.started
+        assert sup.outcomes == {"success": 1}
