@@ -59,8 +59,18 @@ UNLIMITED: dict[str, Any] = {"hub_rate_capacity": 1_000_000, "hub_rate_refill_pe
 class Sidecar:
     """A `sidecar run` subprocess with a TOML config of our own."""
 
-    def __init__(self, root: Path, hub_url: str, *, log_level: str = "info", **overrides: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        hub_url: str,
+        *,
+        log_level: str = "info",
+        checkout: Path | None = None,
+        **overrides: Any,
+    ) -> None:
         self.root = root
+        # Another checkout's sidecar (`bench/sidebyside.py --base`): run from there, its package first.
+        self.checkout = checkout
         root.mkdir(parents=True, exist_ok=True)
         self.log_path = root / "sidecar.log"
         self.log_level = log_level
@@ -84,10 +94,17 @@ class Sidecar:
         path = self.root / "sidecar.toml"
         path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.config.items()))
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        if self.checkout is not None:
+            env["PYTHONPATH"] = str(self.checkout)
         argv = self.argv(path, extra_argv)
         with self.log_path.open("ab") as log:
             self.proc = await trio.lowlevel.open_process(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.checkout,
             )
 
     @property
@@ -231,17 +248,17 @@ async def run_tasks(hub: DevHub, n: int, command: str) -> list[str]:
     return ids
 
 
-def latencies(hub: DevHub, ids: list[str]) -> tuple[list[float], list[float]]:
+def latencies(hub: DevHub, ids: list[str], agent: str = AGENT) -> tuple[list[float], list[float]]:
     assigned: dict[str, float] = {}
-    for f in hub.sent(AGENT, type="task_assign"):
+    for f in hub.sent(agent, type="task_assign"):
         if f.frame is not None:
             assigned.setdefault(f.frame["task_id"], f.at)
     accepted: dict[str, float] = {}
-    for f in hub.frames(AGENT, type="task_accepted"):
+    for f in hub.frames(agent, type="task_accepted"):
         if f.frame is not None:
             accepted.setdefault(f.frame["task_id"], f.at)
     completed: dict[str, float] = {}
-    for f in hub.frames(AGENT, type="task_complete"):
+    for f in hub.frames(agent, type="task_complete"):
         if f.frame is not None:
             completed.setdefault(f.frame["task_id"], f.at)
     acc = [(accepted[t] - assigned[t]) * 1000 for t in ids]

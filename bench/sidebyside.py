@@ -1,0 +1,151 @@
+"""Several workers side by side on one dev hub, their tasks interleaved one by one.
+
+    .venv/bin/python bench/sidebyside.py [--base DIR ...] [--skeleton] [--rounds 300] [--command true]
+
+Each worker is a process of its own with its own agent id and state dir,
+connected to the same dev hub (rate limits OFF, as in `latency.py`): this
+checkout's `sidecar run` ("cur"), the `sidecar run` of each `--base` checkout
+(a `git worktree add /tmp/base REV`: "base", "base2", …) and, with
+`--skeleton`, `bench/skeleton.py`. The tasks are sequential, as in
+`latency.py`, but a round gives one task to each worker in turn (in a fresh
+random order each round) before the next round starts. So every worker's
+tasks are sampled across the same minutes of the machine's drift, which on
+this project's VMs moves a single worker's median by 30-60 % within an hour
+and makes separate runs, even paired ones (`ab.py`), blind to a 10 %
+difference. The other workers are idle while one works.
+
+Printed per worker: assign -> task_accepted and -> task_complete (median, p90,
+p99), then for each worker against "cur": the ratio of the medians and the
+median of the per-round ratios (the same round's two tasks, seconds apart).
+All times are the hub's, from its own frame records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).parent))
+from latency import (  # bench/ is not a package
+    TOKEN,
+    UNLIMITED,
+    Sidecar,
+    Skeleton,
+    default_state_parent,
+    latencies,
+    pct,
+)
+
+from sidecar.devhub import DevHub, open_dev_hub
+
+
+async def one_task(hub: DevHub, agent: str, command: str) -> str:
+    tid = hub.submit(
+        metadata={"shell_command": command}, routing_decision={"target_type": "sidecar"}, assign_to=agent
+    )
+    await hub.wait_until(lambda: hub.task(tid).status in ("completed", "dead_letter"), 30)
+    return tid
+
+
+async def bench(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    names = ["cur"] + [f"base{i + 1 if i else ''}" for i in range(len(args.base))]
+    if args.skeleton:
+        names.append("skeleton")
+    checkouts: list[Path | None] = [None, *args.base]  # resolved by main()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
+        async with open_dev_hub(tokens={n: TOKEN for n in names}, limits=None) as hub:
+            workers: dict[str, Sidecar] = {}
+            for i, name in enumerate(names):
+                kind = Skeleton if name == "skeleton" else Sidecar
+                checkout = checkouts[i] if i < len(checkouts) else None
+                workers[name] = kind(
+                    Path(tmp) / name,
+                    hub.ws_url,
+                    log_level=args.log_level,
+                    checkout=checkout,
+                    agent_id=name,
+                    **UNLIMITED,
+                )
+            try:
+                for w in workers.values():
+                    await w.start()
+                for name in names:
+                    await hub.wait_until(lambda name=name: hub.connected(name), 30)  # type: ignore[misc]
+                ids: dict[str, list[str]] = {n: [] for n in names}
+                for r in range(args.warmup + args.rounds):
+                    order = names[:]
+                    rng.shuffle(order)
+                    for name in order:
+                        tid = await one_task(hub, name, args.command)
+                        if r >= args.warmup:
+                            ids[name].append(tid)
+                for name in names:
+                    bad = [t for t in ids[name] if hub.task(t).status != "completed"]
+                    assert not bad, f"{name}: {len(bad)} tasks did not complete"
+                assert not hub.violations, hub.violations[:3]
+                out: dict[str, dict[str, list[float]]] = {}
+                for name in names:
+                    acc, comp = latencies(hub, ids[name], agent=name)
+                    out[name] = {"accept_ms": acc, "complete_ms": comp}
+                for w in workers.values():
+                    assert await w.stop() == 0
+            finally:
+                for w in workers.values():
+                    await w.cleanup()
+    return out
+
+
+def line(name: str, what: str, ms: list[float]) -> str:
+    return (
+        f"{name:<9} {what:<9}: median {statistics.median(ms):6.2f} ms  p90 {pct(ms, 90):6.2f}"
+        f"  p99 {pct(ms, 99):6.2f}  (n={len(ms)})"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", action="append", default=[], help="another checkout to run beside this one")
+    ap.add_argument("--skeleton", action="store_true", help="also run bench/skeleton.py beside them")
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=20, help="rounds not counted")
+    ap.add_argument("--command", default="true")
+    ap.add_argument("--log-level", default="info", help="the sidecars' --log-level")
+    ap.add_argument("--state-dir", default=None, help="parent of the state dirs (default as latency.py)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
+    args = ap.parse_args()
+    if args.state_dir is None:
+        args.state_dir = str(default_state_parent())
+    args.base = [Path(b).resolve() for b in args.base]
+    r = trio.run(bench, args)
+    print(
+        f"{args.rounds} rounds of one sequential `{args.command}` task per worker, interleaved,"
+        f" one dev hub, rate limits OFF, log level {args.log_level}, state dirs under {args.state_dir}"
+    )
+    for name, fig in r.items():
+        print(line(name, "accepted", fig["accept_ms"]))
+        print(line(name, "complete", fig["complete_ms"]))
+    cur = r["cur"]
+    for name, fig in r.items():
+        if name == "cur":
+            continue
+        parts = []
+        for key, label in (("accept_ms", "accepted"), ("complete_ms", "complete")):
+            med = statistics.median(cur[key]) / statistics.median(fig[key])
+            per_round = statistics.median(a / b for a, b in zip(cur[key], fig[key], strict=True))
+            parts.append(f"{label} {med:.3f}x (per round {per_round:.3f}x)")
+        print(f"cur / {name:<9}: " + ", ".join(parts))
+    if args.json:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
