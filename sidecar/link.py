@@ -136,18 +136,19 @@ class HubLink:
             # budget and this spend are one step (progress: the batcher's own).
             self.budget.spend_lifecycle(trio.current_time())
         async with self._send_lock:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(self.config.pong_timeout_s) as timeout:
-                    try:
-                        await ws.send_message(text)
-                        return True
-                    except _LINK_ERRORS as exc:
-                        log.info("send_failed", type=frame.get("type"), error=type(exc).__name__)
-                        self._drop_session()
-                        return False
-                if timeout.cancelled_caught:
-                    log.warning("send_stalled", type=frame.get("type"), timeout_s=self.config.pong_timeout_s)
+            # One scope: shielded from the caller's cancellation, bounded by its own deadline.
+            deadline = trio.current_time() + self.config.pong_timeout_s
+            with trio.CancelScope(shield=True, deadline=deadline) as timeout:
+                try:
+                    await ws.send_message(text)
+                    return True
+                except _LINK_ERRORS as exc:
+                    log.info("send_failed", type=frame.get("type"), error=type(exc).__name__)
                     self._drop_session()
+                    return False
+            if timeout.cancelled_caught:
+                log.warning("send_stalled", type=frame.get("type"), timeout_s=self.config.pong_timeout_s)
+                self._drop_session()
         return False
 
     async def send_when_ready(self, frame: dict[str, Any]) -> bool:

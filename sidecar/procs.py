@@ -147,10 +147,12 @@ async def _final_cleanup(pgid: int | None, marker: str | None) -> int:
     may since belong to a stranger. The common case (nothing left) costs one
     killpg(0) and, with a marker, one scan.
     """
-    strays = 0
-    with trio.CancelScope(shield=True), trio.move_on_after(_REAP_WAIT_S) as scope:
-        in_group = len(group_members(pgid)) if pgid is not None and group_alive(pgid) else 0
-        strays = in_group + _sweep(marker)
+    in_group = len(group_members(pgid)) if pgid is not None and group_alive(pgid) else 0
+    strays = in_group + _sweep(marker)
+    if not strays:
+        return 0  # no cancel scope either: this runs at the end of every task
+    # One scope, shielded from outer cancellation, with its own deadline.
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + _REAP_WAIT_S) as scope:
         delay = 0.001
         while strays and (
             (pgid is not None and group_alive(pgid)) or (marker is not None and find_marked(marker))

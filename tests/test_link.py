@@ -255,3 +255,31 @@ async def test_a_huge_retry_after_pauses_at_most_30_s(make_config: Any) -> None:
                 await rec.wait(lambda: any(isinstance(f, RateLimited) for f in rec.frames))
             assert link.rate_limited_hits == 1
             assert link.budget.paused_until - trio.current_time() <= 30.0
+
+
+async def test_a_send_to_a_hub_that_stopped_reading_gives_up_at_its_own_deadline(
+    clock: trio.testing.MockClock, make_config: Any, logs: Logs
+) -> None:
+    """A send that cannot finish (the hub stopped reading, the socket buffers are
+    full) is shielded from its caller's cancellation, so that no half frame is left
+    on the wire, and bounded by its own deadline: after `pong_timeout_s` it is
+    given up, the session is declared dead and the link reconnects."""
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, ping_interval_s=10_000.0, pong_timeout_s=10.0)
+        async with running_link(cfg) as (link, rec):
+            await rec.wait(lambda: rec.identified == 1)
+            hub.stall(AGENT)
+            big = {"type": "task_progress", "task_id": "t-1", "text": "x" * 1_000_000}
+            t0 = trio.current_time()
+            sent = 0
+            with trio.move_on_after(1):  # the caller gives up after 1 s; the send does not
+                while await link.send(big):
+                    sent += 1
+                    t0 = trio.current_time()
+            stalled_for = trio.current_time() - t0
+            assert sent < 100  # the buffers filled up
+            assert logs.named("send_stalled")
+            assert 10 <= stalled_for < 11
+            hub.stall(AGENT, on=False)
+            with trio.fail_after(60):
+                await rec.wait(lambda: rec.identified == 2)

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import structlog.testing
 import trio
 
 from sidecar import procs
@@ -500,3 +501,25 @@ async def test_capture_time_limit_kills_the_group(tmp_path: Path) -> None:
     assert "timed out after" in res.describe()
     assert await wait_dead(int(pidfile.read_text()))
     assert procs.find_marked(m) == []
+
+
+async def test_leftovers_that_will_not_go_are_waited_for_shielded_then_reported(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock
+) -> None:
+    """A group that stays alive after its SIGKILL (here: a kernel that keeps saying
+    so) is waited for at most the reap wait, whatever cancels the caller, then
+    reported; the common case returns at once, without a wait."""
+    clock_start = trio.current_time()
+    assert await procs._final_cleanup(None, None) == 0
+    assert trio.current_time() == clock_start  # nothing to wait for: no wait at all
+
+    monkeypatch.setattr(procs, "group_alive", lambda pgid: True)
+    monkeypatch.setattr(procs, "group_members", lambda pgid: [pgid])
+    with structlog.testing.capture_logs() as events, trio.CancelScope() as outer:
+        outer.cancel()  # the caller is cancelled already: the wait happens anyway
+        t0 = trio.current_time()
+        strays = await procs._final_cleanup(4_000_000, None)
+        waited = trio.current_time() - t0
+    assert strays == 1
+    assert procs._REAP_WAIT_S <= waited < procs._REAP_WAIT_S + 0.5
+    assert [e["event"] for e in events] == ["child_leftovers_alive"]
