@@ -118,6 +118,7 @@ class Batcher:
         self._closed = False
         self._wake_on_data = False
         self._wakeup = trio.Event()
+        self._sleep_scope: trio.CancelScope | None = None  # the send loop's wait, while it waits
         self._lot = trio.lowlevel.ParkingLot()
 
     # -- executor-facing lifecycle ----------------------------------------------
@@ -130,7 +131,9 @@ class Batcher:
         st.started_at = now
         st.last_sent = now
         st.expire_at = math.inf
-        self._wakeup.set()
+        # Nothing is due before its first keep-alive: the send loop need not run
+        # now (a task step on every task's way to its spawn), only look again by then.
+        self._look_again_by(now + self.keepalive_s)
 
     def task_finished(self, task_id: str) -> None:
         """A task ended: its pending data still goes out, within `finish_grace_s`."""
@@ -140,7 +143,17 @@ class Batcher:
         st.running = False
         st.expire_at = trio.current_time() + self.finish_grace_s
         self._p.maybe_retire(st)
-        self._wakeup.set()
+        if self.has_pending():
+            # Its data (its expiry) or the others' (a token less is held back for
+            # results now) may go sooner. With nothing pending anywhere there is
+            # nothing to send: the loop's next look (a keep-alive due) is early at worst.
+            self._wakeup.set()
+
+    def _look_again_by(self, at: float) -> None:
+        """Have a sleeping send loop wake by `at`; a running one recomputes anyway."""
+        scope = self._sleep_scope
+        if scope is not None and at < scope.deadline:
+            scope.deadline = at
 
     def forget(self, task_id: str) -> None:
         """Drop a task's state and pending data now (reassigned away); ignore its late events."""
@@ -320,8 +333,9 @@ class Batcher:
             # New data can only make something due sooner when nothing is pending.
             self._wake_on_data = due > now
             self._wakeup = trio.Event()
-            with trio.move_on_at(wake):
+            with trio.move_on_at(wake) as self._sleep_scope:
                 await self._wakeup.wait()
+            self._sleep_scope = None
             self._wake_on_data = False
 
     def _order(self, now: float) -> list[str]:

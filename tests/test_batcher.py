@@ -235,6 +235,45 @@ async def test_keepalive_for_a_silent_task(autojump_clock: trio.abc.Clock) -> No
     assert b.tracked_tasks() == []
 
 
+class _StepCounter(trio.abc.Instrument):
+    def __init__(self, fragment: str) -> None:
+        self.fragment = fragment
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.fragment in task.name:
+            self.steps += 1
+
+
+async def test_a_silent_task_starting_and_ending_costs_the_send_loop_no_step(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Every task starts and ends: with nothing to send, the sleeping send loop is
+    only told when to look again (the keep-alive), not run, on either. It still
+    sends the keep-alive of a task that starts while it sleeps with nothing due."""
+    b = Batcher(keepalive_s=120.0)
+    sink = RecordingSink()
+    async with running(b, sink):
+        await trio.testing.wait_all_tasks_blocked()
+        counter = _StepCounter("sidecar.batcher.Batcher.run")
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for i in range(5):
+                b.task_started(f"short-{i}")
+                await trio.testing.wait_all_tasks_blocked()
+                b.task_finished(f"short-{i}")
+                await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps == 0
+        assert sink.frames == []
+        t0 = trio.current_time()
+        b.task_started("quiet")
+        await trio.sleep(121)
+        assert [e["text"] for e in sink.of("quiet")] == ["still running (120 s)"]
+        assert sink.times[0] == pytest.approx(t0 + 120, abs=0.11)
+
+
 async def test_keepalive_clock_restarts_on_real_progress(autojump_clock: trio.abc.Clock) -> None:
     b = Batcher(keepalive_s=120.0)
     sink = RecordingSink()
