@@ -79,3 +79,32 @@ def test_a_process_without_the_marker_is_never_signalled_even_when_named() -> No
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_process_with_no_child_finds_no_descendant_without_walking_proc() -> None:
+    """The end of every task sweeps for its marker: with no child at all (the common
+    case once the task's child is reaped) that costs one waitid, not a /proc walk;
+    with a child, a zombie one included, the walk happens and finds it."""
+    script = textwrap.dedent(
+        """
+        import os, subprocess
+        from sidecar import proctree
+        walked = []
+        real = proctree._children
+        proctree._children = lambda pid: walked.append(pid) or real(pid)
+        assert proctree._descendants() == [] and walked == [], walked
+        child = subprocess.Popen(["sleep", "30"])
+        assert proctree._descendants() == [child.pid] and walked
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped: a zombie
+        walked.clear()
+        assert proctree._descendants() == [child.pid] and walked  # a zombie is still a child
+        child.wait()
+        walked.clear()
+        assert proctree._descendants() == [] and walked == [], walked
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
