@@ -245,10 +245,9 @@ async def run_child(
     pgid: int | None = None
     returncode: int | None = None
     t0 = trio.current_time()
-    # The pipes are ours, not run_process's: a cancellation that lands between
-    # the spawn and `started` would otherwise leave their read ends to the
-    # garbage collector. The read ends are closed in the `finally` below
-    # whatever happens; the write ends as soon as the child holds its copies.
+    # The pipes are ours (not run_process's) and closed in the `finally` below
+    # whatever happens: the read ends at the end, the write ends as soon as the
+    # child holds its copies.
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     stdout_stream = trio.lowlevel.FdStream(out_r)
@@ -286,19 +285,22 @@ async def run_child(
             os.close(stdin_r)
         return popen, stdin_w
 
-    async def run_it(task_status: trio.TaskStatus[int]) -> None:
-        nonlocal returncode
+    def start() -> tuple[ChildExit, int | None]:
         popen, stdin_w = spawn()
         running_children.add(popen.pid)  # ours to reap (proctree.reap_orphans leaves it)
-        exit_ = ChildExit(popen)
+        return ChildExit(popen), stdin_w
+
+    async def wait_it(exit_: ChildExit, stdin_w: int | None) -> None:
+        # Started with no checkpoint after the spawn: a cancellation that comes
+        # first meets wait_or_kill's first await, which stops the group and reaps.
+        nonlocal returncode
+        popen = exit_.popen
         try:
             if stdin_w is None:
-                task_status.started(popen.pid)
                 returncode = await wait_or_kill(exit_, state, kill_group_first=kill_leftovers)
             else:
                 async with trio.open_nursery() as feeder:
                     feeder.start_soon(feed_stdin, stdin_w, stdin or b"")
-                    task_status.started(popen.pid)
                     returncode = await wait_or_kill(exit_, state, kill_group_first=kill_leftovers)
                     feeder.cancel_scope.cancel()
         finally:
@@ -324,9 +326,13 @@ async def run_child(
     strays = 0
     try:
         try:
+            # Spawned here, not in a task of its own started with nursery.start: that
+            # hand-off cost a scheduler round on every child's way to its start.
+            exit_, stdin_w = start()
+            pgid = exit_.popen.pid
+            close_write_ends()  # the child has its copies: EOF comes when it (and its heirs) exit
             async with trio.open_nursery() as nursery:
-                pgid = await nursery.start(run_it)
-                close_write_ends()  # the child has its copies: EOF comes when it (and its heirs) exit
+                nursery.start_soon(wait_it, exit_, stdin_w)
                 for reader, scope in zip(readers, drain_scopes, strict=True):
                     nursery.start_soon(drain, reader, scope)
         except BaseExceptionGroup as eg:
