@@ -97,7 +97,11 @@ class Sidecar:
         self.hub_types = HubTypes()
         self.refused_types = self.hub_types.refused
         ctx = ExecContext(
-            config=config, http=http, state_dir=config.resolved_state_dir(), notify=self._notify_hub
+            config=config,
+            http=http,
+            state_dir=config.resolved_state_dir(),
+            notify=self._notify_hub,
+            off_loop=store.run_blocking,
         )
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
         # Workspace, branch, verification and delivery around the dispatcher's run.

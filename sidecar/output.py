@@ -10,9 +10,11 @@ short; the task and its captured head and tail carry on.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, TypeVar
 
 import trio
 
@@ -29,6 +31,19 @@ _LOG_BUFFER = 256 * 1024
 
 
 _APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+
+T = TypeVar("T")
+
+
+class OffLoop(Protocol):
+    """Runs a short blocking call off the event loop and returns what it returned."""
+
+    async def __call__(self, fn: Callable[[], T], /) -> T: ...
+
+
+async def in_worker_thread(fn: Callable[[], T], /) -> T:
+    """The default `OffLoop`: a trio worker thread."""
+    return await trio.to_thread.run_sync(fn)
 
 
 def _open_append_fd(path: Path) -> int:
@@ -68,8 +83,8 @@ class OutputCapture:
 
     Creating a file can wait on the disk (a cold inode table: 0.3-0.9 ms per
     new file measured on this project's VMs, against 15 us warm), so a task
-    opens its log with `open_log` in a worker thread while its child starts,
-    not on the way to its result. Output that arrives meanwhile stays in the
+    opens its log with `open_log` off the loop while its child starts, not on
+    the way to its result. Output that arrives meanwhile stays in the
     buffer; `wait_room` holds the writer back once the buffer is full.
     """
 
@@ -92,15 +107,15 @@ class OutputCapture:
 
     # -- opening
 
-    async def open_log(self) -> None:
-        """Open (create) the log file in a worker thread; idempotent."""
+    async def open_log(self, off_loop: OffLoop = in_worker_thread) -> None:
+        """Open (create) the log file through `off_loop` (a worker thread by default); idempotent."""
         if self._open_state is not None:
             return
         assert self.log_path is not None
         self._open_state = opened = trio.Event()
         fd: int | None = None
         try:
-            fd = await trio.to_thread.run_sync(_open_append_fd, self.log_path)
+            fd = await off_loop(partial(_open_append_fd, self.log_path))
         except OSError as exc:
             self._unavailable(exc)
         finally:

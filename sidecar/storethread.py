@@ -1,4 +1,4 @@
-"""The one thread that runs the store's SQLite calls, fed through a queue.
+"""The one thread that runs the store's SQLite calls (and task logs' opens), fed through a queue.
 
 SQLite blocks, so the store's calls leave the event loop. `trio.to_thread`
 hands each call to a cached worker through a capacity limiter and a lock
@@ -29,6 +29,7 @@ class StoreThread:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._stopped = False
         self._thread.start()
 
     def _serve(self) -> None:
@@ -43,6 +44,9 @@ class StoreThread:
     async def run(self, fn: Callable[[], T]) -> T:
         """Run `fn` in the store thread and return (or raise) what it did."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self._stopped:
+            # Queued now, the call would never run, and its caller cannot be cancelled.
+            raise RuntimeError("the store thread has stopped")
         task = trio.lowlevel.current_task()
 
         def deliver(result: outcome.Outcome[Any]) -> None:
@@ -58,5 +62,6 @@ class StoreThread:
 
     async def stop(self) -> None:
         """Let queued calls finish, then end the thread."""
+        self._stopped = True
         self._jobs.put(None)
         await trio.to_thread.run_sync(self._thread.join)

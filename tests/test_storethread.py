@@ -63,3 +63,13 @@ async def test_a_cancelled_caller_waits_for_its_call() -> None:
         assert done == ["slow"]
     finally:
         await st.stop()
+
+
+async def test_a_call_after_stop_is_refused_not_left_waiting_forever() -> None:
+    """A call queued to a stopped thread would never run, and its caller cannot be
+    cancelled (the call may be under way): it is refused at once instead."""
+    st = StoreThread()
+    assert await st.run(lambda: 1) == 1
+    await st.stop()
+    with trio.fail_after(5), pytest.raises(RuntimeError, match="stopped"):
+        await st.run(lambda: 2)

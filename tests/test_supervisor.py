@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -195,3 +196,32 @@ async def test_a_fresh_task_runs_only_once_its_accept_is_on_the_wire(make_config
             await held.done.wait()
         assert held.started
         assert sup.outcomes == {"success": 1}
+
+
+async def test_the_daemon_opens_task_logs_in_its_store_thread(
+    make_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's thread is awake and idle while a task's child runs: the daemon
+    creates the task's log file there, not in a trio worker thread (its limiter
+    and hand-off cost more on every task's path); `sidecar exec` has no store and
+    uses a worker thread."""
+    import threading
+
+    from sidecar import output
+
+    opened_in: list[str] = []
+    real_open = output._open_append_fd
+
+    def recording_open(path: Path) -> int:
+        opened_in.append(threading.current_thread().name)
+        return real_open(path)
+
+    monkeypatch.setattr(output, "_open_append_fd", recording_open)
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, _store):
+        await feed(sc, shell_assign("t-log", "echo logged"))
+        with trio.fail_after(20):
+            await sc.supervisor.held["t-log"].done.wait()
+        log_file = sc.supervisor.context.log_path("t-log")
+    assert opened_in == ["sidecar-store"]
+    assert "logged" in log_file.read_text()

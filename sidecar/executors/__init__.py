@@ -18,6 +18,7 @@ import attrs
 
 from ..config import Config
 from ..messages import Outcome, Task
+from ..output import OffLoop, in_worker_thread
 from ..progress import ProgressSender
 from ..sharedhttp import SharedHTTP
 from ..taskrun import TaskRun, safe_file_name
@@ -36,12 +37,15 @@ class ExecContext:
     (`http_client()`), so that httpx is loaded only by a kind that needs it.
     `notify`: send an informational frame to the hub (`wake_result`), only if
     the hub accepts its type; it never waits for the link to come back.
+    `off_loop`: where a short blocking call of an executor runs (a task log's
+    open): the daemon's store thread (`Store.run_blocking`), else a worker thread.
     """
 
     config: Config
     http: httpx.AsyncClient | SharedHTTP
     state_dir: Path
     notify: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    off_loop: OffLoop = in_worker_thread
 
     def http_client(self) -> httpx.AsyncClient:
         """The HTTP client; made now if `http` is a `SharedHTTP` not used yet (imports httpx)."""

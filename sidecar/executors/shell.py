@@ -85,7 +85,7 @@ class ShellExecutor:
             try:
                 async with trio.open_nursery() as nursery:
                     # The log file is created while the child starts, not before it.
-                    nursery.start_soon(out.open_log)
+                    nursery.start_soon(out.open_log, self.ctx.off_loop)
                     try:
                         res = await run_child(
                             ["/bin/sh", "-c", command],
