@@ -67,8 +67,6 @@ class Outbox:
         self._empty = trio.Event()
         # Results the store could not write, sent from memory (ids below zero).
         self.unstored: list[OutboxItem] = []
-        # task_id -> woken once a result of that task has been handed to the link.
-        self._sent_waiters: dict[str, trio.Event] = {}
         self._next_unstored_id = -1
 
     @property
@@ -95,19 +93,6 @@ class Outbox:
     def notify(self) -> None:
         """A result was written to the store."""
         self._changed.set()
-
-    def next_to_send(self) -> bool:
-        """True if a result stored now goes out next, at once: nothing in flight, the link up."""
-        return self._inflight is None and not self.unstored and self.link.can_send()
-
-    async def wait_sent(self, task_id: str) -> None:
-        """Until a result of `task_id` has been handed to the link. Unbounded: the caller bounds it."""
-        event = self._sent_waiters.setdefault(task_id, trio.Event())
-        try:
-            await event.wait()
-        finally:
-            if self._sent_waiters.get(task_id) is event:
-                del self._sent_waiters[task_id]
 
     async def put(self, task_id: str, frame: dict[str, Any] | None) -> bool:
         """Mark the task done and queue its result (if any) for delivery; True if stored.
@@ -181,8 +166,6 @@ class Outbox:
                 if not await self.link.send(item.frame):
                     await self.link.wait_state_change()
                     continue
-                if (waiter := self._sent_waiters.pop(item.task_id, None)) is not None:
-                    waiter.set()
                 log.debug(  # the ack (result_acked) is the line that matters
                     "result_sent",
                     task_id=item.task_id,

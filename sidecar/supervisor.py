@@ -65,8 +65,6 @@ class BatcherHooks(Protocol):
 
 # How long after a task's end its marker is swept once more (`_late_sweeper`).
 LATE_SWEEP_S = 0.2
-# How long a task's `task_finished` line waits for its result to be handed to the link.
-FINISHED_LINE_WAIT_S = 0.1
 
 
 def _set(event: trio.Event) -> trio.Event:
@@ -436,6 +434,14 @@ class Supervisor:
         frame, outcome = end.frame, end.outcome
         await self.outbox.put(tid, frame)  # from memory if the store cannot write it
         elapsed = None if started_at is None else round(trio.current_time() - started_at, 3)
+        log.info(
+            "task_finished",
+            task_id=tid,
+            generation=held.generation,
+            outcome=outcome,
+            attempts=None if result is None else result.attempts,
+            elapsed_s=elapsed,
+        )
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.accepts.forget(tid)
         if held.started:
@@ -447,20 +453,6 @@ class Supervisor:
             self._idle.set()
         held.done.set()
         self.outbox.notify()
-        if frame is not None and self.outbox.next_to_send():
-            # The result goes out first, this line after it: the hub waits for the
-            # one, nothing waits for the other. Bounded: a send held back (budget,
-            # a pause) does not hold the line back for long.
-            with trio.move_on_after(FINISHED_LINE_WAIT_S):
-                await self.outbox.wait_sent(tid)
-        log.info(
-            "task_finished",
-            task_id=tid,
-            generation=held.generation,
-            outcome=outcome,
-            attempts=None if result is None else result.attempts,
-            elapsed_s=elapsed,
-        )
 
     async def _fail_unheld(self, task_id: str, generation: int, error: str, reason: str) -> None:
         """Report a task we will not run (busy, bad frame, state disk full) through the outbox."""
