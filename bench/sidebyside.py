@@ -14,6 +14,14 @@ this project's VMs moves a single worker's median by 30-60 % within an hour
 and makes separate runs, even paired ones (`ab.py`), blind to a 10 %
 difference. The other workers are idle while one works.
 
+On disk, which directory a worker's state dir lands in moves its figures by up
+to 4 % (ext4 places directories in different block groups, and every task
+creates its log file there: two checkouts of the same code gave 0.957-0.997 in
+one state dir each). So the rounds are split into `--segments` runs of fresh
+workers in fresh state dirs, and the ratio of each segment is printed too.
+With `--state-dir /dev/shm` (a create costs 0.01 ms) the same A/A gave
+0.997-1.009: use that for changes that do not touch the log file's create.
+
 Printed per worker: assign -> task_accepted and -> task_complete (median, p90,
 p99), then for each worker against "cur": the ratio of the medians and the
 median of the per-round ratios (the same round's two tasks, seconds apart).
@@ -54,53 +62,70 @@ async def one_task(hub: DevHub, agent: str, command: str) -> str:
     return tid
 
 
-async def bench(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+async def segment(
+    hub: DevHub,
+    root: Path,
+    names: list[str],
+    checkouts: list[Path | None],
+    args: argparse.Namespace,
+    rng: random.Random,
+) -> dict[str, list[str]]:
+    """Fresh workers in fresh state dirs under `root`; their counted tasks' ids."""
+    workers: dict[str, Sidecar] = {}
+    for i, name in enumerate(names):
+        kind = Skeleton if name == "skeleton" else Sidecar
+        checkout = checkouts[i] if i < len(checkouts) else None
+        workers[name] = kind(
+            root / name, hub.ws_url, log_level=args.log_level, checkout=checkout, agent_id=name, **UNLIMITED
+        )
+    try:
+        for w in workers.values():
+            await w.start()
+        for name in names:
+            await hub.wait_until(lambda name=name: hub.connected(name), 30)  # type: ignore[misc]
+        ids: dict[str, list[str]] = {n: [] for n in names}
+        per_segment = max(1, args.rounds // args.segments)
+        for r in range(args.warmup + per_segment):
+            order = names[:]
+            rng.shuffle(order)
+            for name in order:
+                tid = await one_task(hub, name, args.command)
+                if r >= args.warmup:
+                    ids[name].append(tid)
+        for w in workers.values():
+            assert await w.stop() == 0
+        # Disconnected now: the next segment's workers take the same agent ids.
+        for name in names:
+            await hub.wait_until(lambda name=name: not hub.connected(name), 30)  # type: ignore[misc]
+    finally:
+        for w in workers.values():
+            await w.cleanup()
+    return ids
+
+
+async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, float]]]:
     names = ["cur"] + [f"base{i + 1 if i else ''}" for i in range(len(args.base))]
     if args.skeleton:
         names.append("skeleton")
     checkouts: list[Path | None] = [None, *args.base]  # resolved by main()
     rng = random.Random(args.seed)
+    out: dict[str, dict[str, list[float]]] = {n: {"accept_ms": [], "complete_ms": []} for n in names}
+    ratios: list[dict[str, float]] = []  # per segment: each worker's complete median over cur's
     with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
         async with open_dev_hub(tokens={n: TOKEN for n in names}, limits=None) as hub:
-            workers: dict[str, Sidecar] = {}
-            for i, name in enumerate(names):
-                kind = Skeleton if name == "skeleton" else Sidecar
-                checkout = checkouts[i] if i < len(checkouts) else None
-                workers[name] = kind(
-                    Path(tmp) / name,
-                    hub.ws_url,
-                    log_level=args.log_level,
-                    checkout=checkout,
-                    agent_id=name,
-                    **UNLIMITED,
-                )
-            try:
-                for w in workers.values():
-                    await w.start()
-                for name in names:
-                    await hub.wait_until(lambda name=name: hub.connected(name), 30)  # type: ignore[misc]
-                ids: dict[str, list[str]] = {n: [] for n in names}
-                for r in range(args.warmup + args.rounds):
-                    order = names[:]
-                    rng.shuffle(order)
-                    for name in order:
-                        tid = await one_task(hub, name, args.command)
-                        if r >= args.warmup:
-                            ids[name].append(tid)
+            for k in range(args.segments):
+                ids = await segment(hub, Path(tmp) / f"segment-{k}", names, checkouts, args, rng)
+                medians = {}
                 for name in names:
                     bad = [t for t in ids[name] if hub.task(t).status != "completed"]
                     assert not bad, f"{name}: {len(bad)} tasks did not complete"
-                assert not hub.violations, hub.violations[:3]
-                out: dict[str, dict[str, list[float]]] = {}
-                for name in names:
                     acc, comp = latencies(hub, ids[name], agent=name)
-                    out[name] = {"accept_ms": acc, "complete_ms": comp}
-                for w in workers.values():
-                    assert await w.stop() == 0
-            finally:
-                for w in workers.values():
-                    await w.cleanup()
-    return out
+                    out[name]["accept_ms"] += acc
+                    out[name]["complete_ms"] += comp
+                    medians[name] = statistics.median(comp)
+                ratios.append({n: medians["cur"] / m for n, m in medians.items() if n != "cur"})
+            assert not hub.violations, hub.violations[:3]
+    return out, ratios
 
 
 def line(name: str, what: str, ms: list[float]) -> str:
@@ -115,20 +140,27 @@ def main() -> None:
     ap.add_argument("--base", action="append", default=[], help="another checkout to run beside this one")
     ap.add_argument("--skeleton", action="store_true", help="also run bench/skeleton.py beside them")
     ap.add_argument("--rounds", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=20, help="rounds not counted")
+    ap.add_argument("--warmup", type=int, default=20, help="rounds not counted, in each segment")
     ap.add_argument("--command", default="true")
     ap.add_argument("--log-level", default="info", help="the sidecars' --log-level")
     ap.add_argument("--state-dir", default=None, help="parent of the state dirs (default as latency.py)")
+    ap.add_argument(
+        "--segments",
+        type=int,
+        default=4,
+        help="restart every worker in fresh state dirs this many times (default 4): see the docstring",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = ap.parse_args()
     if args.state_dir is None:
         args.state_dir = str(default_state_parent())
     args.base = [Path(b).resolve() for b in args.base]
-    r = trio.run(bench, args)
+    r, seg_ratios = trio.run(bench, args)
     print(
         f"{args.rounds} rounds of one sequential `{args.command}` task per worker, interleaved,"
-        f" one dev hub, rate limits OFF, log level {args.log_level}, state dirs under {args.state_dir}"
+        f" in {args.segments} segments of fresh workers and state dirs, one dev hub, rate limits OFF,"
+        f" log level {args.log_level}, state dirs under {args.state_dir}"
     )
     for name, fig in r.items():
         print(line(name, "accepted", fig["accept_ms"]))
@@ -142,7 +174,8 @@ def main() -> None:
             med = statistics.median(cur[key]) / statistics.median(fig[key])
             per_round = statistics.median(a / b for a, b in zip(cur[key], fig[key], strict=True))
             parts.append(f"{label} {med:.3f}x (per round {per_round:.3f}x)")
-        print(f"cur / {name:<9}: " + ", ".join(parts))
+        per_seg = " ".join(f"{seg[name]:.3f}" for seg in seg_ratios)
+        print(f"cur / {name:<9}: " + ", ".join(parts) + f"; complete by segment {per_seg}")
     if args.json:
         print(json.dumps(r))
 
