@@ -17,48 +17,48 @@ from types import TracebackType
 import trio
 
 
-class QuickLock:
-    """A `trio.Lock` for `async with` that does not yield when it is free."""
+class _Quick:
+    """`async with` over a trio lock or semaphore: at once when free, trio's wait when not."""
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_inner",)
 
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
+    def __init__(self, inner: trio.Lock | trio.Semaphore) -> None:
+        self._inner = inner
 
     async def __aenter__(self) -> None:
         try:
-            self._lock.acquire_nowait()  # WouldBlock while held or while others wait
+            self._inner.acquire_nowait()  # WouldBlock while held (or nothing is free), or others wait
         except trio.WouldBlock:
-            await self._lock.acquire()
+            await self._inner.acquire()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._lock.release()
+        self._inner.release()
 
 
-class QuickSemaphore:
+class QuickLock(_Quick):
+    """A `trio.Lock` for `async with` that does not yield when it is free."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(trio.Lock())
+
+    def locked(self) -> bool:
+        assert isinstance(self._inner, trio.Lock)
+        return self._inner.locked()
+
+
+class QuickSemaphore(_Quick):
     """A `trio.Semaphore` for `async with` that does not yield when a unit is free."""
 
-    __slots__ = ("_sem",)
+    __slots__ = ()
 
     def __init__(self, value: int) -> None:
-        self._sem = trio.Semaphore(value)
+        super().__init__(trio.Semaphore(value))
 
     @property
     def value(self) -> int:
-        return self._sem.value
-
-    async def __aenter__(self) -> None:
-        try:
-            self._sem.acquire_nowait()  # WouldBlock when none is free
-        except trio.WouldBlock:
-            await self._sem.acquire()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._sem.release()
+        assert isinstance(self._inner, trio.Semaphore)
+        return self._inner.value
