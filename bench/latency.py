@@ -387,8 +387,9 @@ def main() -> None:
         f"  CPU per task: sidecar {r['sidecar_cpu_ms_per_task']:.2f} ms,"
         f" hub+bench {r['hub_cpu_ms_per_task']:.2f} ms"
     )
-    # "Trio thread N" are to_thread workers (the task log's create: a slow one shows as system
-    # time), the other "python" is the store's SQLite thread (Python does not name OS threads).
+    # The other "python" is the store's thread (Python does not name OS threads): its SQLite
+    # calls and, since c9dd280, each task log's create (a slow create shows as its system time).
+    # "Trio thread N" are to_thread workers (before c9dd280, the log's create ran in one).
     by_thread = ", ".join(
         f"{name} {user:.2f} user + {system:.2f} sys" for name, user, system in r["sidecar_threads"]
     )
