@@ -239,13 +239,17 @@ def pct(values: list[float], p: float) -> float:
     return s[k]
 
 
+async def one_task(hub: DevHub, command: str, agent: str | None = None) -> str:
+    """Submit one shell task (to `agent`, else whoever is free) and wait for its end; its id."""
+    tid = hub.submit(
+        metadata={"shell_command": command}, routing_decision={"target_type": "sidecar"}, assign_to=agent
+    )
+    await hub.wait_until(lambda: hub.task(tid).status in ("completed", "dead_letter"), 30)
+    return tid
+
+
 async def run_tasks(hub: DevHub, n: int, command: str) -> list[str]:
-    ids = []
-    for _ in range(n):
-        tid = hub.submit(metadata={"shell_command": command}, routing_decision={"target_type": "sidecar"})
-        await hub.wait_until(lambda tid=tid: hub.task(tid).status in ("completed", "dead_letter"), 30)  # type: ignore[misc]
-        ids.append(tid)
-    return ids
+    return [await one_task(hub, command) for _ in range(n)]
 
 
 def latencies(hub: DevHub, ids: list[str], agent: str = AGENT) -> tuple[list[float], list[float]]:

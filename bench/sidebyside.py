@@ -48,18 +48,11 @@ from latency import (  # bench/ is not a package
     Skeleton,
     default_state_parent,
     latencies,
+    one_task,
     pct,
 )
 
 from sidecar.devhub import DevHub, open_dev_hub
-
-
-async def one_task(hub: DevHub, agent: str, command: str) -> str:
-    tid = hub.submit(
-        metadata={"shell_command": command}, routing_decision={"target_type": "sidecar"}, assign_to=agent
-    )
-    await hub.wait_until(lambda: hub.task(tid).status in ("completed", "dead_letter"), 30)
-    return tid
 
 
 async def segment(
@@ -89,7 +82,7 @@ async def segment(
             order = names[:]
             rng.shuffle(order)
             for name in order:
-                tid = await one_task(hub, name, args.command)
+                tid = await one_task(hub, args.command, name)
                 if r >= args.warmup:
                     ids[name].append(tid)
         for w in workers.values():

@@ -154,9 +154,7 @@ async def _final_cleanup(pgid: int | None, marker: str | None) -> int:
     # One scope, shielded from outer cancellation, with its own deadline.
     with trio.CancelScope(shield=True, deadline=trio.current_time() + _REAP_WAIT_S) as scope:
         delay = 0.001
-        while strays and (
-            (pgid is not None and group_alive(pgid)) or (marker is not None and find_marked(marker))
-        ):
+        while (pgid is not None and group_alive(pgid)) or (marker is not None and find_marked(marker)):
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
             _sweep(marker)

@@ -205,8 +205,9 @@ class Store:
         store's thread, in order with its SQLite calls (an `OffLoop`).
 
         That thread is awake and idle while a task's child runs, which is when a
-        log is opened: measured side by side, 3-4 % off the task path against a
-        trio worker thread (its limiter and thread hand-off). A slow create
+        log is opened, and it spares the task path a trio worker thread's limiter
+        and hand-off: side by side, 0.99x complete with the state dir on /dev/shm,
+        0.95-0.99x over five runs on disk (docs/benchmarks.md). A slow create
         (0.3-0.9 ms on a cold inode table) delays a store call queued behind it
         by as much; nothing is lost or reordered within the store.
         """
