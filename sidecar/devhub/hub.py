@@ -317,7 +317,7 @@ class DevHub:
             now = self.now()
             next_at = math.inf
             fired = False
-            for rec in list(self.state.tasks.values()):
+            for rec in self.state.open_tasks():
                 if rec.status not in ASSIGNED:
                     continue
                 if rec.status == "assigned" and rec.accept_deadline is not None:

@@ -208,6 +208,15 @@ class HubState:
     # and agents whose token `DELETE /admin/tokens/NAME` revoked.
     registered: dict[str, str] = attrs.field(factory=dict)
     revoked: set[str] = attrs.field(factory=set)
+    # The tasks not finished, in submission order: all that scheduling and the
+    # clocks look at. Scanning every task instead made each frame cost O(tasks
+    # ever submitted): over 12,000 sequential tasks the hub's CPU per task went
+    # from 2.3 to 7.0 ms. A finished task never opens again; it leaves on the
+    # next look (`open_tasks`).
+    _open: dict[str, TaskRecord] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self._open = {tid: rec for tid, rec in self.tasks.items() if rec.status not in FINISHED}
 
     def restarted(self) -> HubState:
         """What a real hub has after a restart: its tasks and tokens, nothing else."""
@@ -240,14 +249,23 @@ class HubState:
         )
         rec.log("queued", now, generation=rec.generation)
         self.tasks[task_id] = rec
+        self._open[task_id] = rec
         return rec
+
+    def open_tasks(self) -> list[TaskRecord]:
+        """The tasks not finished (queued or held by an agent), oldest submission first."""
+        tasks = self.tasks
+        gone = [tid for tid, rec in self._open.items() if rec.status in FINISHED or tasks.get(tid) is not rec]
+        for tid in gone:
+            del self._open[tid]
+        return list(self._open.values())
 
     def queued(self) -> list[TaskRecord]:
         """Queued tasks in the hub's order (oldest submission first)."""
-        return sorted((t for t in self.tasks.values() if t.status == "queued"), key=lambda t: t.created_at)
+        return sorted((t for t in self.open_tasks() if t.status == "queued"), key=lambda t: t.created_at)
 
     def assigned_to(self, agent_id: str) -> list[TaskRecord]:
-        return [t for t in self.tasks.values() if t.status in ASSIGNED and t.assigned_to == agent_id]
+        return [t for t in self.open_tasks() if t.status in ASSIGNED and t.assigned_to == agent_id]
 
     def assign(self, rec: TaskRecord, agent_id: str, now: float, now_ms: int, accept_timeout: float) -> None:
         rec.status = "assigned"
