@@ -289,7 +289,7 @@ async def run_child(
         return ChildExit(popen), stdin_w
 
     async def wait_it(exit_: ChildExit, stdin_w: int | None) -> None:
-        # Started with no checkpoint after the spawn: a cancellation that comes
+        # Entered with no checkpoint after the spawn: a cancellation that comes
         # first meets wait_or_kill's first await, which stops the group and reaps.
         nonlocal returncode
         popen = exit_.popen
@@ -330,9 +330,12 @@ async def run_child(
             pgid = exit_.popen.pid
             close_write_ends()  # the child has its copies: EOF comes when it (and its heirs) exit
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait_it, exit_, stdin_w)
                 for reader, scope in zip(readers, drain_scopes, strict=True):
                     nursery.start_soon(drain, reader, scope)
+                # In the nursery's own body, not a task of its own: one spawn less a child.
+                # However it ends, the readers' deadlines are set (its `finally`), and
+                # the nursery then waits for them.
+                await wait_it(exit_, stdin_w)
         except BaseExceptionGroup as eg:
             raise _unwrap(eg) from None
         finally:
