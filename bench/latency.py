@@ -66,9 +66,12 @@ class Sidecar:
         *,
         log_level: str = "info",
         checkout: Path | None = None,
+        python: str | None = None,
         **overrides: Any,
     ) -> None:
         self.root = root
+        # The interpreter that runs it (`bench/sidebyside.py --python`): this one unless told.
+        self.python = python or sys.executable
         # Another checkout's sidecar (`bench/sidebyside.py --base`): run from there, its package first.
         self.checkout = checkout
         root.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,7 @@ class Sidecar:
         self.proc: trio.Process | None = None
 
     def argv(self, config_path: Path, extra_argv: list[str] | None) -> list[str]:
-        argv = [sys.executable, *(extra_argv or []), "-m", "sidecar", "--log-format", "json"]
+        argv = [self.python, *(extra_argv or []), "-m", "sidecar", "--log-format", "json"]
         return [*argv, "--log-level", self.log_level, "run", "--config", str(config_path)]
 
     async def start(self, extra_argv: list[str] | None = None) -> None:
@@ -142,7 +145,7 @@ class Skeleton(Sidecar):
     """`bench/skeleton.py` on the same config: this stack's floor for the same durable steps."""
 
     def argv(self, config_path: Path, extra_argv: list[str] | None) -> list[str]:
-        return [sys.executable, str(Path(__file__).with_name("skeleton.py")), "--config", str(config_path)]
+        return [self.python, str(Path(__file__).with_name("skeleton.py")), "--config", str(config_path)]
 
 
 def bare_spawn_ms(n: int) -> list[float]:

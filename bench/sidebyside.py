@@ -1,6 +1,6 @@
 """Several workers side by side on one dev hub, their tasks interleaved one by one.
 
-    .venv/bin/python bench/sidebyside.py [--base DIR ...] [--skeleton] [--rounds 300] [--command true]
+    .venv/bin/python bench/sidebyside.py [--base DIR ...] [--python PY ...] [--skeleton] [--rounds 300]
 
 Each worker is a process of its own with its own agent id and state dir,
 connected to the same dev hub (rate limits OFF, as in `latency.py`): this
@@ -12,7 +12,9 @@ random order each round) before the next round starts. So every worker's
 tasks are sampled across the same minutes of the machine's drift, which on
 this project's VMs moves a single worker's median by 30-60 % within an hour
 and makes separate runs, even paired ones (`ab.py`), blind to a 10 %
-difference. The other workers are idle while one works.
+difference. The other workers are idle while one works. `--python PY` adds
+this checkout run by another interpreter ("cur-py1", …; with `--skeleton`
+also "skeleton-py1"), to weigh the interpreter's build against the code.
 
 On disk, which directory a worker's state dir lands in moves its figures by up
 to 4 % (ext4 places directories in different block groups, and every task
@@ -60,16 +62,23 @@ async def segment(
     root: Path,
     names: list[str],
     checkouts: list[Path | None],
+    pythons: dict[str, str],
     args: argparse.Namespace,
     rng: random.Random,
 ) -> dict[str, list[str]]:
     """Fresh workers in fresh state dirs under `root`; their counted tasks' ids."""
     workers: dict[str, Sidecar] = {}
     for i, name in enumerate(names):
-        kind = Skeleton if name == "skeleton" else Sidecar
+        kind = Skeleton if name.startswith("skeleton") else Sidecar
         checkout = checkouts[i] if i < len(checkouts) else None
         workers[name] = kind(
-            root / name, hub.ws_url, log_level=args.log_level, checkout=checkout, agent_id=name, **UNLIMITED
+            root / name,
+            hub.ws_url,
+            log_level=args.log_level,
+            checkout=checkout,
+            python=pythons.get(name),
+            agent_id=name,
+            **UNLIMITED,
         )
     try:
         for w in workers.values():
@@ -98,16 +107,23 @@ async def segment(
 
 async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, float]]]:
     names = ["cur"] + [f"base{i + 1 if i else ''}" for i in range(len(args.base))]
+    checkouts: list[Path | None] = [None, *args.base]  # resolved by main()
+    pythons: dict[str, str] = {}
+    for i, python in enumerate(args.python, start=1):
+        names.append(f"cur-py{i}")
+        pythons[f"cur-py{i}"] = python
     if args.skeleton:
         names.append("skeleton")
-    checkouts: list[Path | None] = [None, *args.base]  # resolved by main()
+        for i, python in enumerate(args.python, start=1):
+            names.append(f"skeleton-py{i}")
+            pythons[f"skeleton-py{i}"] = python
     rng = random.Random(args.seed)
     out: dict[str, dict[str, list[float]]] = {n: {"accept_ms": [], "complete_ms": []} for n in names}
     ratios: list[dict[str, float]] = []  # per segment: each worker's complete median over cur's
     with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
         async with open_dev_hub(tokens={n: TOKEN for n in names}, limits=None) as hub:
             for k in range(args.segments):
-                ids = await segment(hub, Path(tmp) / f"segment-{k}", names, checkouts, args, rng)
+                ids = await segment(hub, Path(tmp) / f"segment-{k}", names, checkouts, pythons, args, rng)
                 medians = {}
                 for name in names:
                     bad = [t for t in ids[name] if hub.task(t).status != "completed"]
@@ -132,6 +148,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", action="append", default=[], help="another checkout to run beside this one")
     ap.add_argument("--skeleton", action="store_true", help="also run bench/skeleton.py beside them")
+    ap.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        help="also run this checkout (and with --skeleton the skeleton) with this interpreter",
+    )
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20, help="rounds not counted, in each segment")
     ap.add_argument("--command", default="true")
@@ -155,6 +177,9 @@ def main() -> None:
         f" in {args.segments} segments of fresh workers and state dirs, one dev hub, rate limits OFF,"
         f" log level {args.log_level}, state dirs under {args.state_dir}"
     )
+    print(f"python    : {sys.executable} (cur, base, skeleton)")
+    for i, python in enumerate(args.python, start=1):
+        print(f"python    : {python} (cur-py{i}" + (f", skeleton-py{i})" if args.skeleton else ")"))
     for name, fig in r.items():
         print(line(name, "accepted", fig["accept_ms"]))
         print(line(name, "complete", fig["complete_ms"]))
