@@ -49,6 +49,7 @@ from latency import (  # bench/ is not a package
     Sidecar,
     Skeleton,
     default_state_parent,
+    hub_gc_paused,
     latencies,
     one_task,
     pct,
@@ -87,13 +88,14 @@ async def segment(
             await hub.wait_until(lambda name=name: hub.connected(name), 30)  # type: ignore[misc]
         ids: dict[str, list[str]] = {n: [] for n in names}
         per_segment = max(1, args.rounds // args.segments)
-        for r in range(args.warmup + per_segment):
-            order = names[:]
-            rng.shuffle(order)
-            for name in order:
-                tid = await one_task(hub, args.command, name)
-                if r >= args.warmup:
-                    ids[name].append(tid)
+        with hub_gc_paused(args.hub_gc == "paused"):
+            for r in range(args.warmup + per_segment):
+                order = names[:]
+                rng.shuffle(order)
+                for name in order:
+                    tid = await one_task(hub, args.command, name)
+                    if r >= args.warmup:
+                        ids[name].append(tid)
         for w in workers.values():
             assert await w.stop() == 0
         # Disconnected now: the next segment's workers take the same agent ids.
@@ -166,6 +168,12 @@ def main() -> None:
         help="restart every worker in fresh state dirs this many times (default 4): see the docstring",
     )
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--hub-gc",
+        choices=("paused", "on"),
+        default="paused",
+        help="the hub process's cyclic GC during the rounds (default paused: see latency.hub_gc_paused)",
+    )
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = ap.parse_args()
     if args.state_dir is None:
@@ -175,7 +183,7 @@ def main() -> None:
     print(
         f"{args.rounds} rounds of one sequential `{args.command}` task per worker, interleaved,"
         f" in {args.segments} segments of fresh workers and state dirs, one dev hub, rate limits OFF,"
-        f" log level {args.log_level}, state dirs under {args.state_dir}"
+        f" log level {args.log_level}, state dirs under {args.state_dir}, hub GC {args.hub_gc}"
     )
     print(f"python    : {sys.executable} (cur, base, skeleton)")
     for i, python in enumerate(args.python, start=1):
