@@ -6,8 +6,9 @@ import pytest
 import trio
 import trio.testing
 
-from sidecar.devhub import HubConfig, open_dev_hub
-from sidecar.devhub.testclient import open_agent
+from sidecar.devhub import DevHub, HubConfig, open_dev_hub
+from sidecar.devhub.session import _shutdown_tcp
+from sidecar.devhub.testclient import AgentClient, open_agent
 
 TOKENS = {"agent-1": "tok-1", "agent-2": "tok-2"}
 SHELL = {"description": "", "metadata": {"shell_command": "echo hi"}}
@@ -378,6 +379,38 @@ async def test_send_raw_returns_when_the_session_ends_before_writing() -> None:
                 await sent.wait()
         # It was not written (the socket was gone), and the hub does not claim it was.
         assert all(f.text != "{never-written" for f in hub.sent("agent-1"))
+
+
+async def _unread_frames(hub: DevHub, agent: AgentClient, n: int) -> None:
+    """`n` frames the hub has not read: hypercorn's own reader holds the 11th, waiting
+    on the app's full queue (`max_app_queue_size`, 10)."""
+    hub.stall("agent-1")
+    for _ in range(n):
+        await agent.send({"type": "ping"})
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    assert hub.frames("agent-1", type="ping") == []
+
+
+async def test_drop_ends_a_session_that_left_frames_unread() -> None:
+    """Regression (chaos CI, `hub.drop` timed out): the session's last `websocket.close`
+    hit the shut-down socket, and hypercorn's handler then queued `websocket.disconnect`
+    to the app's full queue from the app's own task, which waited for ever."""
+    async with open_dev_hub(tokens=TOKENS) as hub, open_agent(hub.ws_url, "agent-1", "tok-1") as agent:
+        await _unread_frames(hub, agent, 11)
+        with trio.fail_after(5):
+            await hub.drop("agent-1")
+        assert not hub.connected("agent-1")
+
+
+async def test_close_ends_a_session_whose_peer_is_gone_with_frames_unread() -> None:
+    """The writer's close frame on a connection already gone, frames unread: the same wait."""
+    async with open_dev_hub(tokens=TOKENS) as hub, open_agent(hub.ws_url, "agent-1", "tok-1") as agent:
+        await _unread_frames(hub, agent, 12)
+        s = hub.agents()["agent-1"]
+        _shutdown_tcp(s.server, s.client)  # as a reset would
+        hub.stall("agent-1", False)
+        with trio.fail_after(5):
+            await hub.disconnect("agent-1", 1001, "going away")
 
 
 async def test_registry_bug_sends_pushes_to_the_stale_socket() -> None:

@@ -126,6 +126,11 @@ class Session:
         terms sends `websocket.close` itself (hypercorn marks the socket closed
         before writing; a drop's socket is already shut down, so nothing reaches the
         peer), and a write that collides so ends the session quietly.
+
+        Every such write reads the app's messages meanwhile (`_send_draining`): on a
+        dropped socket the write fails, and hypercorn's handler then queues
+        `websocket.disconnect` to this app from this very task; with its app queue
+        full (10 frames the hub has not read) that would block for ever.
         """
         try:
             with trio.CancelScope() as scope:
@@ -140,8 +145,7 @@ class Session:
             self._release_unwritten()
             if not self._asgi_closed:
                 self._asgi_closed = True
-                with contextlib.suppress(trio.BusyResourceError):
-                    await send({"type": "websocket.close", "code": 1011})
+                await _send_draining(receive, send, {"type": "websocket.close", "code": 1011})
 
     def _release_unwritten(self) -> None:
         """The socket is gone: frames still queued will never be written.
@@ -180,6 +184,13 @@ class Session:
             if message["type"] == "websocket.receive":
                 text = message.get("text")
                 on_data(self, text if text is not None else bytes(message.get("bytes") or b""))
+        # Closing: the writer still writes (queued frames, then the close frame), and a
+        # write that fails makes hypercorn queue `websocket.disconnect` from the
+        # writer's task (see `_send_draining`). Keep reading, dropping the frames, so
+        # that queue never stays full; the writer cancels this once the close is sent.
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+        self._asgi_closed = True
 
     async def _writer(
         self, send: ASGISend, on_sent: Callable[[Session, str | bytes], None], scope: trio.CancelScope
@@ -209,6 +220,31 @@ class Session:
                 # Written, or never to be (the session ended while it waited).
                 if out.done is not None:
                     out.done.set()
+
+
+async def _send_draining(receive: ASGIReceive, send: ASGISend, message: dict[str, Any]) -> None:
+    """`send(message)`, reading and dropping what the server delivers meanwhile.
+
+    hypercorn 0.18 writes from the app's own task; when the write fails (the socket
+    was shut down, or the peer is gone) it closes the stream and puts
+    `websocket.disconnect` on the app's queue (`max_app_queue_size`, 10) from that
+    same task. If the hub has left 10 frames unread (the reader has stopped: a drop,
+    a close, a lagging or stalled session), that put waits for a reader that is the
+    task itself, and the app never returns: `DevHub.drop` timed out (chaos CI).
+    A collision with hypercorn's own `send_eof` ends the write quietly (see `run`).
+    """
+    async with trio.open_nursery() as nursery:
+
+        async def drain() -> None:
+            while True:
+                await receive()
+
+        nursery.start_soon(drain)
+        try:
+            with contextlib.suppress(trio.BusyResourceError):
+                await send(message)
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 def _shutdown_tcp(server: tuple[str, int] | None, client: tuple[str, int] | None) -> None:
