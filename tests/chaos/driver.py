@@ -943,6 +943,14 @@ class Episode:
         """Invariant 4: per task and sidecar run, seq rises by one; gaps are announced."""
         runs: dict[tuple[str, str, int], list[tuple[float, int, int, dict[str, Any]]]] = {}
         for hi, hub in enumerate(self.hubs):
+            # A frame belongs to the sidecar run that opened its connection: by when the
+            # hub first heard on that session, not when it read the frame. A killed
+            # run's last frames may be read after its successor has started (they were
+            # in the socket's buffer), and counted in the new run they looked like seq
+            # going back to 1.
+            opened: dict[int, float] = {}
+            for f in hub.frames():
+                opened[f.session] = min(opened.get(f.session, f.at), f.at)
             for f in hub.frames(type="task_progress"):
                 if f.frame is None or f.agent_id is None or f.verdict != "ok":
                     continue
@@ -951,7 +959,7 @@ class Episode:
                     continue
                 agent = self.agents.get(f.agent_id)
                 starts = agent.starts if agent else [0.0]
-                run = sum(1 for s in starts if s <= f.at)
+                run = sum(1 for s in starts if s <= opened[f.session])
                 key = (f.agent_id, str(f.frame.get("task_id")), run)
                 runs.setdefault(key, []).append((f.at, hi * 10**6 + f.session, ev["seq"], ev))
         for key, items in runs.items():

@@ -5,10 +5,13 @@ from __future__ import annotations
 import gc
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
 
+from sidecar.devhub.state import FrameRecord
 from tests.harness import SidecarProcess
 
 from .driver import ChaosSidecar, Episode
@@ -60,3 +63,47 @@ async def test_a_start_cancelled_before_the_spawn_closes_its_log(
             await proc.start()
         gc.collect()
     assert proc.proc is None  # cancelled before anything was spawned
+
+
+class _Hub:
+    """Just what `Episode._check_progress` reads of a dev hub: its received frames."""
+
+    def __init__(self, frames: list[FrameRecord]) -> None:
+        self._frames = frames
+
+    def frames(self, agent_id: str | None = None, type: str | None = None) -> list[FrameRecord]:
+        return [f for f in self._frames if type is None or f.type == type]
+
+
+def _frame(session: int, at: float, kind: str, seq: int | None = None) -> FrameRecord:
+    frame: dict[str, Any] = {"type": kind, "task_id": "t1"}
+    if seq is not None:
+        frame["execution_event"] = {"seq": seq, "event_type": "stdout", "text": f"{seq}\n"}
+    return FrameRecord("a0", session, at, "", frame, "ok")
+
+
+def _progress_violations(tmp_path: Path, frames: list[FrameRecord], starts: list[float]) -> list[str]:
+    ep = Episode(1, tmp_path / "ep")
+    ep.hubs = [_Hub(frames)]  # type: ignore[list-item]
+    ep.agents = {"a0": SimpleNamespace(starts=starts)}  # type: ignore[dict-item]
+    ep._check_progress()
+    return ep.report.violations
+
+
+def test_a_killed_runs_last_frames_read_after_its_restart_are_its_own(tmp_path: Path) -> None:
+    """A sidecar killed after seq 4 and restarted at t=10: the hub reads that seq 4 from
+    the old socket at t=10.5, then the new run starts again at seq 1 on a new session.
+    Counted by when the hub read it, seq 4 fell into the new run (a false `seq 1 after 4`)."""
+    old = [_frame(1, 1.0, "identify")] + [_frame(1, 1.0 + s, "task_progress", s) for s in (1, 2, 3)]
+    late = [_frame(1, 10.5, "task_progress", 4)]
+    new = [_frame(2, 11.0, "identify")] + [_frame(2, 11.0 + s, "task_progress", s) for s in (1, 2, 3)]
+    assert _progress_violations(tmp_path, old + late + new, starts=[0.0, 10.0]) == []
+
+
+def test_seq_going_back_within_one_run_is_still_a_violation(tmp_path: Path) -> None:
+    frames = [_frame(1, 1.0, "identify")] + [
+        _frame(1, 1.0 + i, "task_progress", s) for i, s in enumerate((1, 2, 3, 2), start=1)
+    ]
+    assert [v.split("I4: ")[1] for v in _progress_violations(tmp_path, frames, starts=[0.0])] == [
+        "('a0', 't1', 1): seq 2 after 3"
+    ]
