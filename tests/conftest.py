@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,10 @@ def make_config(tmp_path: Path):  # type: ignore[no-untyped-def]
 class Logs:
     """Events logged while the `logs` fixture is active, as dicts (`event`, `log_level`, `logger`, fields)."""
 
-    def __init__(self, entries: list[dict[str, Any]]) -> None:
+    def __init__(self, entries: list[MutableMapping[str, Any]]) -> None:
         self.entries = entries
 
-    def named(self, event: str) -> list[dict[str, Any]]:
+    def named(self, event: str) -> list[MutableMapping[str, Any]]:
         return [e for e in self.entries if e.get("event") == event]
 
     @property

@@ -147,7 +147,7 @@ class LinkRecorder:
     """A LinkHandler that records what a HubLink hands it, for link-level tests."""
 
     def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
+        self.frames: list[InboundFrame] = []
         self.identified = 0
         self.disconnects = 0
         self._changed = trio.Event()

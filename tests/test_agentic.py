@@ -185,8 +185,8 @@ async def test_tool_call_tags_with_closing_tag_inside_content(agent: Agent, work
         out = await agent(make_task(srv))
     assert out.ok
     assert (workspace / "d.txt").read_text() == content
-    read = tool_messages(srv)[1]
-    assert read["success"] and read["output"] == content
+    answer = tool_messages(srv)[1]
+    assert answer["success"] and answer["output"] == content
 
 
 # -- stop reasons -------------------------------------------------------------------

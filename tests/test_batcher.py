@@ -330,8 +330,8 @@ async def test_big_event_keeps_its_newest_bytes_on_a_utf8_boundary(autojump_cloc
 
 
 async def test_memory_bounded_for_a_million_events(autojump_clock: trio.abc.Clock) -> None:
-    caps = dict(max_text_bytes=4096, max_segments=8)
-    b = Batcher(**caps)
+    caps = {"max_text_bytes": 4096, "max_segments": 8}
+    b = Batcher(max_text_bytes=caps["max_text_bytes"], max_segments=caps["max_segments"])
     sink = RecordingSink()
     sink.up = False  # the worst case: nothing leaves
     bound = 4 * caps["max_text_bytes"] * caps["max_segments"]
@@ -562,11 +562,11 @@ async def test_a_flood_yields_to_a_sparse_task_which_still_flushes_before_its_re
 
             n.start_soon(run_sparse)
     assert flushed == [True]
-    arrival = {}
-    for f, t in zip(sink.frames, sink.times, strict=True):
+    arrival: dict[str, float] = {}
+    for f, at in zip(sink.frames, sink.times, strict=True):
         if f["task_id"] == "S":
             for line in f["execution_event"]["text"].split(";")[:-1]:
-                arrival[line + ";"] = t
+                arrival[line + ";"] = at
     assert set(arrival) == set(printed)
     steady = sorted(arrival[k] - printed[k] for k in printed if printed[k] > 5)
     assert steady[len(steady) // 2] <= 0.7, steady  # a token a second, and S goes first

@@ -177,4 +177,4 @@ def test_cli_bad_config_exits_nonzero_with_field(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "ping_interval_s" in proc.stderr and "must be positive" in proc.stderr
-    assert ORIGINAL["token"] not in proc.stderr
+    assert str(ORIGINAL["token"]) not in proc.stderr

@@ -241,7 +241,7 @@ async def test_sigterm_shutdown_cancels_tasks_reports_and_exits_zero(
     code = await sidecar.stop(signal.SIGTERM, timeout=20)
     assert code == 0
     assert not alive(pid)
-    failed = [f.frame for f in hub.frames(AGENT, type="task_failed")]
+    failed = [f.frame for f in hub.frames(AGENT, type="task_failed") if f.frame is not None]
     assert failed and failed[0]["reason"] == "sidecar_shutdown"
     assert "retried" in hub.task(tid).ack_statuses
     assert not psutil.pid_exists(sidecar.pid) or not alive(sidecar.pid)

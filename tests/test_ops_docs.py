@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import re
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -34,7 +35,7 @@ def test_unit_stop_timeout_exceeds_the_sidecars_own_shutdown() -> None:
     svc = unit["Service"]
     assert svc["KillMode"] == "mixed" and svc["KillSignal"] == "SIGTERM"
     assert svc["Restart"] == "always" and svc["RestartPreventExitStatus"] == "2"
-    defaults = {f.name: f.default for f in attrs.fields(Config)}
+    defaults: dict[str, Any] = {f.name: f.default for f in attrs.fields(Config)}
     # app.Sidecar.shutdown: supervisor within kill_grace_s + 5, then the flush within shutdown_grace_s.
     needed = defaults["kill_grace_s"] + 5 + defaults["shutdown_grace_s"]
     assert float(svc["TimeoutStopSec"]) > needed

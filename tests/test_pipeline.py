@@ -22,7 +22,7 @@ import trio.testing
 from sidecar.config import Config
 from sidecar.cost import CostModel
 from sidecar.dispatcher import Dispatcher, DispatchResult
-from sidecar.executors import ExecContext
+from sidecar.executors import ExecContext, Executor
 from sidecar.executors.ollama import OllamaExecutor
 from sidecar.executors.shell import ShellExecutor
 from sidecar.messages import parse_task
@@ -55,7 +55,10 @@ class Run:
 
     def __init__(self, config: Config, http: httpx.AsyncClient) -> None:
         self.ctx = ExecContext(config=config, http=http, state_dir=config.resolved_state_dir())
-        executors = {"shell": ShellExecutor(self.ctx), "ollama": OllamaExecutor(self.ctx)}
+        executors: dict[str, Executor] = {
+            "shell": ShellExecutor(self.ctx),
+            "ollama": OllamaExecutor(self.ctx),
+        }
         self.pipeline = Pipeline(config, Dispatcher(executors, CostModel(config)).run)
 
     async def sweep_leftovers(self) -> None:

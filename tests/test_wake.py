@@ -139,8 +139,8 @@ async def test_confirmation_timeout(make_wake, dirs, autojump_clock) -> None:  #
 
 
 async def test_confirmed_agent_is_waited_for_past_the_confirmation_timeout(
-    make_wake, dirs, autojump_clock
-) -> None:  # type: ignore[no-untyped-def]
+    make_wake: Any, dirs: tuple[Path, Path], autojump_clock: trio.abc.Clock
+) -> None:
     _, results = dirs
     ex = make_wake(agent_cmd(results, "confirm-only"), confirmation_timeout_ms=1000)
     progress = RecordingProgress("task-1")
@@ -188,8 +188,8 @@ async def test_wake_command_succeeding_on_third_attempt(make_wake, dirs, autojum
 
 
 async def test_each_attempt_is_bounded_and_its_processes_killed(
-    make_wake, dirs, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    make_wake: Any, dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Real clock here: a MockClock would jump past the attempt's deadline before
     # the child had even started. Back-offs shrunk so the test stays fast.
     monkeypatch.setattr(wake, "RETRY_DELAYS_S", (0.01, 0.01, 0.01))
@@ -213,8 +213,8 @@ async def test_each_attempt_is_bounded_and_its_processes_killed(
 
 
 async def test_injection_through_description_or_task_id_never_runs(
-    make_wake, dirs, tmp_path: Path, autojump_clock
-) -> None:  # type: ignore[no-untyped-def]
+    make_wake: Any, dirs: tuple[Path, Path], tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
     repo, results = dirs
     keep = tmp_path / "keep"
     keep.write_text("precious")
@@ -238,7 +238,7 @@ async def test_injection_through_description_or_task_id_never_runs(
     # Unquoted: split into words and re-joined by echo, but nothing executed.
     assert "$(touch" in (repo / "desc_unquoted.txt").read_text()
     assert json.loads((repo / "task.json").read_text()) == task.raw
-    assert outcome.result["output"] == f"did {task_id}"
+    assert outcome.result is not None and outcome.result["output"] == f"did {task_id}"
 
 
 async def test_woken_agent_left_running_is_killed_when_the_task_ends(make_wake, dirs, autojump_clock) -> None:  # type: ignore[no-untyped-def]
@@ -254,8 +254,8 @@ async def test_woken_agent_left_running_is_killed_when_the_task_ends(make_wake, 
 
 @pytest.mark.parametrize("task_id", ["../escape", "a/b", ".", ".."])
 async def test_task_id_that_cannot_name_a_file_is_refused(
-    make_wake, dirs, task_id: str, autojump_clock
-) -> None:  # type: ignore[no-untyped-def]
+    make_wake: Any, dirs: tuple[Path, Path], task_id: str, autojump_clock: trio.abc.Clock
+) -> None:
     _, results = dirs
     outcome, _ = await run(make_wake(agent_cmd(results, "success")), wake_task(task_id))
     assert not outcome.ok and outcome.reason == "bad_task_id"

@@ -20,7 +20,7 @@ from tests.test_wake import agent_cmd
 
 AGENT, TOKEN = "agent-1", "parity-token-42"
 SHELL = {"target_type": "sidecar"}
-NEWER = {"knows_wake_result": True, "knows_agent_restarting": True}
+NEWER: dict[str, Any] = {"knows_wake_result": True, "knows_agent_restarting": True}
 
 
 def frames_of(hub: DevHub, mtype: str) -> list[dict[str, Any]]:

@@ -148,8 +148,11 @@ class DevHub:
     def agents(self) -> dict[str, Session]:
         return {a: s for a, s in self._fsm.items() if not s.ended}
 
-    async def wait_until(self, predicate: Callable[[], T], timeout: float = 10.0) -> T:  # noqa: ASYNC109
-        """Wait until `predicate()` is truthy, re-checked on every hub state change."""
+    async def wait_until(self, predicate: Callable[[], T | None], timeout: float = 10.0) -> T:  # noqa: ASYNC109
+        """Wait until `predicate()` is truthy, re-checked on every hub state change; that value.
+
+        Typed so that a predicate giving "the record, or None while not yet" returns the record.
+        """
         with trio.fail_after(timeout):
             while True:
                 result = predicate()

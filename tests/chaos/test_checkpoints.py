@@ -28,8 +28,9 @@ import trio
 
 from sidecar.app import Sidecar
 from sidecar.config import config_from_mapping
+from sidecar.decisions import HUB_CANCEL, SHUTDOWN
 from sidecar.store import Store
-from sidecar.supervisor import HUB_CANCEL, SHUTDOWN, Held
+from sidecar.supervisor import Held
 from tests.fakes.ollama_server import OllamaServer, open_ollama_server
 from tests.harness import feed
 

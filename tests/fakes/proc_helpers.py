@@ -33,6 +33,7 @@ class RecordingProgress(ProgressSender):
         *,
         tokens_so_far: int | None = None,
         model: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.events.append((trio.current_time(), event_type, text))
         for prefix, event in self._waiters:
