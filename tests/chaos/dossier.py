@@ -133,6 +133,28 @@ def _log_lines(task_id: str, logs: Mapping[str, tuple[str, Sequence[Mapping[str,
     return lines or ["  (no sidecar logged this task)"]
 
 
+def _session_lines(agents: Sequence[str], hubs: Sequence[DevHub], clock: Clock) -> list[str]:
+    """Every connection of the agents that held the task: when the hub first and last heard on it,
+    how many frames went each way, and the last frame it read. An agent that went quiet (a
+    session the hub stopped reading, a reconnect that never came) shows here, whatever task its
+    silence concerned."""
+    lines: list[str] = []
+    for agent in agents:
+        for hi, hub in enumerate(hubs, start=1):
+            sessions: dict[int, tuple[list[FrameRecord], list[FrameRecord]]] = {}
+            for records, side in ((hub.frames(agent), 0), (hub.sent(agent), 1)):
+                for rec in records:
+                    sessions.setdefault(rec.session, ([], []))[side].append(rec)
+            for sid, (received, sent) in sorted(sessions.items()):
+                times = [r.at for r in received + sent]
+                last_in = max(received, key=lambda r: r.at).type if received else None
+                lines.append(
+                    f"  hub{hi} s{sid} {agent}: {clock.stamp(min(times))} .. {clock.stamp(max(times))},"
+                    f" {len(received)} in, {len(sent)} out, last in: {last_in}"
+                )
+    return lines or ["  (no session of these agents reached a hub)"]
+
+
 def task_dossier(
     task_id: str,
     *,
@@ -162,4 +184,7 @@ def task_dossier(
     out.extend(_frame_lines(task_id, hubs, clock))
     out.append(" sidecar log lines:")
     out.extend(_log_lines(task_id, logs))
+    holders = [] if rec is None else [str(i["agent_id"]) for e, _, i in rec.history if i.get("agent_id")]
+    out.append(" sessions of the agents that held it:")
+    out.extend(_session_lines(list(dict.fromkeys(holders)), hubs, clock))
     return "\n".join(out)

@@ -65,10 +65,36 @@ async def test_dossier_lists_the_tasks_frames_in_order_and_its_log_lines_only() 
     times = [float(line.split()[0][1:-1]) for line in frames if line.split()[0].startswith("+")]
     assert times == sorted(times)
     assert "c1-t30" not in text and "another" not in text
-    log_lines = lines[lines.index(" sidecar log lines:") + 1 :]
+    sessions_at = lines.index(" sessions of the agents that held it:")
+    log_lines = lines[lines.index(" sidecar log lines:") + 1 : sessions_at]
     assert [line.split()[3] for line in log_lines] == [
         "task_accepted",
         "child_output_read_late",
         "task_finished",
     ]
     assert log_lines[0].split()[:2] == ["08:00:00.123", "a1"]
+
+
+async def test_dossier_lists_each_session_of_the_agents_that_held_the_task() -> None:
+    """An agent that went quiet shows in its sessions, whatever task its silence concerned."""
+    start = trio.current_time()
+    clock = Clock(start, time.time() - start)
+    async with open_dev_hub(tokens=TOKENS) as hub:
+        tid = hub.submit({"task_id": "c1-t3", "description": "", "metadata": {}})
+        async with open_agent(hub.ws_url, "a1", "tok-1") as agent:
+            await agent.expect("task_assign", task_id=tid)
+            await agent.send({"type": "task_accepted", "task_id": tid})
+            await agent.expect("task_ack", task_id=tid, status="accepted")
+        await hub.wait_until(lambda: not hub.connected("a1"))
+        async with open_agent(hub.ws_url, "a1", "tok-1") as agent:
+            await agent.expect("task_assign", task_id=tid)  # reclaimed when the first one went
+            await agent.send({"type": "ping"})
+            await agent.expect("pong")
+        text = task_dossier(tid, kind="shell_ok", state=hub.state, hubs=[hub], logs={}, clock=clock)
+
+    sessions = text.splitlines()[text.splitlines().index(" sessions of the agents that held it:") + 1 :]
+    assert len(sessions) == 2, sessions
+    first, second = (line.split() for line in sessions)
+    assert first[0] == "hub1" and first[2] == "a1:" and second[2] == "a1:"
+    assert first[1] != second[1]  # two connections
+    assert sessions[0].endswith("last in: task_accepted") and sessions[1].endswith("last in: ping")
