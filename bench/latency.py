@@ -319,6 +319,16 @@ def hub_gc_paused(paused: bool = True) -> Iterator[None]:
         gc.enable()
 
 
+def add_hub_gc_option(ap: argparse.ArgumentParser, during: str) -> None:
+    """`--hub-gc paused|on`: this process's GC `during` the measurement (see `hub_gc_paused`)."""
+    ap.add_argument(
+        "--hub-gc",
+        choices=("paused", "on"),
+        default="paused",
+        help=f"the hub process's cyclic GC during {during} (default paused: see latency.hub_gc_paused)",
+    )
+
+
 async def measure(worker: type[Sidecar], root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run the tasks through one worker process against a fresh dev hub; its figures."""
     async with open_dev_hub(tokens={AGENT: TOKEN}, limits=None) as hub:
@@ -386,12 +396,7 @@ def main() -> None:
     ap.add_argument("--keep-log", default=None, help="copy the sidecar's JSON log here")
     ap.add_argument("--floor", type=int, default=300, help="floor samples, before and after (default 300)")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
-    ap.add_argument(
-        "--hub-gc",
-        choices=("paused", "on"),
-        default="paused",
-        help="the hub process's cyclic GC during the measured tasks (default paused: see hub_gc_paused)",
-    )
+    add_hub_gc_option(ap, "the measured tasks")
     ap.add_argument(
         "--skeleton",
         action="store_true",

@@ -40,6 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import attrs
 import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,6 +49,7 @@ from latency import (  # bench/ is not a package
     UNLIMITED,
     Sidecar,
     Skeleton,
+    add_hub_gc_option,
     default_state_parent,
     hub_gc_paused,
     latencies,
@@ -58,29 +60,46 @@ from latency import (  # bench/ is not a package
 from sidecar.devhub import DevHub, open_dev_hub
 
 
+@attrs.frozen
+class Worker:
+    """One worker of the bench: its kind, and the checkout and interpreter that run it."""
+
+    kind: type[Sidecar]
+    checkout: Path | None = None  # None: this one
+    python: str | None = None  # None: this one
+
+
+def worker_specs(args: argparse.Namespace) -> dict[str, Worker]:
+    """The workers by agent id, "cur" first: the `--base` checkouts, the `--python`s, the skeleton."""
+    specs = {"cur": Worker(Sidecar)}
+    for i, base in enumerate(args.base):
+        specs[f"base{i + 1 if i else ''}"] = Worker(Sidecar, checkout=base)
+    for i, python in enumerate(args.python, start=1):
+        specs[f"cur-py{i}"] = Worker(Sidecar, python=python)
+    if args.skeleton:
+        specs["skeleton"] = Worker(Skeleton)
+        for i, python in enumerate(args.python, start=1):
+            specs[f"skeleton-py{i}"] = Worker(Skeleton, python=python)
+    return specs
+
+
 async def segment(
-    hub: DevHub,
-    root: Path,
-    names: list[str],
-    checkouts: list[Path | None],
-    pythons: dict[str, str],
-    args: argparse.Namespace,
-    rng: random.Random,
+    hub: DevHub, root: Path, specs: dict[str, Worker], args: argparse.Namespace, rng: random.Random
 ) -> dict[str, list[str]]:
     """Fresh workers in fresh state dirs under `root`; their counted tasks' ids."""
-    workers: dict[str, Sidecar] = {}
-    for i, name in enumerate(names):
-        kind = Skeleton if name.startswith("skeleton") else Sidecar
-        checkout = checkouts[i] if i < len(checkouts) else None
-        workers[name] = kind(
+    names = list(specs)
+    workers = {
+        name: spec.kind(
             root / name,
             hub.ws_url,
             log_level=args.log_level,
-            checkout=checkout,
-            python=pythons.get(name),
+            checkout=spec.checkout,
+            python=spec.python,
             agent_id=name,
             **UNLIMITED,
         )
+        for name, spec in specs.items()
+    }
     try:
         for w in workers.values():
             await w.start()
@@ -108,24 +127,15 @@ async def segment(
 
 
 async def bench(args: argparse.Namespace) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, float]]]:
-    names = ["cur"] + [f"base{i + 1 if i else ''}" for i in range(len(args.base))]
-    checkouts: list[Path | None] = [None, *args.base]  # resolved by main()
-    pythons: dict[str, str] = {}
-    for i, python in enumerate(args.python, start=1):
-        names.append(f"cur-py{i}")
-        pythons[f"cur-py{i}"] = python
-    if args.skeleton:
-        names.append("skeleton")
-        for i, python in enumerate(args.python, start=1):
-            names.append(f"skeleton-py{i}")
-            pythons[f"skeleton-py{i}"] = python
+    specs = worker_specs(args)  # the --base checkouts resolved by main()
+    names = list(specs)
     rng = random.Random(args.seed)
     out: dict[str, dict[str, list[float]]] = {n: {"accept_ms": [], "complete_ms": []} for n in names}
     ratios: list[dict[str, float]] = []  # per segment: each worker's complete median over cur's
     with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
         async with open_dev_hub(tokens={n: TOKEN for n in names}, limits=None) as hub:
             for k in range(args.segments):
-                ids = await segment(hub, Path(tmp) / f"segment-{k}", names, checkouts, pythons, args, rng)
+                ids = await segment(hub, Path(tmp) / f"segment-{k}", specs, args, rng)
                 medians = {}
                 for name in names:
                     bad = [t for t in ids[name] if hub.task(t).status != "completed"]
@@ -168,12 +178,7 @@ def main() -> None:
         help="restart every worker in fresh state dirs this many times (default 4): see the docstring",
     )
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument(
-        "--hub-gc",
-        choices=("paused", "on"),
-        default="paused",
-        help="the hub process's cyclic GC during the rounds (default paused: see latency.hub_gc_paused)",
-    )
+    add_hub_gc_option(ap, "the rounds")
     ap.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = ap.parse_args()
     if args.state_dir is None:
