@@ -184,7 +184,8 @@ def task_dossier(
     out.extend(_frame_lines(task_id, hubs, clock))
     out.append(" sidecar log lines:")
     out.extend(_log_lines(task_id, logs))
-    holders = [] if rec is None else [str(i["agent_id"]) for e, _, i in rec.history if i.get("agent_id")]
+    history = [] if rec is None else rec.history
+    holders = [str(info["agent_id"]) for *_, info in history if info.get("agent_id")]
     out.append(" sessions of the agents that held it:")
     out.extend(_session_lines(list(dict.fromkeys(holders)), hubs, clock))
     return "\n".join(out)
