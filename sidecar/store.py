@@ -8,7 +8,13 @@ tells what was in flight when the process last died.
 SQLite is blocking, so every call runs in the store's own thread
 (`storethread.StoreThread`) on one connection, serialised by a trio lock. Every write is one transaction.
 The outbox is mirrored in memory (`pending.PendingResults`), so reading it costs
-no thread hop; a task costs two hops on its way (`admit`, `finish`).
+no thread hop. The two writes on a task's path (`admit` of a task id not seen
+before, `finish`) cost no hop either: each is a record appended to the intake
+journal (`journal`) from the event loop, durable as a commit is, and applied
+to SQLite `JOURNAL_APPLY_S` later (or in the next write, or before a read of
+tasks), the record's sequence number committed with it; `open` replays what
+a dead process left unapplied. While writes fail, or if the journal cannot be
+written, they go to SQLite directly as before.
 
 When the disk refuses a write (full, or an I/O error), the writes that must
 happen (`put_task`, `finish`) raise `StoreWriteError` and nothing of them is
@@ -28,8 +34,10 @@ that retires it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -40,6 +48,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from .journal import Journal, journal_path, read_records
 from .log import get_logger
 from .pending import OutboxItem, PendingResults
 from .quicklock import QuickLock
@@ -87,6 +96,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 -- reassign drops a task's results: by task_id. With a backlog of 5,000 results
 -- that scan cost 4.2 ms a transaction; by the index, 10 us.
 CREATE INDEX IF NOT EXISTS outbox_task ON outbox (task_id);
+-- `journal_applied`: the last intake journal record this file has (see `journal`).
+CREATE TABLE IF NOT EXISTS meta (
+    key         TEXT PRIMARY KEY,
+    value       INTEGER NOT NULL
+);
 """
 
 # Finished task rows are kept a while so a duplicate task_assign of a finished
@@ -97,12 +111,42 @@ _KEEP_DONE_S = 24 * 3600
 PROBE_INTERVAL_S = 1.0
 # How long an owed-on-purpose write (`retire`) waits for another write to ride in.
 DEFER_S = 0.25
+# How soon a journaled write reaches SQLite (if no other write takes it first):
+# a burst of tasks costs one transaction per this long, off their path.
+JOURNAL_APPLY_S = 0.05
 # Finished task rows older than _KEEP_DONE_S go: first a minute after start, then hourly.
 PRUNE_FIRST_S = 60.0
 PRUNE_INTERVAL_S = 3600.0
 _PRUNE_BATCH = 1000
 
 __all__ = ["DONE", "QUEUED", "RUNNING", "OutboxItem", "Store", "StoredTask"]
+
+
+@attrs.frozen
+class _Opened:
+    """What `Store.open` read, besides the connection."""
+
+    pending: list[tuple[int, str, int]]
+    task_ids: set[str]
+    next_outbox_id: int
+    journal_seq: int
+    replayed: int
+    torn_bytes: int
+    # The journal could not be emptied after a torn line: records appended after
+    # that line would never be read back, so no journaling in this run.
+    journal_stuck: bool
+
+
+@attrs.frozen
+class _Journaled:
+    """An owed write that an intake journal record made durable: applied with its sequence number."""
+
+    seq: int
+    write: Write
+
+    def __call__(self, db: sqlite3.Connection) -> None:
+        self.write(db)
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_applied', ?)", (self.seq,))
 
 
 @attrs.frozen
@@ -117,9 +161,7 @@ class StoredTask:
 class Store:
     """Async facade over the SQLite file. Open with `await Store.open(path)`."""
 
-    def __init__(
-        self, db: sqlite3.Connection, path: Path, pending: Iterable[tuple[int, str, int]] = ()
-    ) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path, opened: _Opened) -> None:
         self._db = db
         self._lock = QuickLock()  # a call reaches the store thread without a scheduler round first
         self._thread = StoreThread()
@@ -131,15 +173,33 @@ class Store:
         self._deferred = trio.Event()
         self._last_write_at = self._deferred_at = -math.inf
         self.pending = PendingResults()
-        self.pending.load(pending)
+        self.pending.load(opened.pending)
         self.checkpointer = Checkpointer(path)
+        # Every task id with a row (or a journaled one): an id not in it is new, so
+        # its admission needs no look at the file. Pruned ids leave it.
+        self._task_ids = opened.task_ids
+        # Outbox ids are given here (not by SQLite), so that a journaled result has its id at once.
+        self._next_outbox_id = opened.next_outbox_id
+        self.journal: Journal | None = None
+        try:
+            if opened.journal_stuck:
+                raise OSError("it ends in a torn line that could not be removed")
+            self.journal = Journal(journal_path(path), opened.journal_seq)
+        except OSError as exc:
+            log.warning(
+                "journal_unavailable",
+                path=str(journal_path(path)),
+                error=str(exc),
+                action="every write goes to the database directly (one thread hop each)",
+            )
+        self._journal_owed = trio.Event()
 
     @classmethod
     async def open(cls, path: Path, *, durable: bool = True) -> Store:
         """Open (or create) the database; `StoreCorruptError` if the file is not SQLite."""
         path.parent.mkdir(parents=True, exist_ok=True)
 
-        def _open() -> tuple[sqlite3.Connection, list[tuple[int, str, int]]]:
+        def _open() -> tuple[sqlite3.Connection, _Opened]:
             db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -154,14 +214,20 @@ class Store:
                 # (SQLite's usual defaults, stated here: docs/benchmarks.md, "Memory").
                 db.execute("PRAGMA cache_size=-2000")
                 db.execute("PRAGMA mmap_size=0")
+                replayed, torn, seq, emptied = _replay(db, journal_path(path))
                 rows = db.execute("SELECT id, task_id, generation FROM outbox ORDER BY id").fetchall()
+                task_ids = {r[0] for r in db.execute("SELECT task_id FROM tasks")}
+                (top,) = db.execute(
+                    "SELECT max(coalesce((SELECT max(id) FROM outbox), 0),"
+                    " coalesce((SELECT seq FROM sqlite_sequence WHERE name='outbox'), 0))"
+                ).fetchone()
             except BaseException:
                 db.close()
                 raise
-            return db, rows
+            return db, _Opened(rows, task_ids, top + 1, seq, replayed, torn, bool(torn) and not emptied)
 
         try:
-            db, rows = await trio.to_thread.run_sync(_open)
+            db, opened = await trio.to_thread.run_sync(_open)
         except sqlite3.Error as exc:
             if error_code(exc) in NOT_A_DB:
                 raise StoreCorruptError(path, str(exc)) from exc
@@ -169,7 +235,14 @@ class Store:
                 f"cannot open the state database {path}: {exc}",
                 transient=error_code(exc) in CANNOT_WRITE,
             ) from exc
-        return cls(db, path, rows)
+        if opened.replayed or opened.torn_bytes:
+            log.info(
+                "journal_replayed",
+                records=opened.replayed,
+                torn_bytes=opened.torn_bytes,
+                note="writes a process that died had made durable, now in the database",
+            )
+        return cls(db, path, opened)
 
     @classmethod
     async def open_when_possible(cls, path: Path, *, retry_s: float = PROBE_INTERVAL_S) -> Store:
@@ -244,6 +317,10 @@ class Store:
             with trio.CancelScope(shield=True):
                 result = await self._thread.run(partial(transaction(run), self._db))
             del self._owed[: len(owed)]  # what was deferred meanwhile stays owed
+            if self.journal is not None:
+                applied = [w.seq for w in owed if isinstance(w, _Journaled)]
+                if applied:
+                    self.journal.applied_up_to(applied[-1])
         except sqlite3.OperationalError as exc:
             if error_code(exc) not in CANNOT_WRITE:
                 raise
@@ -288,6 +365,7 @@ class Store:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._flush_deferred)
+                nursery.start_soon(self._apply_journal_soon)
                 nursery.start_soon(self.checkpointer.run)
                 nursery.start_soon(self._prune_periodically)
                 await self._run(lambda db: db.execute("PRAGMA wal_autocheckpoint=0"))
@@ -301,6 +379,45 @@ class Store:
         self._owed.append(write)
         self._deferred_at = trio.current_time()
         self._deferred.set()
+
+    def _journaled(self, record: dict[str, Any], write: Write) -> bool:
+        """Make `write` durable through the journal and owe it to SQLite; False if it cannot be.
+
+        Only while writes succeed: a failing disk gets its refusals from SQLite, as
+        before (a task refused, a result sent from memory).
+        """
+        journal = self.journal
+        if journal is None or not journal.usable or self.health.error is not None:
+            return False
+        try:
+            seq = journal.append(record)
+        except OSError as exc:
+            log.info("journal_append_failed", error=str(exc), action="written to the database directly")
+            return False
+        self._owed.append(_Journaled(seq, write))
+        self._journal_owed.set()
+        return True
+
+    async def _apply_journal_soon(self) -> None:
+        """Apply journaled writes `JOURNAL_APPLY_S` after the first of a run of them."""
+        while True:
+            await self._journal_owed.wait()
+            await trio.sleep(JOURNAL_APPLY_S)
+            self._journal_owed = trio.Event()
+            if self.health.error is None:
+                await self._apply_journaled()  # unless another write took them meanwhile
+
+    async def _apply_journaled(self) -> None:
+        """Before a read of the file: the journaled writes, so that it sees them (best effort)."""
+        if any(isinstance(w, _Journaled) for w in self._owed):
+            try:
+                await self._apply_owed()
+            except StoreWriteError:
+                pass  # the read sees the file as it is; the journal still holds them
+
+    async def sync(self) -> None:
+        """Apply every journaled write to the file now (for a reader of the file itself)."""
+        await self._apply_journaled()
 
     async def _flush_deferred(self) -> None:
         """Apply what is owed once no write came for `DEFER_S`: while tasks keep
@@ -341,12 +458,18 @@ class Store:
     async def close(self) -> None:
         if self._owed:
             await self.probe()  # a last chance for what is owed (else a restart redoes it)
+        if self.journal is not None:
+            if not any(isinstance(w, _Journaled) for w in self._owed):
+                self.journal.empty()  # all of it is in the file
+            self.journal.close()
         await self._run(lambda db: db.close())
         await self._thread.stop()
 
     # -- tasks -------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> StoredTask | None:
+        await self._apply_journaled()
+
         def _get(db: sqlite3.Connection) -> StoredTask | None:
             row = db.execute(
                 "SELECT task_id, generation, frame, state, marker FROM tasks WHERE task_id=?", (task_id,)
@@ -374,6 +497,7 @@ class Store:
             return _drop_older(db, task_id, generation)
 
         dropped = await self._write(_put)
+        self._task_ids.add(task_id)
         self.pending.remove_task(task_id, below_generation=generation)
         return dropped
 
@@ -389,19 +513,24 @@ class Store:
         """
         state = RUNNING if running else QUEUED
         text = json.dumps(frame)
+        received_at = time.time()
+        row = (task_id, generation, text, state, marker, received_at)
+        if task_id not in self._task_ids:
+            # A task id never seen here: no finished row to find, no older results to drop.
+            record = {"op": "admit", "row": row}
+            if self._journaled(record, partial(_insert_task, row=row)):
+                self._task_ids.add(task_id)
+                return 0
 
         def _admit(db: sqlite3.Connection) -> int | None:
-            row = db.execute("SELECT generation, state FROM tasks WHERE task_id=?", (task_id,)).fetchone()
-            if row is not None and row[1] == DONE and row[0] >= generation:
+            found = db.execute("SELECT generation, state FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            if found is not None and found[1] == DONE and found[0] >= generation:
                 return None
-            db.execute(
-                "INSERT OR REPLACE INTO tasks (task_id, generation, frame, state, marker, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (task_id, generation, text, state, marker, time.time()),
-            )
+            _insert_task(db, row)
             return _drop_older(db, task_id, generation)
 
         dropped = await self._write(_admit)
+        self._task_ids.add(task_id)
         if dropped is not None:
             self.pending.remove_task(task_id, below_generation=generation)
         return dropped
@@ -441,20 +570,16 @@ class Store:
         """
         generation = int(frame.get("generation", 0)) if frame is not None else 0
         text = json.dumps(frame) if frame is not None else ""
-
-        def _finish(db: sqlite3.Connection) -> int | None:
-            db.execute(
-                "UPDATE tasks SET state=?, finished_at=? WHERE task_id=?", (DONE, time.time(), task_id)
-            )
-            if frame is None:
-                return None
-            cur = db.execute(
-                "INSERT INTO outbox (task_id, generation, frame, created_at) VALUES (?, ?, ?, ?)",
-                (task_id, generation, text, time.time()),
-            )
-            return cur.lastrowid
-
-        item_id = await self._write(_finish)
+        now = time.time()
+        item_id: int | None = None
+        if frame is not None:
+            item_id = self._next_outbox_id
+            self._next_outbox_id += 1
+        item_row = (item_id, generation, text)
+        write = partial(_finish_task, task_id=task_id, finished_at=now, item=item_row)
+        record = {"op": "finish", "task_id": task_id, "finished_at": now, "item": item_row}
+        if not self._journaled(record, write):
+            await self._write(write)
         if item_id is None or frame is None:
             return None
         item = OutboxItem(item_id, task_id, generation, frame)
@@ -476,6 +601,7 @@ class Store:
 
     async def in_flight(self) -> list[StoredTask]:
         """Tasks accepted but not finished: what a restart must recover."""
+        await self._apply_journaled()
 
         def _list(db: sqlite3.Connection) -> list[StoredTask]:
             rows = db.execute(
@@ -496,18 +622,19 @@ class Store:
         """
         cutoff = time.time() - older_than_s
 
-        def _batch(db: sqlite3.Connection) -> int:
+        def _batch(db: sqlite3.Connection) -> list[str]:
             cur = db.execute(
                 "DELETE FROM tasks WHERE rowid IN (SELECT rowid FROM tasks WHERE state=? AND finished_at < ?"
-                " AND task_id NOT IN (SELECT task_id FROM outbox) LIMIT ?)",
+                " AND task_id NOT IN (SELECT task_id FROM outbox) LIMIT ?) RETURNING task_id",
                 (DONE, cutoff, _PRUNE_BATCH),
             )
-            return cur.rowcount
+            return [r[0] for r in cur]
 
         total = 0
-        while (n := await self._write(_batch)) > 0:
-            total += n
-            if n < _PRUNE_BATCH:
+        while gone := await self._write(_batch):
+            self._task_ids.difference_update(gone)
+            total += len(gone)
+            if len(gone) < _PRUNE_BATCH:
                 break
         return total
 
@@ -539,6 +666,7 @@ class Store:
         missing = [item_id for item_id, entry in head if entry.frame is None]
         frames: dict[int, dict[str, Any]] = {}
         if missing:
+            await self._apply_journaled()  # a frame not kept in memory may still be in the journal only
 
             def _read(db: sqlite3.Connection) -> dict[int, dict[str, Any]]:
                 marks = ",".join("?" * len(missing))
@@ -572,6 +700,58 @@ class Store:
 
 def _nothing(db: sqlite3.Connection) -> None:
     """A write of nothing: the transaction that applies what is owed."""
+
+
+def _insert_task(db: sqlite3.Connection, row: Iterable[Any]) -> None:
+    db.execute(
+        "INSERT OR REPLACE INTO tasks (task_id, generation, frame, state, marker, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        tuple(row),
+    )
+
+
+def _finish_task(db: sqlite3.Connection, task_id: str, finished_at: float, item: Iterable[Any]) -> None:
+    """The task done and, with an id, its result queued (`item`: id, generation, frame text)."""
+    item_id, generation, text = item
+    db.execute("UPDATE tasks SET state=?, finished_at=? WHERE task_id=?", (DONE, finished_at, task_id))
+    if item_id is not None:
+        db.execute(
+            "INSERT OR REPLACE INTO outbox (id, task_id, generation, frame, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (item_id, task_id, generation, text, finished_at),
+        )
+
+
+def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool]:
+    """Apply the journal's records the file lacks, then empty it (in the store's open).
+
+    Returns (records applied, bytes of a torn last line dropped, last sequence
+    number, whether the journal is empty now).
+    """
+    found = db.execute("SELECT value FROM meta WHERE key='journal_applied'").fetchone()
+    applied = int(found[0]) if found else 0
+    records, torn = read_records(path)
+    todo = [r for r in records if r["seq"] > applied]
+    if todo:
+
+        def _apply(db: sqlite3.Connection) -> None:
+            for record in todo:
+                if record.get("op") == "admit":
+                    _insert_task(db, record["row"])
+                elif record.get("op") == "finish":
+                    _finish_task(db, record["task_id"], record["finished_at"], record["item"])
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_applied', ?)", (todo[-1]["seq"],)
+            )
+
+        transaction(_apply)(db)
+    last = max([applied, *(r["seq"] for r in records)])
+    emptied = not (records or torn)
+    if not emptied:
+        with contextlib.suppress(OSError):  # kept, its records are skipped by number next time
+            os.truncate(path, 0)
+            emptied = True
+    return len(todo), torn, last, emptied
 
 
 def _drop_older(db: sqlite3.Connection, task_id: str, generation: int) -> int:

@@ -60,7 +60,7 @@ def corrupt_message(path: Path, detail: str) -> str:
     """What `sidecar run` and `sidecar check` say about an unusable state database."""
     return (
         f"state database {path} is not a usable SQLite database ({detail}). To start fresh, "
-        f"move it aside (with its -wal and -shm files, if any): mv {path} {path}.broken; "
+        f"move it aside (with its -wal, -shm and -intake files, if any): mv {path} {path}.broken; "
         "the tasks and unsent results it held are lost"
     )
 

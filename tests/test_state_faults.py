@@ -260,6 +260,7 @@ async def test_in_process_a_store_that_refuses_writes_sends_results_from_memory(
             routing_decision=SHELL,
         )
         await _wait_for(started.exists)
+        await sc.store.sync()  # the task's row is in the file, not only in the intake journal
         sc.store._db.execute("PRAGMA query_only=1")  # the store's own connection
 
         go.touch()

@@ -176,12 +176,19 @@ def _writes(store: Store, allowed: bool) -> None:
     store._db.execute(f"PRAGMA query_only={0 if allowed else 1}")  # per connection: the store's own
 
 
+def _no_journal(store: Store) -> None:
+    """Writes go to SQLite directly from now on, as when the journal cannot be appended to."""
+    assert store.journal is not None
+    store.journal.close()
+
+
 async def test_a_full_disk_refuses_a_result_and_nothing_of_it_is_written(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "s.db")
     await store.put_task("t", 1, {"task_id": "t"}, "m")
     db = store._db
     db.execute("VACUUM")
     db.execute(f"PRAGMA max_page_count={db.execute('PRAGMA page_count').fetchone()[0]}")
+    _no_journal(store)  # a full disk refuses the journal's append too; here only SQLite is limited
     with pytest.raises(StoreWriteError) as info:
         await store.finish("t", failed_frame("t", 1, "x" * 1900) | {"pad": "y" * 20_000})
     assert info.value.full and str(info.value) == f"state disk is full: {store.path}"
@@ -295,11 +302,13 @@ def _rows(path: Path) -> list[tuple[int, str]]:
 async def test_a_retire_rides_in_the_next_write(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "s.db")
     first, second, _ = await _three_results(store)
+    await store.sync()
     store.retire(first.id)
     # Gone from the outbox at once; still on disk (a crash now costs one resend).
     assert [i.id for i in await store.outbox()] == [second.id, _.id]
     assert [r[0] for r in _rows(store.path)] == [first.id, second.id, _.id]
-    await store.finish("r", failed_frame("r", 1, "e"))  # the next write carries the delete
+    await store.finish("r", failed_frame("r", 1, "e"))  # journaled: the delete rides in its transaction
+    await store.sync()
     assert first.id not in [r[0] for r in _rows(store.path)]
     await store.close()
 
@@ -444,6 +453,7 @@ async def test_watch_prunes_a_minute_after_start(tmp_path: Path, clock: trio.tes
     store = await Store.open(tmp_path / "s.db")
     await store.put_task("old", 1, {"task_id": "old"}, "m")
     await store.finish("old", None)
+    await store.sync()
     _age(store.path, ["old"], 2 * 86400)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store.watch)
@@ -476,6 +486,7 @@ async def test_a_deferred_retire_costs_no_transaction_of_its_own_while_writes_ke
     monkeypatch.setattr(store_module, "_nothing", counted)
     store = await Store.open(tmp_path / "s.db")
     first, second, _ = await _three_results(store)
+    await store.sync()  # the journal's transaction is not the one counted here
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store.watch)
         store.retire(first.id)
