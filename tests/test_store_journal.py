@@ -218,3 +218,23 @@ def test_the_journal_file_is_private(tmp_path: Path) -> None:
         assert os.stat(tmp_path / "j").st_mode & 0o777 == 0o600
     finally:
         j.close()
+
+
+def test_the_chaos_checks_read_the_state_a_restart_will_see(tmp_path: Path) -> None:
+    """`read_state` (invariant 6's snapshot after a kill -9) applies the journal, as the next open does."""
+    from tests.chaos.procscan import read_state
+
+    db = tmp_path / "sidecar.db"
+    _run_then_kill(
+        db,
+        """
+        await store.admit("held", 1, {"task_id": "held"}, "m")
+        await store.admit("ended", 1, {"task_id": "ended"}, "m")
+        await store.finish("ended", failed_frame("ended", 1, "e"))
+        """,
+    )
+    assert _db_rows(db, "SELECT task_id FROM tasks") == []  # all of it in the journal only
+    in_flight, outbox = read_state(tmp_path)
+    assert in_flight == [("held", 1, "queued")]
+    assert outbox == [("ended", 1, "task_failed")]
+    assert len(read_records(journal_path(db))[0]) == 3  # the sidecar's own files are untouched

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 
+from sidecar import store as store_module
+from sidecar.journal import journal_path
 from sidecar.procs import MARKER_VAR
 
 
@@ -62,20 +66,32 @@ def fd_count(pid: int) -> int:
 
 
 def read_state(state_dir: Path) -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str]]]:
-    """(tasks not done: (task_id, generation, state), outbox: (task_id, generation, frame type))."""
+    """(tasks not done: (task_id, generation, state), outbox: (task_id, generation, frame type)).
+
+    What the next start will see: the database with the intake journal's
+    unapplied records applied, by the store's own replay, on a copy (the
+    sidecar's files are left as they are).
+    """
     db_path = state_dir / "sidecar.db"
     if not db_path.exists():
         return [], []
-    db = sqlite3.connect(str(db_path))
-    try:
-        tasks = [
-            (str(r[0]), int(r[1]), str(r[2]))
-            for r in db.execute("SELECT task_id, generation, state FROM tasks WHERE state != 'done'")
-        ]
-        outbox = [
-            (str(r[0]), int(r[1]), str(json.loads(r[2]).get("type")))
-            for r in db.execute("SELECT task_id, generation, frame FROM outbox ORDER BY id")
-        ]
-    finally:
-        db.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / db_path.name
+        for path in (db_path, db_path.with_name(db_path.name + "-wal"), journal_path(db_path)):
+            if path.exists():
+                shutil.copyfile(path, Path(tmp) / path.name)
+        db = sqlite3.connect(str(copy), isolation_level=None)
+        try:
+            db.executescript(store_module._SCHEMA)
+            store_module._replay(db, journal_path(copy))
+            tasks = [
+                (str(r[0]), int(r[1]), str(r[2]))
+                for r in db.execute("SELECT task_id, generation, state FROM tasks WHERE state != 'done'")
+            ]
+            outbox = [
+                (str(r[0]), int(r[1]), str(json.loads(r[2]).get("type")))
+                for r in db.execute("SELECT task_id, generation, frame FROM outbox ORDER BY id")
+            ]
+        finally:
+            db.close()
     return tasks, outbox
