@@ -272,6 +272,10 @@ async def test_in_process_a_store_that_refuses_writes_sends_results_from_memory(
         other = sqlite3.connect(sc.store.path)
         assert other.execute("SELECT state FROM tasks WHERE task_id=?", (waiting,)).fetchone() == ("running",)
 
+        # The result may have gone through the intake journal (the file system took it);
+        # the store hears SQLite refuse when it applies it, within JOURNAL_APPLY_S.
+        with trio.fail_after(10):
+            await sc.store.health.wait_failing()
         refused = hub.submit(metadata={"shell_command": "echo hi"}, routing_decision=SHELL, max_retries=1)
         await hub.wait_until(lambda: hub.task(refused).status == "dead_letter", 30)
         assert _failed_reasons(hub, refused) == ["state_store_error"]
