@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -96,12 +96,14 @@ class Sidecar:
         self.http = http
         self.hub_types = HubTypes()
         self.refused_types = self.hub_types.refused
+        self._nursery: trio.Nursery | None = None  # `run`'s, while it runs
         ctx = ExecContext(
             config=config,
             http=http,
             state_dir=config.resolved_state_dir(),
             notify=self._notify_hub,
             off_loop=store.run_blocking,
+            handoff=self._handoff,
         )
         self.dispatcher = Dispatcher(executors(ctx), CostModel(config))
         # Workspace, branch, verification and delivery around the dispatcher's run.
@@ -265,8 +267,19 @@ class Sidecar:
 
     # -- main ----------------------------------------------------------------
 
+    def _handoff(self, fn: Callable[[], Awaitable[None]]) -> bool:
+        """Start `fn` in the daemon's nursery (inside the store's life); False if it is not open."""
+        if self._nursery is None:
+            return False
+        try:
+            self._nursery.start_soon(fn)
+        except RuntimeError:  # closed: the daemon is stopping
+            return False
+        return True
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await self.pipeline.sweep_leftovers()
             await nursery.start(self.supervisor.run)
             nursery.start_soon(self.batcher.run, self.progress_receive, self.link)
@@ -279,6 +292,7 @@ class Sidecar:
                 await nursery.start(self.metrics.serve, self.config.metrics_listen)
             task_status.started()
             await self.stopped.wait()
+            self._nursery = None
             nursery.cancel_scope.cancel()
 
     async def shutdown(self) -> None:

@@ -85,7 +85,11 @@ class OutputCapture:
     new file measured on this project's VMs, against 15 us warm), so a task
     opens its log with `open_log` off the loop while its child starts, not on
     the way to its result. Output that arrives meanwhile stays in the
-    buffer; `wait_room` holds the writer back once the buffer is full.
+    buffer; `wait_room` holds the writer back once the buffer is full. A
+    capture closed while its `open_log` is still under way (one run in a
+    nursery that outlives the task: the daemon's `handoff`) leaves the last
+    write and the close to `open_log`, so a short task's end does not wait
+    for its log's create.
     """
 
     def __init__(self, cap_bytes: int, log_path: Path | None) -> None:
@@ -103,33 +107,37 @@ class OutputCapture:
         self._buf = bytearray()
         # None: not opened yet; an Event while a worker thread opens it; True once tried.
         self._open_state: trio.Event | bool | None = None if log_path is not None else True
-        self._closed = False
+        self._close_when_opened = False
 
     # -- opening
 
     async def open_log(self, off_loop: OffLoop = in_worker_thread) -> None:
-        """Open (create) the log file through `off_loop` (a worker thread by default); idempotent."""
+        """Open (create) the log file through `off_loop` (a worker thread by default); idempotent.
+
+        Shielded (a create is short, and the log of a cancelled task is still
+        written); if the capture was closed meanwhile, this writes what it
+        holds and closes the file.
+        """
         if self._open_state is not None:
             return
         assert self.log_path is not None
         self._open_state = opened = trio.Event()
         fd: int | None = None
         try:
-            fd = await off_loop(partial(_open_append_fd, self.log_path))
+            with trio.CancelScope(shield=True):
+                fd = await off_loop(partial(_open_append_fd, self.log_path))
         except OSError as exc:
             self._unavailable(exc)
         finally:
             self._open_state = True
             try:
-                if self._closed and fd is not None:
-                    os.close(fd)  # closed while we opened it: only a caller outside a nursery can do that
-                elif fd is not None:
+                if fd is not None:
                     try:
                         self._adopt(_as_file(fd))
                     except OSError as exc:
                         self._unavailable(exc)
-                elif not self._closed:
-                    self._adopt(None)
+                if self._close_when_opened:
+                    self.close()
             finally:
                 opened.set()  # a writer held back by wait_room goes on, whatever happened
 
@@ -276,11 +284,16 @@ class OutputCapture:
         self._write_out()
 
     def close(self) -> None:
-        """Flush and close the log file; never raises, safe to call twice."""
+        """Flush and close the log file; never raises, safe to call twice.
+
+        While `open_log` is under way, that is left to it (see the class doc).
+        """
+        if isinstance(self._open_state, trio.Event):
+            self._close_when_opened = True
+            return
         if self._open_state is None and self.log_path is not None:
             self._open_now()  # a log is written even for a task that printed nothing
         self._write_out()
-        self._closed = True
         f, self._log = self._log, None
         if f is not None:
             try:

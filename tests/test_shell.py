@@ -7,6 +7,7 @@ import threading
 import tracemalloc
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -310,3 +311,39 @@ async def test_output_waits_in_the_buffer_while_the_log_is_being_created(
         cap.close()
     assert wrote_all.is_set()
     assert path.read_text() == block * 5
+
+
+async def test_a_short_tasks_end_does_not_wait_for_its_logs_create(  # type: ignore[no-untyped-def]
+    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a `handoff` (the daemon's nursery), a create that outlasts the task finishes
+    after the task's end, and then writes the whole log and closes it."""
+    gate = threading.Event()
+    real_open = output._open_append_fd
+
+    def slow_open(path: Path) -> int:
+        gate.wait(30)
+        return real_open(path)
+
+    monkeypatch.setattr(output, "_open_append_fd", slow_open)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    before = set(os.listdir("/proc/self/fd"))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as daemon:
+
+            def handoff(fn: object) -> bool:
+                daemon.start_soon(fn)  # type: ignore[arg-type]
+                return True
+
+            ctx = attrs.evolve(make_ctx(make_config(repo_dir=str(repo))), handoff=handoff)
+            executor = ShellExecutor(ctx)
+            outcome, _ = await run(executor, "echo quick")
+            assert outcome.ok and outcome.output == "quick\n"  # type: ignore[attr-defined]
+            log_path = ctx.log_path("t1")
+            assert not log_path.exists()  # its create is still held at the gate
+            gate.set()
+        # The daemon's nursery waited for the create, which wrote the log and closed it.
+    text = log_path.read_text()
+    assert "run: /bin/sh -c 'echo quick'" in text and "quick\n" in text and "exit code 0" in text
+    assert set(os.listdir("/proc/self/fd")) == before

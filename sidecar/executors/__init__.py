@@ -39,6 +39,9 @@ class ExecContext:
     the hub accepts its type; it never waits for the link to come back.
     `off_loop`: where a short blocking call of an executor runs (a task log's
     open): the daemon's store thread (`Store.run_blocking`), else a worker thread.
+    `handoff`: start work the task does not wait for (its log's open, which may
+    outlast a short task) in a nursery that outlives it; False if there is none
+    now (`sidecar exec`, or the daemon stopping): then the caller awaits it.
     """
 
     config: Config
@@ -46,6 +49,7 @@ class ExecContext:
     state_dir: Path
     notify: Callable[[dict[str, Any]], Awaitable[None]] | None = None
     off_loop: OffLoop = in_worker_thread
+    handoff: Callable[[Callable[[], Awaitable[None]]], bool] | None = None
 
     def http_client(self) -> httpx.AsyncClient:
         """The HTTP client; made now if `http` is a `SharedHTTP` not used yet (imports httpx)."""

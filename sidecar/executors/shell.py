@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 
 import trio
 
@@ -82,10 +83,14 @@ class ShellExecutor:
                 await progress.emit("stderr", clip_progress(block))
 
             res: ChildResult | OSError
+            # The log file is created while the child starts, not before it; where
+            # the daemon can take it over, the task's end does not wait for it either.
+            opener = partial(out.open_log, self.ctx.off_loop)
+            handed_off = self.ctx.handoff is not None and self.ctx.handoff(opener)
             try:
                 async with trio.open_nursery() as nursery:
-                    # The log file is created while the child starts, not before it.
-                    nursery.start_soon(out.open_log, self.ctx.off_loop)
+                    if not handed_off:
+                        nursery.start_soon(opener)
                     try:
                         res = await run_child(
                             ["/bin/sh", "-c", command],
