@@ -272,11 +272,8 @@ async def test_a_task_whose_log_cannot_be_created_still_runs(executor: ShellExec
     assert warning["path"] == str(executor.ctx.log_path("t1")) and warning["error"]
 
 
-async def test_output_waits_in_the_buffer_while_the_log_is_being_created(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The log is created in a worker thread (a new file can wait on the disk):
-    what arrives meanwhile is buffered, and a writer is held back once the buffer is full."""
+def _gate_log_creates(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Every log create waits (in its thread) until the returned event is set."""
     gate = threading.Event()
     real_open = output._open_append_fd
 
@@ -285,6 +282,15 @@ async def test_output_waits_in_the_buffer_while_the_log_is_being_created(
         return real_open(path)
 
     monkeypatch.setattr(output, "_open_append_fd", slow_open)
+    return gate
+
+
+async def test_output_waits_in_the_buffer_while_the_log_is_being_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log is created in a worker thread (a new file can wait on the disk):
+    what arrives meanwhile is buffered, and a writer is held back once the buffer is full."""
+    gate = _gate_log_creates(monkeypatch)
     path = tmp_path / "logs" / "slow.log"
     block = "z" * 100_000 + "\n"
     cap = OutputCapture(64, path)
@@ -318,14 +324,7 @@ async def test_a_short_tasks_end_does_not_wait_for_its_logs_create(  # type: ign
 ) -> None:
     """With a `handoff` (the daemon's nursery), a create that outlasts the task finishes
     after the task's end, and then writes the whole log and closes it."""
-    gate = threading.Event()
-    real_open = output._open_append_fd
-
-    def slow_open(path: Path) -> int:
-        gate.wait(30)
-        return real_open(path)
-
-    monkeypatch.setattr(output, "_open_append_fd", slow_open)
+    gate = _gate_log_creates(monkeypatch)
     repo = tmp_path / "repo"
     repo.mkdir()
     before = set(os.listdir("/proc/self/fd"))
