@@ -10,7 +10,7 @@ short; the task and its captured head and tail carry on.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -112,21 +112,33 @@ class OutputCapture:
     # -- opening
 
     async def open_log(self, off_loop: OffLoop = in_worker_thread) -> None:
-        """Open (create) the log file through `off_loop` (a worker thread by default); idempotent.
+        """Open (create) the log file through `off_loop` (a worker thread by default); idempotent."""
+        run = self.start_open(off_loop)
+        if run is not None:
+            await run()
 
-        Shielded (a create is short, and the log of a cancelled task is still
-        written); if the capture was closed meanwhile, this writes what it
-        holds and closes the file.
+    def start_open(self, off_loop: OffLoop = in_worker_thread) -> Callable[[], Awaitable[None]] | None:
+        """The log is being opened from now on; the function that opens it (run it once,
+        in any nursery), or None if it is open or opening already.
+
+        The open is shielded (a create is short, and the log of a cancelled task
+        is still written). If the capture is closed meanwhile, the open writes
+        what it holds and closes the file.
         """
         if self._open_state is not None:
-            return
+            return None
         assert self.log_path is not None
-        self._open_state = opened = trio.Event()
+        opened = trio.Event()
+        self._open_state = opened
+        return partial(self._open, off_loop, opened)
+
+    async def _open(self, off_loop: OffLoop, opened: trio.Event) -> None:
+        assert self.log_path is not None
         fd: int | None = None
         try:
             with trio.CancelScope(shield=True):
                 fd = await off_loop(partial(_open_append_fd, self.log_path))
-        except OSError as exc:
+        except Exception as exc:  # a stopped store thread too: the log is best effort
             self._unavailable(exc)
         finally:
             self._open_state = True
@@ -165,8 +177,8 @@ class OutputCapture:
         if f is not None:
             self._logged = f.seek(0, os.SEEK_END)
 
-    def _unavailable(self, exc: OSError) -> None:
-        self.log_error = exc.strerror or str(exc)
+    def _unavailable(self, exc: Exception) -> None:
+        self.log_error = getattr(exc, "strerror", None) or str(exc)
         self._buf.clear()
         log.warning("task_log_unavailable", path=str(self.log_path), error=self.log_error)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import threading
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import pytest
@@ -18,6 +20,8 @@ from sidecar.messages import parse_task
 from sidecar.output import OutputCapture
 from tests.conftest import Logs
 from tests.fakes.proc_helpers import RecordingProgress, make_ctx, task_run, wait_dead
+
+T = TypeVar("T")
 
 
 def shell_task(command: object = None, task_id: str = "t1") -> object:
@@ -346,3 +350,19 @@ async def test_a_short_tasks_end_does_not_wait_for_its_logs_create(  # type: ign
     text = log_path.read_text()
     assert "run: /bin/sh -c 'echo quick'" in text and "quick\n" in text and "exit code 0" in text
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+async def test_an_open_that_fails_otherwise_than_by_the_disk_leaves_no_log_not_a_crash(
+    tmp_path: Path, logs: Logs
+) -> None:
+    """A handed-off open runs in the daemon's nursery: it must not raise there (a stopped store thread)."""
+
+    async def stopped(fn: Callable[[], T]) -> T:
+        raise RuntimeError("the store thread has stopped")
+
+    with OutputCapture(64, tmp_path / "x.log") as cap:
+        await cap.open_log(stopped)
+        cap.write("still captured\n")
+    assert cap.log_error == "the store thread has stopped" and cap.text() == "still captured\n"
+    assert not (tmp_path / "x.log").exists()
+    assert logs.named("task_log_unavailable")

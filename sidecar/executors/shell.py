@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 
 import trio
 
@@ -85,11 +84,12 @@ class ShellExecutor:
             res: ChildResult | OSError
             # The log file is created while the child starts, not before it; where
             # the daemon can take it over, the task's end does not wait for it either.
-            opener = partial(out.open_log, self.ctx.off_loop)
-            handed_off = self.ctx.handoff is not None and self.ctx.handoff(opener)
+            opener = out.start_open(self.ctx.off_loop)
+            if opener is not None and self.ctx.handoff is not None and self.ctx.handoff(opener):
+                opener = None
             try:
                 async with trio.open_nursery() as nursery:
-                    if not handed_off:
+                    if opener is not None:
                         nursery.start_soon(opener)
                     try:
                         res = await run_child(
