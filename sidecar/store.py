@@ -129,12 +129,12 @@ class _Opened:
     pending: list[tuple[int, str, int]]
     task_ids: set[str]
     next_outbox_id: int
-    journal_seq: int
     replayed: int
     torn_bytes: int
-    # The journal could not be emptied after a torn line: records appended after
-    # that line would never be read back, so no journaling in this run.
-    journal_stuck: bool
+    # The journal, open for appending (made in the store's thread: a create can
+    # wait on the disk), or why there is none in this run.
+    journal: Journal | None
+    journal_error: str | None
 
 
 @attrs.frozen
@@ -180,16 +180,12 @@ class Store:
         self._task_ids = opened.task_ids
         # Outbox ids are given here (not by SQLite), so that a journaled result has its id at once.
         self._next_outbox_id = opened.next_outbox_id
-        self.journal: Journal | None = None
-        try:
-            if opened.journal_stuck:
-                raise OSError("it ends in a torn line that could not be removed")
-            self.journal = Journal(journal_path(path), opened.journal_seq)
-        except OSError as exc:
+        self.journal = opened.journal
+        if opened.journal_error is not None:
             log.warning(
                 "journal_unavailable",
                 path=str(journal_path(path)),
-                error=str(exc),
+                error=opened.journal_error,
                 action="every write goes to the database directly (one thread hop each)",
             )
         self._journal_owed = trio.Event()
@@ -224,7 +220,17 @@ class Store:
             except BaseException:
                 db.close()
                 raise
-            return db, _Opened(rows, task_ids, top + 1, seq, replayed, torn, bool(torn) and not emptied)
+            journal: Journal | None = None
+            journal_error: str | None = None
+            if torn and not emptied:
+                # Records appended after that line would never be read back.
+                journal_error = "it ends in a torn line that could not be removed"
+            else:
+                try:
+                    journal = Journal(journal_path(path), seq)
+                except OSError as exc:
+                    journal_error = str(exc)
+            return db, _Opened(rows, task_ids, top + 1, replayed, torn, journal, journal_error)
 
         try:
             db, opened = await trio.to_thread.run_sync(_open)
