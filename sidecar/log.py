@@ -7,6 +7,11 @@ last processor before anything is written. Records of the standard `logging`
 module (hypercorn, httpx) go through the same renderers.
 
 Tests read events with `structlog.testing.capture_logs()`.
+
+A call goes straight to our two processors and the sink while structlog is
+configured as `setup_logging` left it (checked at each call: ~1 us); any other
+configuration (`capture_logs`, a test's level) gets structlog's own path and
+its lazy proxy, which rebinds on every call. The events are the same either way.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def task_context(_logger: WrappedLogger, _name: str, event: EventDict) -> EventD
 def _ordered(_logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
     """`ts`, `level`, `logger`, `event` first, then the fields; `exc_info` rendered as `exc`."""
     now = time.time()
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    ts = _second_text(int(now)) + f".{int(now * 1000) % 1000:03d}Z"
     out: dict[str, Any] = {
         "ts": ts,
         "level": "warning" if method == "warn" else method,
@@ -88,6 +93,17 @@ def _ordered(_logger: WrappedLogger, method: str, event: EventDict) -> EventDict
     if exc_info:
         out["exc"] = _format_exc(exc_info)
     return out
+
+
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _second_text(second: int) -> str:
+    """`YYYY-MM-DDTHH:MM:SS` of a Unix second (the last one is kept: lines come in runs)."""
+    global _last_second
+    if _last_second[0] != second:
+        _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return _last_second[1]
 
 
 def _format_exc(exc_info: Any) -> str:
@@ -163,6 +179,11 @@ def _sink_factory(*_args: Any) -> _Sink:
     return _Sink()
 
 
+# structlog's filtering logger classes (one per level), and the level of each.
+_WRAPPER_LEVELS = {structlog.make_filtering_bound_logger(n): n for n in _LEVELS.values()}
+_WRAPPER_LEVELS[structlog.make_filtering_bound_logger(logging.CRITICAL)] = logging.CRITICAL
+
+
 def _configure(level: int) -> None:
     structlog.configure(
         processors=[task_context, _ordered],
@@ -175,12 +196,72 @@ def _configure(level: int) -> None:
 _configure(logging.WARNING)
 
 
-def get_logger(name: str, **bound: Any) -> FilteringBoundLogger:
+def _direct_level() -> int | None:
+    """The level in force if structlog is configured as `_configure` does; else None."""
+    config = structlog.get_config()
+    processors = config["processors"]
+    if (
+        config["logger_factory"] is not _sink_factory
+        or len(processors) != 2
+        or processors[0] is not task_context
+        or processors[1] is not _ordered
+    ):
+        return None
+    return _WRAPPER_LEVELS.get(config["wrapper_class"])
+
+
+class Logger:
+    """What `get_logger` returns: `.info(event, **fields)` and the other levels, `.bind(**fields)`.
+
+    The events structlog's bound logger would make, through the same two
+    processors, without its per-call proxy and dispatch (see the module doc).
+    """
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: dict[str, Any]) -> None:
+        self._context = context
+
+    def bind(self, **fields: Any) -> Logger:
+        return Logger({**self._context, **fields})
+
+    def _log(
+        self, number: int, method: str, event: str, args: tuple[Any, ...], fields: dict[str, Any]
+    ) -> None:
+        level = _direct_level()
+        if level is None or args:
+            proxy: FilteringBoundLogger = structlog.get_logger(**self._context)
+            getattr(proxy, method)(event, *args, **fields)
+        elif number >= level:
+            name = "error" if method == "exception" else method
+            if method == "exception":
+                fields.setdefault("exc_info", True)
+            fields = {**self._context, **fields, "event": event}
+            _OUT.write(_ordered(None, name, task_context(None, name, fields)))
+
+    def debug(self, event: str, *args: Any, **fields: Any) -> None:
+        self._log(logging.DEBUG, "debug", event, args, fields)
+
+    def info(self, event: str, *args: Any, **fields: Any) -> None:
+        self._log(logging.INFO, "info", event, args, fields)
+
+    def warning(self, event: str, *args: Any, **fields: Any) -> None:
+        self._log(logging.WARNING, "warning", event, args, fields)
+
+    def error(self, event: str, *args: Any, **fields: Any) -> None:
+        self._log(logging.ERROR, "error", event, args, fields)
+
+    def exception(self, event: str, *args: Any, **fields: Any) -> None:
+        self._log(logging.ERROR, "exception", event, args, fields)
+
+    def critical(self, event: str, *args: Any, **fields: Any) -> None:
+        self._log(logging.CRITICAL, "critical", event, args, fields)
+
+
+def get_logger(name: str, **bound: Any) -> Logger:
     """A bound logger: `.info(event, **fields)`, `.bind(**fields)`, `.error(..., exc_info=True)`."""
-    # A lazy proxy: the level and processors in force are read at each call. Bound as
-    # `logger_name` (structlog's own `logger` parameter would clash), shown as `logger`.
-    logger: FilteringBoundLogger = structlog.get_logger(logger_name=name, **bound)
-    return logger
+    # Bound as `logger_name` (structlog's own `logger` parameter would clash), shown as `logger`.
+    return Logger({"logger_name": name, **bound})
 
 
 class _StdlibBridge(logging.Handler):
