@@ -75,6 +75,11 @@ class Journal:
     def usable(self) -> bool:
         return self._fd >= 0 and self.size < MAX_BYTES
 
+    @property
+    def unapplied(self) -> bool:
+        """Some record given out is not yet committed to SQLite."""
+        return self.applied < self.seq
+
     def append(self, record: dict[str, Any]) -> int:
         """Write one record (its `seq` added); its sequence number. OSError if the disk refuses.
 

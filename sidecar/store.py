@@ -142,11 +142,11 @@ class _Journaled:
     """An owed write that an intake journal record made durable: applied with its sequence number."""
 
     seq: int
-    write: Write
+    record: dict[str, Any]
 
     def __call__(self, db: sqlite3.Connection) -> None:
-        self.write(db)
-        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_applied', ?)", (self.seq,))
+        _apply_record(db, self.record)
+        _set_journal_applied(db, self.seq)
 
 
 @attrs.frozen
@@ -386,8 +386,8 @@ class Store:
         self._deferred_at = trio.current_time()
         self._deferred.set()
 
-    def _journaled(self, record: dict[str, Any], write: Write) -> bool:
-        """Make `write` durable through the journal and owe it to SQLite; False if it cannot be.
+    def _journaled(self, record: dict[str, Any]) -> bool:
+        """Make `record` durable through the journal and owe it to SQLite; False if it cannot be.
 
         Only while writes succeed: a failing disk gets its refusals from SQLite, as
         before (a task refused, a result sent from memory).
@@ -400,7 +400,7 @@ class Store:
         except OSError as exc:
             log.info("journal_append_failed", error=str(exc), action="written to the database directly")
             return False
-        self._owed.append(_Journaled(seq, write))
+        self._owed.append(_Journaled(seq, record))
         self._journal_owed.set()
         return True
 
@@ -411,19 +411,18 @@ class Store:
             await trio.sleep(JOURNAL_APPLY_S)
             self._journal_owed = trio.Event()
             if self.health.error is None:
-                await self._apply_journaled()  # unless another write took them meanwhile
+                await self.sync()  # unless another write took them meanwhile
 
-    async def _apply_journaled(self) -> None:
-        """Before a read of the file: the journaled writes, so that it sees them (best effort)."""
-        if any(isinstance(w, _Journaled) for w in self._owed):
+    async def sync(self) -> None:
+        """Apply every journaled write to the file now, so that a read of the file sees it.
+
+        Best effort: on a refused write the file stays as it is, the journal still holds them.
+        """
+        if self.journal is not None and self.journal.unapplied:
             try:
                 await self._apply_owed()
             except StoreWriteError:
-                pass  # the read sees the file as it is; the journal still holds them
-
-    async def sync(self) -> None:
-        """Apply every journaled write to the file now (for a reader of the file itself)."""
-        await self._apply_journaled()
+                pass
 
     async def _flush_deferred(self) -> None:
         """Apply what is owed once no write came for `DEFER_S`: while tasks keep
@@ -465,7 +464,7 @@ class Store:
         if self._owed:
             await self.probe()  # a last chance for what is owed (else a restart redoes it)
         if self.journal is not None:
-            if not any(isinstance(w, _Journaled) for w in self._owed):
+            if not self.journal.unapplied:
                 self.journal.empty()  # all of it is in the file
             self.journal.close()
         await self._run(lambda db: db.close())
@@ -474,7 +473,7 @@ class Store:
     # -- tasks -------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> StoredTask | None:
-        await self._apply_journaled()
+        await self.sync()
 
         def _get(db: sqlite3.Connection) -> StoredTask | None:
             row = db.execute(
@@ -495,11 +494,7 @@ class Store:
         text = json.dumps(frame)
 
         def _put(db: sqlite3.Connection) -> int:
-            db.execute(
-                "INSERT OR REPLACE INTO tasks (task_id, generation, frame, state, marker, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (task_id, generation, text, QUEUED, marker, time.time()),
-            )
+            _insert_task(db, (task_id, generation, text, QUEUED, marker, time.time()))
             return _drop_older(db, task_id, generation)
 
         dropped = await self._write(_put)
@@ -523,8 +518,7 @@ class Store:
         row = (task_id, generation, text, state, marker, received_at)
         if task_id not in self._task_ids:
             # A task id never seen here: no finished row to find, no older results to drop.
-            record = {"op": "admit", "row": row}
-            if self._journaled(record, partial(_insert_task, row=row)):
+            if self._journaled({"op": "admit", "row": row}):
                 self._task_ids.add(task_id)
                 return 0
 
@@ -581,11 +575,9 @@ class Store:
         if frame is not None:
             item_id = self._next_outbox_id
             self._next_outbox_id += 1
-        item_row = (item_id, generation, text)
-        write = partial(_finish_task, task_id=task_id, finished_at=now, item=item_row)
-        record = {"op": "finish", "task_id": task_id, "finished_at": now, "item": item_row}
-        if not self._journaled(record, write):
-            await self._write(write)
+        record = {"op": "finish", "task_id": task_id, "finished_at": now, "item": (item_id, generation, text)}
+        if not self._journaled(record):
+            await self._write(partial(_apply_record, record=record))
         if item_id is None or frame is None:
             return None
         item = OutboxItem(item_id, task_id, generation, frame)
@@ -607,7 +599,7 @@ class Store:
 
     async def in_flight(self) -> list[StoredTask]:
         """Tasks accepted but not finished: what a restart must recover."""
-        await self._apply_journaled()
+        await self.sync()
 
         def _list(db: sqlite3.Connection) -> list[StoredTask]:
             rows = db.execute(
@@ -672,7 +664,7 @@ class Store:
         missing = [item_id for item_id, entry in head if entry.frame is None]
         frames: dict[int, dict[str, Any]] = {}
         if missing:
-            await self._apply_journaled()  # a frame not kept in memory may still be in the journal only
+            await self.sync()  # a frame not kept in memory may still be in the journal only
 
             def _read(db: sqlite3.Connection) -> dict[int, dict[str, Any]]:
                 marks = ",".join("?" * len(missing))
@@ -716,6 +708,18 @@ def _insert_task(db: sqlite3.Connection, row: Iterable[Any]) -> None:
     )
 
 
+def _apply_record(db: sqlite3.Connection, record: dict[str, Any]) -> None:
+    """What an intake journal record says, written to the file (at once, owed, or replayed)."""
+    if record.get("op") == "admit":
+        _insert_task(db, record["row"])
+    elif record.get("op") == "finish":
+        _finish_task(db, record["task_id"], record["finished_at"], record["item"])
+
+
+def _set_journal_applied(db: sqlite3.Connection, seq: int) -> None:
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_applied', ?)", (seq,))
+
+
 def _finish_task(db: sqlite3.Connection, task_id: str, finished_at: float, item: Iterable[Any]) -> None:
     """The task done and, with an id, its result queued (`item`: id, generation, frame text)."""
     item_id, generation, text = item
@@ -742,13 +746,8 @@ def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool]:
 
         def _apply(db: sqlite3.Connection) -> None:
             for record in todo:
-                if record.get("op") == "admit":
-                    _insert_task(db, record["row"])
-                elif record.get("op") == "finish":
-                    _finish_task(db, record["task_id"], record["finished_at"], record["item"])
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_applied', ?)", (todo[-1]["seq"],)
-            )
+                _apply_record(db, record)
+            _set_journal_applied(db, todo[-1]["seq"])
 
         transaction(_apply)(db)
     last = max([applied, *(r["seq"] for r in records)])
