@@ -180,8 +180,7 @@ def _sink_factory(*_args: Any) -> _Sink:
 
 
 # structlog's filtering logger classes (one per level), and the level of each.
-_WRAPPER_LEVELS = {structlog.make_filtering_bound_logger(n): n for n in _LEVELS.values()}
-_WRAPPER_LEVELS[structlog.make_filtering_bound_logger(logging.CRITICAL)] = logging.CRITICAL
+_WRAPPER_LEVELS = {structlog.make_filtering_bound_logger(n): n for n in (*_LEVELS.values(), logging.CRITICAL)}
 
 
 def _configure(level: int) -> None:
