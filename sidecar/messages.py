@@ -256,7 +256,24 @@ def parse_task(frame: dict[str, Any]) -> Task:
         raise FrameError(path.removeprefix("$."), problem, task_id=tid) from exc
     if len(task.task_id) > 512:
         raise FrameError("task_id", "longer than 512 characters", task_id=None)
+    if not is_unicode(task.task_id):
+        raise FrameError("task_id", LONE_SURROGATE, task_id=tid)
     return attrs.evolve(task, raw=frame)
+
+
+LONE_SURROGATE = "holds a lone surrogate escape (not valid Unicode)"
+
+
+def is_unicode(text: str) -> bool:
+    """Whether `text` is valid Unicode, i.e. holds no lone surrogate (which JSON
+    escapes can carry, but neither UTF-8 nor SQLite can)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _NonFinite(ValueError):
@@ -313,7 +330,20 @@ def encode_frame(frame: dict[str, Any]) -> str:
     """Encode an outbound frame, adding `protocol_version` as the original does."""
     out = dict(frame)
     out.setdefault("protocol_version", PROTOCOL_VERSION)
-    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+    return wire_json(out)
+
+
+def wire_json(obj: Any) -> str:
+    """Compact JSON for a text frame: UTF-8 as it is, except in a frame holding a lone surrogate.
+
+    A hub may send one as a JSON escape (`"t\\ud800"` is valid JSON, though no
+    valid Unicode), and it then comes back in our frames (the task id of every
+    answer). UTF-8 cannot carry it, so such a frame is written with ASCII
+    escapes, which give the hub back exactly the string it sent (as
+    JavaScript's `JSON.stringify` does).
+    """
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text if is_unicode(text) else json.dumps(obj, separators=(",", ":"))
 
 
 @attrs.frozen

@@ -50,6 +50,7 @@ import trio
 
 from .journal import Journal, journal_path, read_records
 from .log import get_logger
+from .messages import LONE_SURROGATE, is_unicode
 from .pending import OutboxItem, PendingResults
 from .quicklock import QuickLock
 from .storefaults import (
@@ -472,7 +473,20 @@ class Store:
 
     # -- tasks -------------------------------------------------------------
 
+    def _storable(self, task_id: str) -> None:
+        """Raise `StoreWriteError` for a task id SQLite cannot hold (a lone surrogate).
+
+        The frame parser refuses such ids; a task failed for it is answered from
+        memory (`Outbox.put`). Checked here too, before the journal, because an
+        owed write that SQLite then refused would stop the store.
+        """
+        if not is_unicode(task_id):
+            cause = sqlite3.DataError(f"task id {task_id!r} {LONE_SURROGATE}")
+            raise StoreWriteError(self.path, cause)
+
     async def get_task(self, task_id: str) -> StoredTask | None:
+        if not is_unicode(task_id):
+            return None  # never stored (`_storable`)
         await self.sync()
 
         def _get(db: sqlite3.Connection) -> StoredTask | None:
@@ -491,6 +505,7 @@ class Store:
         so the caller has no checkpoint between storing and holding the task.
         Raises `StoreWriteError` when the disk refuses it.
         """
+        self._storable(task_id)
         text = json.dumps(frame)
 
         def _put(db: sqlite3.Connection) -> int:
@@ -512,6 +527,7 @@ class Store:
         path's only store call before `task_accepted`. `running`: it starts at
         once (a free slot), so no `mark_running` needs to follow.
         """
+        self._storable(task_id)
         state = RUNNING if running else QUEUED
         text = json.dumps(frame)
         received_at = time.time()
@@ -540,6 +556,8 @@ class Store:
 
         Returns how many were dropped (0 when the write is owed).
         """
+        if not is_unicode(task_id):
+            return 0  # never stored (`_storable`)
         dropped = 0
 
         def _set(db: sqlite3.Connection) -> None:
@@ -557,6 +575,8 @@ class Store:
         Only a queued row changes, so this may run after the task's `finish`
         without undoing it: the supervisor does not wait for it.
         """
+        if not is_unicode(task_id):
+            return  # never stored (`_storable`)
         await self._settle(
             lambda db: db.execute(
                 "UPDATE tasks SET state=? WHERE task_id=? AND state=?", (RUNNING, task_id, QUEUED)
@@ -568,6 +588,7 @@ class Store:
 
         Raises `StoreWriteError` when the disk refuses it (nothing is written).
         """
+        self._storable(task_id)
         generation = int(frame.get("generation", 0)) if frame is not None else 0
         text = json.dumps(frame) if frame is not None else ""
         now = time.time()
@@ -589,6 +610,8 @@ class Store:
 
         With `generation`, a newer run of the task (given out again meanwhile) is left alone.
         """
+        if not is_unicode(task_id):
+            return  # never stored (`_storable`)
         limit = 2**63 - 1 if generation is None else generation
         await self._settle(
             lambda db: db.execute(
@@ -693,6 +716,8 @@ class Store:
     async def drop_results(self, task_id: str) -> None:
         """Forget unsent results of a task the hub took away (reassigned)."""
         self.pending.remove_task(task_id)  # first: the outbox must not pick one during the write
+        if not is_unicode(task_id):
+            return  # never stored (`_storable`)
         await self._settle(lambda db: db.execute("DELETE FROM outbox WHERE task_id=?", (task_id,)))
 
 

@@ -412,6 +412,33 @@ async def test_bad_frames_never_crash_and_next_task_runs(hub: DevHub, sidecar: S
     no_violations(hub)
 
 
+async def test_lone_surrogate_ids_and_text_never_crash(hub: DevHub, sidecar: SidecarProcess) -> None:
+    """JSON can escape a lone surrogate (`"\\ud800"`), which neither UTF-8 nor SQLite can hold.
+
+    A task whose id holds one is failed at once, answered under that very id;
+    one holding it only in its text runs as usual. The sidecar lived through
+    neither before: the answer's UTF-8 encoding raised in the outbox, and the
+    task row's journaled write stopped the store.
+    """
+    await sidecar.start()
+    odd = "t\ud800x"
+    bad = hub.submit(task_id=odd, metadata={"shell_command": "true"}, routing_decision=SHELL, max_retries=0)
+    rec = await hub.wait_until(lambda: hub.task(bad) if hub.task(bad).failures else None, 30)
+    assert rec.failures[0]["reason"] == "invalid_task"
+    assert "task_id" in rec.failures[0]["error"] and "surrogate" in rec.failures[0]["error"]
+    assert [f.frame["task_id"] for f in hub.frames(AGENT, type="task_failed") if f.frame] == [odd]
+    text = hub.submit(
+        description="broken \udcff text",
+        metadata={"shell_command": "printf 'done'", "note": "\udfff"},
+        routing_decision=SHELL,
+    )
+    done = await hub.wait_until(lambda: hub.task(text) if hub.task(text).status == "completed" else None, 30)
+    assert done.result is not None and done.result["output"] == "done"
+    assert sidecar.proc is not None and sidecar.proc.returncode is None
+    assert sidecar.events("bad_task_assign")
+    no_violations(hub)
+
+
 def _wall(ts: str) -> float:
     import datetime
 

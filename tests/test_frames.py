@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from sidecar.frames import (
     TaskReassign,
     parse_inbound,
 )
-from sidecar.messages import FrameError, decode_frame
+from sidecar.messages import FrameError, decode_frame, encode_frame
 
 
 def parse(text: str) -> object:
@@ -113,3 +114,30 @@ def test_a_non_finite_task_assign_still_names_its_task() -> None:
 def test_big_finite_numbers_are_fine() -> None:
     obj: dict[str, Any] = decode_frame('{"type":"rate_limited","retry_after_ms":1e300}')
     assert parse_inbound(obj) == RateLimited(1e300, None)
+
+
+def test_a_task_id_with_a_lone_surrogate_is_a_bad_assign_naming_it() -> None:
+    # Valid JSON (an escape), no valid Unicode: neither UTF-8 nor SQLite can hold it.
+    frame = parse(
+        '{"type":"task_assign","task_id":"t\\ud800x","generation":2,'
+        '"metadata":{"shell_command":"true"},"routing_decision":{"target_type":"sidecar"}}'
+    )
+    assert isinstance(frame, BadTaskAssign)
+    assert (frame.task_id, frame.generation, frame.path) == ("t\ud800x", 2, "task_id")
+    assert "surrogate" in frame.problem
+    # In its text it is only text: the task is as good as any.
+    ok = parse(
+        '{"type":"task_assign","task_id":"t","description":"a \\udcff b",'
+        '"metadata":{"shell_command":"true"},"routing_decision":{"target_type":"sidecar"}}'
+    )
+    assert isinstance(ok, TaskAssign) and ok.task.description == "a \udcff b"
+
+
+def test_an_answer_under_a_lone_surrogate_id_goes_out_as_the_same_json_string() -> None:
+    text = encode_frame({"type": "task_failed", "task_id": "t\ud800x", "generation": 1})
+    text.encode("utf-8")  # a text frame: must be UTF-8
+    assert "\\ud800" in text and json.loads(text)["task_id"] == "t\ud800x"
+    # Everything else still goes out as UTF-8, not as escapes.
+    assert encode_frame({"type": "x", "note": "héllo 💥"}) == (
+        '{"type":"x","note":"héllo 💥","protocol_version":1}'
+    )

@@ -503,3 +503,27 @@ async def test_a_deferred_retire_costs_no_transaction_of_its_own_while_writes_ke
         assert len(flushes) == 1
         nursery.cancel_scope.cancel()
     await store.close()
+
+
+async def test_a_task_id_sqlite_cannot_hold_is_refused_before_the_journal(tmp_path: Path) -> None:
+    # A lone surrogate: the frame parser refuses such a task, and its failure goes
+    # from memory. Were it journaled, SQLite would refuse the owed write later.
+    db = tmp_path / "s.db"
+    store = await Store.open(db)
+    odd = "t\ud800x"
+    with pytest.raises(StoreWriteError, match="surrogate"):
+        await store.admit(odd, 1, {"type": "task_assign", "task_id": odd}, "m")
+    with pytest.raises(StoreWriteError, match="surrogate"):
+        await store.put_task(odd, 1, {"type": "task_assign", "task_id": odd}, "m")
+    with pytest.raises(StoreWriteError, match="surrogate"):
+        await store.finish(odd, failed_frame(odd, 1, "invalid", "invalid_task"))
+    assert await store.get_task(odd) is None
+    await store.mark_done(odd, 1)  # after the hub's ack of the failure sent from memory
+    await store.mark_running(odd)
+    assert await store.set_generation(odd, 2) == 0
+    await store.drop_results(odd)
+    await store.put_task("t", 1, {"type": "task_assign", "task_id": "t"}, "m")  # the store still works
+    await store.close()
+    again = await Store.open(db)
+    assert [t.task_id for t in await again.in_flight()] == ["t"] and await again.outbox() == []
+    await again.close()

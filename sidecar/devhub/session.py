@@ -11,7 +11,6 @@ frame, like a network failure).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import socket
@@ -24,6 +23,7 @@ import trio
 
 from ..asgi import ASGIReceive, ASGISend
 from ..log import get_logger
+from ..messages import wire_json
 
 log = get_logger(__name__)
 
@@ -69,8 +69,8 @@ class Session:
     # -- called by the hub (synchronous) --------------------------------------
 
     def push(self, frame: dict[str, Any]) -> None:
-        """Queue one frame (encoded as the hub does: plain JSON)."""
-        self.push_raw(json.dumps(frame, separators=(",", ":"), ensure_ascii=False))
+        """Queue one frame (encoded as the hub does: plain JSON, a lone surrogate escaped)."""
+        self.push_raw(wire_json(frame))
 
     def push_raw(self, data: str | bytes, done: trio.Event | None = None) -> None:
         if self.closing or self._out_send is None:
