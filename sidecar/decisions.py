@@ -89,7 +89,10 @@ def decide_end(
     *,
     started: bool,
     timeout_s: float,
+    crash: str | None = None,
 ) -> RunEnd:
+    """How a run ended: its frame and outcome. `crash`: what an exception that
+    escaped the run said (a bug, or input nothing foresaw), if one did."""
     if result is not None:
         if cancel_reason == REASSIGN:
             # The task is no longer ours: two agents must never report one task.
@@ -111,6 +114,9 @@ def decide_end(
     if cancel_reason == SHUTDOWN:
         frame = failed_frame(task_id, generation, "sidecar shut down while the task ran", "sidecar_shutdown")
         return RunEnd(frame, "shutdown")
+    if crash is not None:
+        frame = failed_frame(task_id, generation, f"internal error: {crash}", "internal_error")
+        return RunEnd(frame, "failure")
     if started:
         return RunEnd(
             failed_frame(task_id, generation, f"timed out after {timeout_s:g} s", "timeout"), "timeout"

@@ -16,7 +16,17 @@ from typing import Any
 
 import attrs
 
-from .messages import FrameError, Task, converter, decode_frame, error_path, parse_task
+from .messages import (
+    GENERATION_RANGE,
+    MAX_GENERATION,
+    FrameError,
+    Task,
+    converter,
+    decode_frame,
+    error_path,
+    lenient_generation,
+    parse_task,
+)
 
 
 @attrs.frozen
@@ -157,6 +167,9 @@ def parse_inbound(obj: dict[str, Any]) -> InboundFrame:
         path, problem = error_path(exc)
         path = path.removeprefix("$.")
         raise FrameError(path, problem, task_id=_task_id_of(obj), frame_type=kind) from exc
+    generation = getattr(frame, "generation", None)
+    if isinstance(generation, int) and not 0 <= generation <= MAX_GENERATION:
+        raise FrameError("generation", GENERATION_RANGE, task_id=_task_id_of(obj), frame_type=kind)
     return frame
 
 
@@ -167,9 +180,7 @@ def _task_assign(obj: dict[str, Any]) -> TaskAssign | BadTaskAssign:
         if exc.task_id is None:
             exc.frame_type = "task_assign"
             raise
-        gen = obj.get("generation")
-        generation = gen if isinstance(gen, int) and not isinstance(gen, bool) and gen >= 0 else 0
-        return BadTaskAssign(exc.task_id, generation, exc.path, exc.problem)
+        return BadTaskAssign(exc.task_id, lenient_generation(obj.get("generation")), exc.path, exc.problem)
 
 
 def _task_id_of(obj: dict[str, Any]) -> str | None:
@@ -197,5 +208,4 @@ def _lenient_generation(raw: str) -> int:
         obj = json.loads(raw)
     except (ValueError, RecursionError):
         return 0
-    gen = obj.get("generation") if isinstance(obj, dict) else None
-    return gen if isinstance(gen, int) and not isinstance(gen, bool) and gen >= 0 else 0
+    return lenient_generation(obj.get("generation") if isinstance(obj, dict) else None)

@@ -258,7 +258,20 @@ def parse_task(frame: dict[str, Any]) -> Task:
         raise FrameError("task_id", "longer than 512 characters", task_id=None)
     if not is_unicode(task.task_id):
         raise FrameError("task_id", LONE_SURROGATE, task_id=tid)
+    if not 0 <= task.generation <= MAX_GENERATION:
+        raise FrameError("generation", GENERATION_RANGE, task_id=tid)
     return attrs.evolve(task, raw=frame)
+
+
+# SQLite's INTEGER is 64 bits: a larger generation could be neither stored nor compared.
+MAX_GENERATION = 2**63 - 1
+GENERATION_RANGE = f"out of range (0 to {MAX_GENERATION})"
+
+
+def lenient_generation(value: Any) -> int:
+    """A frame's `generation` if it is one we can hold, else 0 (for the answer to a bad frame)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_GENERATION
+    return value if ok else 0
 
 
 LONE_SURROGATE = "holds a lone surrogate escape (not valid Unicode)"

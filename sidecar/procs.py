@@ -13,6 +13,7 @@ group kill never reaches. See design.md, "Known pitfalls".
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -274,10 +275,14 @@ async def run_child(
                 env=full_env,
                 start_new_session=True,
             )
-        except BaseException:
+        except BaseException as exc:
             for fd in (stdin_r, stdin_w):
                 if fd is not None:
                     os.close(fd)
+            if isinstance(exc, ValueError):
+                # A NUL character in an argument, the environment or the cwd (task
+                # text can carry one): the child cannot start, as for a missing binary.
+                raise OSError(errno.EINVAL, f"cannot start {argv[0]!r}: {exc}") from exc
             raise
         if stdin_r is not None:
             os.close(stdin_r)

@@ -50,7 +50,7 @@ import trio
 
 from .journal import Journal, journal_path, read_records
 from .log import get_logger
-from .messages import LONE_SURROGATE, is_unicode
+from .messages import LONE_SURROGATE, MAX_GENERATION, is_unicode
 from .pending import OutboxItem, PendingResults
 from .quicklock import QuickLock
 from .storefaults import (
@@ -132,6 +132,7 @@ class _Opened:
     next_outbox_id: int
     replayed: int
     torn_bytes: int
+    skipped: list[str]
     # The journal, open for appending (made in the store's thread: a create can
     # wait on the disk), or why there is none in this run.
     journal: Journal | None
@@ -140,13 +141,21 @@ class _Opened:
 
 @attrs.frozen
 class _Journaled:
-    """An owed write that an intake journal record made durable: applied with its sequence number."""
+    """An owed write that an intake journal record made durable: applied with its sequence number.
+
+    A record SQLite cannot take (`_apply_journal_record`) is skipped, and why is
+    kept in `skipped` for the loop to log: one bad record must not block every
+    write after it.
+    """
 
     seq: int
     record: dict[str, Any]
+    skipped: list[str] = attrs.field(factory=list)
 
     def __call__(self, db: sqlite3.Connection) -> None:
-        _apply_record(db, self.record)
+        problem = _apply_journal_record(db, self.record)
+        if problem is not None:
+            self.skipped.append(problem)
         _set_journal_applied(db, self.seq)
 
 
@@ -211,7 +220,7 @@ class Store:
                 # (SQLite's usual defaults, stated here: docs/benchmarks.md, "Memory").
                 db.execute("PRAGMA cache_size=-2000")
                 db.execute("PRAGMA mmap_size=0")
-                replayed, torn, seq, emptied = _replay(db, journal_path(path))
+                replayed, torn, seq, emptied, skipped = _replay(db, journal_path(path))
                 rows = db.execute("SELECT id, task_id, generation FROM outbox ORDER BY id").fetchall()
                 task_ids = {r[0] for r in db.execute("SELECT task_id FROM tasks")}
                 (top,) = db.execute(
@@ -231,7 +240,7 @@ class Store:
                     journal = Journal(journal_path(path), seq)
                 except OSError as exc:
                     journal_error = str(exc)
-            return db, _Opened(rows, task_ids, top + 1, replayed, torn, journal, journal_error)
+            return db, _Opened(rows, task_ids, top + 1, replayed, torn, skipped, journal, journal_error)
 
         try:
             db, opened = await trio.to_thread.run_sync(_open)
@@ -248,6 +257,12 @@ class Store:
                 records=opened.replayed,
                 torn_bytes=opened.torn_bytes,
                 note="writes a process that died had made durable, now in the database",
+            )
+        for problem in opened.skipped:
+            log.error(
+                "journal_record_skipped",
+                problem=problem,
+                note=_SKIPPED_NOTE,
             )
         return cls(db, path, opened)
 
@@ -324,6 +339,7 @@ class Store:
             with trio.CancelScope(shield=True):
                 result = await self._thread.run(partial(transaction(run), self._db))
             del self._owed[: len(owed)]  # what was deferred meanwhile stays owed
+            _log_skipped(owed)
             if self.journal is not None:
                 applied = [w.seq for w in owed if isinstance(w, _Journaled)]
                 if applied:
@@ -612,7 +628,7 @@ class Store:
         """
         if not is_unicode(task_id):
             return  # never stored (`_storable`)
-        limit = 2**63 - 1 if generation is None else generation
+        limit = MAX_GENERATION if generation is None else min(generation, MAX_GENERATION)
         await self._settle(
             lambda db: db.execute(
                 "UPDATE tasks SET state=?, finished_at=? WHERE task_id=? AND generation<=?",
@@ -741,6 +757,29 @@ def _apply_record(db: sqlite3.Connection, record: dict[str, Any]) -> None:
         _finish_task(db, record["task_id"], record["finished_at"], record["item"])
 
 
+# What sqlite3 raises for values it cannot bind (an int over 64 bits, a lone
+# surrogate, a wrong type), and a record missing a field: nothing a retry can mend.
+_UNAPPLIABLE = (OverflowError, ValueError, TypeError, KeyError, sqlite3.InterfaceError, sqlite3.DataError)
+
+
+def _apply_journal_record(db: sqlite3.Connection, record: dict[str, Any]) -> str | None:
+    """`_apply_record` in a savepoint: None, or why SQLite could not take it (then nothing of it is kept).
+
+    The intake path refuses such values before they are journaled (the frame
+    parser, `Store._storable`); this is what keeps a record that still holds
+    one from stopping the store, or every start after it in the replay.
+    """
+    db.execute("SAVEPOINT journal_record")
+    try:
+        _apply_record(db, record)
+    except _UNAPPLIABLE as exc:
+        db.execute("ROLLBACK TO journal_record")
+        db.execute("RELEASE journal_record")
+        return f"{type(exc).__name__}: {exc}"[:300]
+    db.execute("RELEASE journal_record")
+    return None
+
+
 def _set_journal_applied(db: sqlite3.Connection, seq: int) -> None:
     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_applied', ?)", (seq,))
 
@@ -757,21 +796,25 @@ def _finish_task(db: sqlite3.Connection, task_id: str, finished_at: float, item:
         )
 
 
-def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool]:
+def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool, list[str]]:
     """Apply the journal's records the file lacks, then empty it (in the store's open).
 
     Returns (records applied, bytes of a torn last line dropped, last sequence
-    number, whether the journal is empty now).
+    number, whether the journal is empty now, why each record SQLite could not
+    take was skipped).
     """
     found = db.execute("SELECT value FROM meta WHERE key='journal_applied'").fetchone()
     applied = int(found[0]) if found else 0
     records, torn = read_records(path)
     todo = [r for r in records if r["seq"] > applied]
+    skipped: list[str] = []
     if todo:
 
         def _apply(db: sqlite3.Connection) -> None:
             for record in todo:
-                _apply_record(db, record)
+                problem = _apply_journal_record(db, record)
+                if problem is not None:
+                    skipped.append(f"record {record['seq']} ({record.get('op')}): {problem}")
             _set_journal_applied(db, todo[-1]["seq"])
 
         transaction(_apply)(db)
@@ -781,7 +824,21 @@ def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool]:
         with contextlib.suppress(OSError):  # kept, its records are skipped by number next time
             os.truncate(path, 0)
             emptied = True
-    return len(todo), torn, last, emptied
+    return len(todo) - len(skipped), torn, last, emptied, skipped
+
+
+_SKIPPED_NOTE = "SQLite cannot hold its values: that task's row or result is not in the database"
+
+
+def _log_skipped(applied: Iterable[Write]) -> None:
+    for write in applied:
+        if isinstance(write, _Journaled) and write.skipped:
+            log.error(
+                "journal_record_skipped",
+                problem=f"record {write.seq} ({write.record.get('op')}): {write.skipped[0]}",
+                task_id=write.record.get("task_id") or write.record.get("row", [None])[0],
+                note=_SKIPPED_NOTE,
+            )
 
 
 def _drop_older(db: sqlite3.Connection, task_id: str, generation: int) -> int:

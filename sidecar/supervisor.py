@@ -385,6 +385,7 @@ class Supervisor:
         # Every event logged while this task runs (executors included) carries these.
         bind_context(task_id=tid, generation=lambda: held.generation)
         result: DispatchResult | None = None
+        crash: str | None = None
         started_at: float | None = None
         timeout_s = task_time_limit_ms(task, self.config) / 1000.0
         try:
@@ -406,13 +407,23 @@ class Supervisor:
                     run = self.context.new_run(
                         task, ProgressSender(self.progress, tid), held.marker, deadline=held.scope.deadline
                     )
-                    result = await run_and_sweep(self.dispatch, run)
+                    try:
+                        result = await run_and_sweep(self.dispatch, run)
+                    except Exception as exc:
+                        # A bug, or input nothing foresaw: this task fails, the daemon carries on.
+                        tlog.error("task_crashed", exc_info=True)
+                        crash = f"{type(exc).__name__}: {exc}"[:500]
         finally:
             with trio.CancelScope(shield=True):
-                await self._finish(held, result, started_at, timeout_s)
+                await self._finish(held, result, started_at, timeout_s, crash)
 
     async def _finish(
-        self, held: Held, result: DispatchResult | None, started_at: float | None, timeout_s: float
+        self,
+        held: Held,
+        result: DispatchResult | None,
+        started_at: float | None,
+        timeout_s: float,
+        crash: str | None = None,
     ) -> None:
         task = held.task
         tid = task.task_id
@@ -430,6 +441,7 @@ class Supervisor:
             held.cancel_reason,
             started=started_at is not None,
             timeout_s=timeout_s,
+            crash=crash,
         )
         frame, outcome = end.frame, end.outcome
         await self.outbox.put(tid, frame)  # from memory if the store cannot write it

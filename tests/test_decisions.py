@@ -106,3 +106,15 @@ def test_decide_end(
         assert end.frame["error"] == "timed out after 1.5 s"
     if frame_type == "task_complete":
         assert end.frame["tokens_used"] == 7 and end.frame["result"] == {"status": "success"}
+
+
+def test_a_run_that_raised_ends_as_an_internal_error_unless_it_was_cancelled() -> None:
+    crashed = decide_end("t", 4, None, None, started=True, timeout_s=1.5, crash="ValueError: x")
+    assert crashed.outcome == "failure" and crashed.frame is not None
+    assert (crashed.frame["reason"], crashed.frame["error"]) == (
+        "internal_error",
+        "internal error: ValueError: x",
+    )
+    # A cancellation the hub asked for still says so: the error came from the cancelled run.
+    cancelled = decide_end("t", 4, None, HUB_CANCEL, started=True, timeout_s=1.5, crash="ValueError: x")
+    assert cancelled.outcome == HUB_CANCEL and cancelled.frame is None

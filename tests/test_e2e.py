@@ -439,6 +439,58 @@ async def test_lone_surrogate_ids_and_text_never_crash(hub: DevHub, sidecar: Sid
     no_violations(hub)
 
 
+async def test_absurd_numbers_and_nul_characters_fail_their_task_not_the_sidecar(
+    hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    """Each of these stopped `sidecar run` (exit 1) before: a generation SQLite
+    cannot hold (in the journal's owed write, so every start after it too), and
+    a NUL in a verification command (Popen's ValueError escaped the run)."""
+    await sidecar.start()
+    await hub.wait_until(lambda: hub.connected(AGENT), 30)
+    huge = {
+        "type": "task_assign",
+        "task_id": "huge-generation",
+        "generation": 2**70,
+        "metadata": {"shell_command": "true"},
+        "routing_decision": SHELL,
+    }
+    await hub.send_raw(AGENT, json.dumps(huge))
+    nul_check = hub.submit(
+        metadata={"shell_command": "true"},
+        routing_decision=SHELL,
+        verification_steps=[{"type": "command_succeeds", "target": "true\x00"}],
+        max_retries=0,
+    )
+    nul_command = hub.submit(metadata={"shell_command": "echo a\x00b"}, routing_decision=SHELL, max_retries=0)
+    after = hub.submit(metadata={"shell_command": "echo still-serving"}, routing_decision=SHELL)
+    rec = await hub.wait_until(lambda: hub.task(after) if hub.task(after).status == "completed" else None, 30)
+    assert rec.result is not None and "still-serving" in rec.result["output"]
+
+    def sent(tid: str) -> dict[str, Any]:
+        (frame,) = [
+            f.frame
+            for f in hub.frames(AGENT)
+            if f.frame
+            and f.frame.get("task_id") == tid
+            and f.frame["type"] != "task_accepted"
+            and f.frame["type"] != "task_progress"
+        ]
+        return frame
+
+    failed = sent("huge-generation")
+    assert failed["type"] == "task_failed" and failed["reason"] == "invalid_task"
+    assert "generation" in failed["error"] and failed["generation"] == 0
+    checked = sent(nul_check)  # a check that cannot start is a failed check, reported as such
+    assert checked["type"] == "task_complete"
+    assert checked["verification_report"]["checks"][0]["status"] in ("fail", "error")
+    refused = sent(nul_command)
+    assert refused["type"] == "task_failed" and refused["reason"] == "spawn_failed"
+    assert "null" in refused["error"]
+    assert sidecar.proc is not None and sidecar.proc.returncode is None
+    assert not sidecar.events("task_crashed") and not sidecar.events("journal_record_skipped")
+    no_violations(hub)
+
+
 def _wall(ts: str) -> float:
     import datetime
 

@@ -112,6 +112,29 @@ async def test_missing_cwd_raises_oserror(tmp_path: Path) -> None:
         await run_sh("true", tmp_path / "nope")
 
 
+@pytest.mark.parametrize("where", ["argv", "env", "stdin"])
+async def test_a_nul_character_cannot_start_a_child_and_says_so_as_oserror(
+    tmp_path: Path, where: str
+) -> None:
+    """Task text can carry a NUL (a JSON escape), which no argv or environment can
+    hold: Popen's ValueError escaped every caller's OSError handling, and a
+    verification command holding one stopped the daemon. Nothing is leaked either."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    env = dict(os.environ)
+    argv = [SH, "-c", "true"]
+    if where == "argv":
+        argv[2] = "echo a\x00b"
+    elif where == "env":
+        env["TASK_NOTE"] = "a\x00b"
+    stdin = b"fed" if where == "stdin" else None
+    if where == "stdin":
+        argv[2] = "cat\x00"
+    with pytest.raises(OSError, match="null") as caught:
+        await run_child(argv, cwd=tmp_path, env=env, marker=marker(), on_stdout=None, stdin=stdin)
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 async def test_callback_error_propagates_unwrapped_and_child_dies(tmp_path: Path) -> None:
     pid_holder: list[int] = []
 

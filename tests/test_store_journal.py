@@ -238,3 +238,38 @@ def test_the_chaos_checks_read_the_state_a_restart_will_see(tmp_path: Path) -> N
     assert in_flight == [("held", 1, "queued")]
     assert outbox == [("ended", 1, "task_failed")]
     assert len(read_records(journal_path(db))[0]) == 3  # the sidecar's own files are untouched
+
+
+async def test_a_record_sqlite_cannot_take_is_skipped_not_a_stop_of_the_store(
+    tmp_path: Path, logs: Logs
+) -> None:
+    """A generation over 64 bits, journaled: its owed write raised in every write
+    after it and stopped the daemon, and the replay of it every start. The frame
+    parser refuses such numbers now; this is the store's own guard."""
+    db = tmp_path / "s.db"
+    _run_then_kill(
+        db,
+        """
+        await store.admit("huge", 2**70, {"task_id": "huge"}, "m1")
+        await store.admit("t1", 1, {"task_id": "t1"}, "m2")
+        """,
+    )
+    store = await Store.open(db)  # the replay skips the one record, applies the other
+    try:
+        assert [t.task_id for t in await store.in_flight()] == ["t1"]
+        (skipped,) = logs.named("journal_record_skipped")
+        assert "OverflowError" in skipped["problem"] and skipped["log_level"] == "error"
+        # And while running: the bad record is skipped, the writes after it go on.
+        await store.admit("huge2", 2**64, {"task_id": "huge2"}, "m3")
+        await store.admit("t2", 1, {"task_id": "t2"}, "m4")
+        await store.finish("t1", failed_frame("t1", 1, "boom"))
+        assert [t.task_id for t in await store.in_flight()] == ["t2"]
+        assert [i.task_id for i in await store.outbox()] == ["t1"]
+        assert len(logs.named("journal_record_skipped")) == 2
+    finally:
+        await store.close()
+    again = await Store.open(db)
+    try:
+        assert [t.task_id for t in await again.in_flight()] == ["t2"]
+    finally:
+        await again.close()

@@ -225,3 +225,31 @@ async def test_the_daemon_opens_task_logs_in_its_store_thread(
         log_file = sc.supervisor.context.log_path("t-log")
     assert opened_in == ["sidecar-store"]
     assert "logged" in log_file.read_text()
+
+
+async def test_an_exception_that_escapes_a_run_fails_that_task_and_the_daemon_goes_on(
+    make_config: Any, logs: Logs
+) -> None:
+    """A bug, or input nothing foresaw, raising out of a run: before, it left the
+    supervisor's nursery and stopped the daemon, and the task was reported as
+    timed out. Now that task fails as `internal_error`, saying what was raised."""
+    config = make_config(backoff_initial_s=60.0)  # no hub: results stay in the outbox
+    async with offline_sidecar(config) as (sc, store):
+        real = sc.supervisor.dispatch
+
+        async def broken(run: Any) -> Any:
+            if run.task_id == "t-bug":
+                raise ValueError("a bug")
+            return await real(run)
+
+        sc.supervisor.dispatch = broken
+        for tid, command in (("t-bug", "true"), ("t-ok", "echo fine")):
+            await feed(sc, shell_assign(tid, command))
+            with trio.fail_after(20):
+                await sc.supervisor.held[tid].done.wait()
+        frames = {i.task_id: i.frame for i in await store.outbox()}
+    assert frames["t-bug"]["type"] == "task_failed" and frames["t-bug"]["reason"] == "internal_error"
+    assert frames["t-bug"]["error"] == "internal error: ValueError: a bug"
+    assert frames["t-ok"]["type"] == "task_complete"
+    (crashed,) = logs.named("task_crashed")
+    assert crashed["task_id"] == "t-bug"
