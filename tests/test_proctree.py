@@ -32,8 +32,18 @@ SCRIPT = textwrap.dedent(
         orphan = int(got[0])
         out["returncode"] = res.returncode
         out["orphan"] = orphan
-        for _ in range(200):  # the re-parenting follows the shell's exit
-            if orphan in proctree._children(os.getpid()):
+        def settled():
+            # Re-parented (that follows the shell's exit), and past its exec of
+            # sleep: in the middle of an exec its environment cannot be read, which
+            # is the late sweep's case (supervisor), not this test's. On a busy
+            # machine the shell could exit before its child had made the exec.
+            try:
+                comm = Path(f"/proc/{orphan}/comm").read_text().strip()
+            except OSError:
+                comm = ""
+            return orphan in proctree._children(os.getpid()) and comm == "sleep"
+        for _ in range(500):
+            if settled():
                 break
             await trio.sleep(0.01)
         out["reparented_to_us"] = orphan in proctree._children(os.getpid())
