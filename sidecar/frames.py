@@ -11,7 +11,6 @@ routes on the class with `match` and never checks a field's type by hand.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
@@ -25,6 +24,7 @@ from .messages import (
     decode_frame,
     error_path,
     lenient_generation,
+    lenient_head,
     parse_task,
 )
 
@@ -191,21 +191,16 @@ def _task_id_of(obj: dict[str, Any]) -> str | None:
 def read_frame(raw: str | bytes) -> InboundFrame:
     """Decode and type one WebSocket message; raise FrameError for a bad one.
 
-    A `task_assign` refused for its numbers (NaN, 1e400) still names its task:
-    it comes back as a `BadTaskAssign`, so that the task is failed at once.
+    A `task_assign` json cannot read (NaN, 1e400, a 5,000-digit integer, nesting
+    too deep, a frame cut short) still names its task if its top level does: it
+    comes back as a `BadTaskAssign`, so that the task is failed at once.
     """
     try:
         obj = decode_frame(raw)
     except FrameError as exc:
         if exc.frame_type == "task_assign" and exc.task_id is not None and isinstance(raw, str):
-            return BadTaskAssign(exc.task_id, _lenient_generation(raw), exc.path, exc.problem)
+            return BadTaskAssign(
+                exc.task_id, lenient_generation(lenient_head(raw).get("generation")), exc.path, exc.problem
+            )
         raise
     return parse_inbound(obj)
-
-
-def _lenient_generation(raw: str) -> int:
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
-        return 0
-    return lenient_generation(obj.get("generation") if isinstance(obj, dict) else None)

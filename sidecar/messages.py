@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Any
 
@@ -41,6 +42,10 @@ LIMITS: dict[str, int] = {
 
 # Verification defaults (protocol.md): the hub's cap on corrective retries is 5.
 DEFAULT_VERIFICATION_TIMEOUT_MS = 120_000
+MAX_TIME_LIMIT_MS = 2**53 - 1
+# A task_assign nested deeper than this is refused: the hub's own frames nest
+# a few levels, and near 1,000 levels json can read a frame it cannot write back.
+MAX_TASK_DEPTH = 64
 MAX_VERIFICATION_RETRIES = 5
 
 EVENT_TYPES = frozenset({"token", "stdout", "stderr", "status", "error", "tool_call"})
@@ -123,7 +128,9 @@ class Task:
         value = self.metadata.get("timeout_ms")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             return None
-        return int(value)
+        # Larger than any clock can hold (a 400-digit integer overflowed the float
+        # of the supervisor's deadline): a limit of 285,000 years is none.
+        return int(min(value, MAX_TIME_LIMIT_MS))
 
     # Newer hubs send these three beside the task (protocol.md, "Verification").
     # Read leniently: a value of the wrong type means the default, never a
@@ -254,8 +261,12 @@ def parse_task(frame: dict[str, Any]) -> Task:
     except Exception as exc:  # cattrs raises several kinds; all mean "bad frame"
         path, problem = error_path(exc)
         raise FrameError(path.removeprefix("$."), problem, task_id=tid) from exc
+    # Each refused below is failed at once under its own id (BadTaskAssign): left
+    # unanswered, the hub would take it back after 60 s and send it again, for ever.
     if len(task.task_id) > 512:
-        raise FrameError("task_id", "longer than 512 characters", task_id=None)
+        raise FrameError("task_id", "longer than 512 characters", task_id=tid)
+    if too_deep(frame, MAX_TASK_DEPTH):
+        raise FrameError("$", f"nested deeper than {MAX_TASK_DEPTH} levels", task_id=tid)
     if not is_unicode(task.task_id):
         raise FrameError("task_id", LONE_SURROGATE, task_id=tid)
     if not 0 <= task.generation <= MAX_GENERATION:
@@ -275,6 +286,20 @@ def lenient_generation(value: Any) -> int:
 
 
 LONE_SURROGATE = "holds a lone surrogate escape (not valid Unicode)"
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether lists and objects in `value` nest more than `limit` levels (read without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def is_unicode(text: str) -> bool:
@@ -304,16 +329,122 @@ def _no_constant(name: str) -> float:
     raise _NonFinite(f"{name} is not a JSON number")
 
 
-def _type_and_task(text: str) -> tuple[str | None, str | None]:
-    """`type` and `task_id` of a frame refused for its numbers, read leniently."""
+def lenient_head(text: str) -> dict[str, Any]:
+    """`type`, `task_id` and `generation` of a frame json refused, those that can be read.
+
+    For the answer to a bad frame: a task_assign that names its task is failed
+    under that id, whatever else is wrong with it. First json with every float
+    and every integer over 19 digits read as 0 (a 1e400, a 5,000-digit integer:
+    a generation has at most 19); if that fails too (nesting json cannot follow,
+    a frame cut short), the top level alone, without recursion.
+    """
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_int=_short_int, parse_float=_zero, parse_constant=_zero)
     except (ValueError, RecursionError):
-        return None, None
+        obj = _top_level(text, {"type", "task_id", "generation"})
     if not isinstance(obj, dict):
-        return None, None
-    kind, tid = obj.get("type"), obj.get("task_id")
-    return (kind if isinstance(kind, str) else None), (tid if isinstance(tid, str) and tid else None)
+        return {}
+    head: dict[str, Any] = {}
+    kind, tid, gen = obj.get("type"), obj.get("task_id"), obj.get("generation")
+    if isinstance(kind, str):
+        head["type"] = kind
+    if isinstance(tid, str) and tid:
+        head["task_id"] = tid
+    if isinstance(gen, int) and not isinstance(gen, bool):
+        head["generation"] = gen
+    return head
+
+
+def _zero(_text: str) -> int:
+    return 0
+
+
+def _short_int(text: str) -> int:
+    return int(text) if len(text) <= 19 else 0
+
+
+_JSON_SPACE = " \t\n\r"
+_SHORT_INT = re.compile(r"-?\d{1,19}")
+
+
+def _top_level(text: str, keys: set[str]) -> dict[str, Any]:
+    """The string and integer values of `keys` at the top level of a JSON object's text,
+    read up to the first thing that is not JSON; other values are skipped unread."""
+    out: dict[str, Any] = {}
+    n = len(text)
+
+    def space(i: int) -> int:
+        while i < n and text[i] in _JSON_SPACE:
+            i += 1
+        return i
+
+    i = space(0)
+    if i >= n or text[i] != "{":
+        return out
+    try:
+        i += 1
+        while True:
+            i = space(i)
+            if i >= n or text[i] != '"':
+                return out
+            key, i = _string_at(text, i)
+            i = space(i)
+            if i >= n or text[i] != ":":
+                return out
+            i = space(i + 1)
+            begin, i = i, _skip_value(text, i)
+            if i < 0:
+                return out
+            value = text[begin:i]
+            if key in keys and value.startswith('"'):
+                out[key] = _string_at(value, 0)[0]
+            elif key in keys and _SHORT_INT.fullmatch(value):
+                out[key] = int(value)
+            i = space(i)
+            if i >= n or text[i] != ",":
+                return out
+            i += 1
+    except ValueError:  # a broken string
+        return out
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _string_at(text: str, i: int) -> tuple[str, int]:
+    """The JSON string starting at `text[i]` (a quote) and the index past it; ValueError if broken."""
+    value, end = _DECODER.raw_decode(text, i)
+    if not isinstance(value, str):
+        raise ValueError("not a string")
+    return value, end
+
+
+def _skip_value(text: str, i: int) -> int:
+    """Index just past the JSON value at `i` (brackets counted, strings skipped), or -1."""
+    n = len(text)
+    if i >= n:
+        return -1
+    if text[i] == '"':
+        return _string_at(text, i)[1]
+    if text[i] not in "[{":
+        j = i
+        while j < n and text[j] not in ",]} \t\n\r":
+            j += 1
+        return j if j > i else -1
+    depth = 0
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i = _string_at(text, i)[1]
+            continue
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
 
 
 def decode_frame(text: str | bytes) -> dict[str, Any]:
@@ -328,10 +459,13 @@ def decode_frame(text: str | bytes) -> dict[str, Any]:
     try:
         obj = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
     except _NonFinite as exc:
-        kind, tid = _type_and_task(text)
-        raise FrameError("$", f"non-finite number: {exc}", task_id=tid, frame_type=kind) from exc
+        head = lenient_head(text)
+        problem = f"non-finite number: {exc}"
+        raise FrameError("$", problem, task_id=head.get("task_id"), frame_type=head.get("type")) from exc
     except (ValueError, RecursionError) as exc:
-        raise FrameError("$", f"not JSON ({type(exc).__name__})") from exc
+        head = lenient_head(text)
+        problem = f"not JSON ({type(exc).__name__}: {str(exc)[:120]})"
+        raise FrameError("$", problem, task_id=head.get("task_id"), frame_type=head.get("type")) from exc
     if not isinstance(obj, dict):
         raise FrameError("$", f"not a JSON object ({type(obj).__name__})")
     if not isinstance(obj.get("type"), str):

@@ -387,9 +387,10 @@ class Supervisor:
         result: DispatchResult | None = None
         crash: str | None = None
         started_at: float | None = None
-        timeout_s = task_time_limit_ms(task, self.config) / 1000.0
+        timeout_s = 0.0
         try:
             with held.scope:
+                timeout_s = task_time_limit_ms(task, self.config) / 1000.0
                 if held.awaiting_recovery:
                     await held.recover_answered.wait()
                 await held.accept_sent.wait()  # at once unless a fresh accept is being sent
@@ -407,12 +408,11 @@ class Supervisor:
                     run = self.context.new_run(
                         task, ProgressSender(self.progress, tid), held.marker, deadline=held.scope.deadline
                     )
-                    try:
-                        result = await run_and_sweep(self.dispatch, run)
-                    except Exception as exc:
-                        # A bug, or input nothing foresaw: this task fails, the daemon carries on.
-                        tlog.error("task_crashed", exc_info=True)
-                        crash = f"{type(exc).__name__}: {exc}"[:500]
+                    result = await run_and_sweep(self.dispatch, run)
+        except Exception as exc:
+            # A bug, or input nothing foresaw: this task fails, the daemon carries on.
+            tlog.error("task_crashed", exc_info=True)
+            crash = f"{type(exc).__name__}: {exc}"[:500]
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish(held, result, started_at, timeout_s, crash)

@@ -147,7 +147,16 @@ class _Checker:
         self.grace_s = grace_s
 
     async def run(self, running: _Running) -> tuple[str, str]:
-        """(status, output) of one check."""
+        """(status, output) of one check; a target the system cannot look at is an error of the check.
+
+        Such as a path too long for the file system, or `~user` of no user.
+        """
+        try:
+            return await self._run(running)
+        except (OSError, RuntimeError, ValueError) as exc:
+            return ERROR, f"cannot check {running.step.target!r:.200}: {type(exc).__name__}: {exc}"[:2000]
+
+    async def _run(self, running: _Running) -> tuple[str, str]:
         step = running.step
         if step.problem is not None:
             return ERROR, step.problem

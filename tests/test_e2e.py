@@ -443,10 +443,27 @@ async def test_absurd_numbers_and_nul_characters_fail_their_task_not_the_sidecar
     hub: DevHub, sidecar: SidecarProcess
 ) -> None:
     """Each of these stopped `sidecar run` (exit 1) before: a generation SQLite
-    cannot hold (in the journal's owed write, so every start after it too), and
-    a NUL in a verification command (Popen's ValueError escaped the run)."""
+    cannot hold (in the journal's owed write, so every start after it too), a
+    time limit of 10**400 ms (the deadline's float overflowed; the task stayed in
+    flight, so every start after it too), and a NUL in a verification command
+    (Popen's ValueError escaped the run). And these were never answered, so a
+    real hub would have sent them again every 60 s for ever, holding the agent:
+    a 5,000-digit integer in the task, and a task id of 513 characters."""
     await sidecar.start()
     await hub.wait_until(lambda: hub.connected(AGENT), 30)
+    long_limit = hub.submit(
+        metadata={"shell_command": "echo limitless", "timeout_ms": 10**400}, routing_decision=SHELL
+    )
+    long_id = hub.submit(
+        task_id="t" * 513, metadata={"shell_command": "true"}, routing_decision=SHELL, max_retries=0
+    )
+    digits = (
+        '{"type":"task_assign","task_id":"many-digits","generation":1,'
+        '"metadata":{"shell_command":"true","x":'
+        + "1" * 5000
+        + '},"routing_decision":{"target_type":"sidecar"}}'
+    )
+    await hub.send_raw(AGENT, digits)
     huge = {
         "type": "task_assign",
         "task_id": "huge-generation",
@@ -486,6 +503,13 @@ async def test_absurd_numbers_and_nul_characters_fail_their_task_not_the_sidecar
     refused = sent(nul_command)
     assert refused["type"] == "task_failed" and refused["reason"] == "spawn_failed"
     assert "null" in refused["error"]
+    limitless = hub.task(long_limit)
+    assert limitless.status == "completed" and limitless.result is not None
+    assert "limitless" in limitless.result["output"]
+    for tid, field in ((long_id, "task_id"), ("many-digits", "$")):
+        answer = sent(tid)
+        assert answer["type"] == "task_failed" and answer["reason"] == "invalid_task"
+        assert f"field '{field}'" in answer["error"]
     assert sidecar.proc is not None and sidecar.proc.returncode is None
     assert not sidecar.events("task_crashed") and not sidecar.events("journal_record_skipped")
     no_violations(hub)

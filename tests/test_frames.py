@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from sidecar.frames import (
     TaskContinue,
     TaskReassign,
     parse_inbound,
+    read_frame,
 )
 from sidecar.messages import FrameError, decode_frame, encode_frame
 
@@ -141,3 +143,52 @@ def test_an_answer_under_a_lone_surrogate_id_goes_out_as_the_same_json_string() 
     assert encode_frame({"type": "x", "note": "héllo 💥"}) == (
         '{"type":"x","note":"héllo 💥","protocol_version":1}'
     )
+
+
+@pytest.mark.parametrize(
+    ("x", "problem"),
+    [
+        ("1" * 5000, "4300 digits"),  # json's own limit on integers
+        ("[" * 3000 + "]" * 3000, "RecursionError"),  # deeper than json can follow
+        ("[" * 500 + "]" * 500, "deeper than 64"),  # json reads it (near 1,000 it could not write it)
+        ("[" * 65 + "]" * 65, "deeper than 64"),
+    ],
+)
+def test_a_task_assign_json_cannot_take_is_still_failed_under_its_id(x: str, problem: str) -> None:
+    """Left unanswered, such a task comes back from the hub every 60 s for ever."""
+    text = (
+        '{"type":"task_assign","task_id":"odd","generation":3,'
+        f'"metadata":{{"shell_command":"true","x":{x}}},"routing_decision":{{"target_type":"sidecar"}}}}'
+    )
+    frame = read_frame(text)
+    assert isinstance(frame, BadTaskAssign), frame
+    assert (frame.task_id, frame.generation) == ("odd", 3) and problem in frame.problem
+    # The task id is read from the top level only, wherever it stands and however escaped.
+    later = '{"generation":2,"metadata":{"x":[' + "[" * 3000 + "]" * 3000 + '],"task_id":"inner"},'
+    later += '"type":"task_assign","task_id":"out\\"er"}'
+    frame = read_frame(later)
+    assert isinstance(frame, BadTaskAssign) and (frame.task_id, frame.generation) == ('out"er', 2)
+
+
+def test_a_task_assign_cut_short_or_with_a_long_id_is_failed_under_its_id() -> None:
+    cut = read_frame('{"type":"task_assign","task_id":"cut","generation":4,"metadata":{"shell_com')
+    assert isinstance(cut, BadTaskAssign) and (cut.task_id, cut.generation) == ("cut", 4)
+    long_id = read_frame(json.dumps({"type": "task_assign", "task_id": "t" * 513, "generation": 1}))
+    assert isinstance(long_id, BadTaskAssign) and long_id.path == "task_id"
+    # Not a task_assign, or no id before the cut: only logged (FrameError), nothing to fail.
+    ack = '{"type":"task_ack","task_id":"a","x":' + "1" * 5000 + "}"
+    for text in (ack, '{"task_id":"a","type":"task_as'):
+        with pytest.raises(FrameError):
+            read_frame(text)
+
+
+def test_a_time_limit_no_clock_can_hold_is_no_limit_not_an_overflow() -> None:
+    # 10**400 ms overflowed the float of the supervisor's deadline: exit 1 at every start.
+    frame = parse(
+        '{"type":"task_assign","task_id":"t","metadata":{"shell_command":"true","timeout_ms":1'
+        + "0" * 400
+        + '},"routing_decision":{"target_type":"sidecar"}}'
+    )
+    assert isinstance(frame, TaskAssign)
+    assert frame.task.timeout_ms == 2**53 - 1
+    assert frame.task.timeout_ms / 1000.0 < math.inf

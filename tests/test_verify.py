@@ -90,6 +90,12 @@ def wait_for_file(path: Path, limit_s: float = 10.0) -> None:
         ("", step("command_succeeds", "no-such-binary-xyz --flag"), "error"),
         ("", step("command_succeeds", "echo 'unbalanced"), "error"),
         ("", step("lint_passes", "x"), "error"),
+        # Targets the system cannot look at are errors of their check, not of the
+        # task (they raised out of the run: ENAMETOOLONG, `~user` of no user, NUL).
+        ("", step("file_exists", "x" * 100_000), "error"),
+        ("", step("file_exists", "~nosuchuser_zz/x"), "error"),
+        ("", step("git_clean", "y" * 5000), "error"),
+        ("", step("command_succeeds", "true\x00"), "error"),
     ],
 )
 async def test_each_check_type(tmp_path: Path, setup: str, check: dict[str, Any], status: str) -> None:
