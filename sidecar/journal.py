@@ -80,14 +80,21 @@ class Journal:
         """Some record given out is not yet committed to SQLite."""
         return self.applied < self.seq
 
-    def append(self, record: dict[str, Any]) -> int:
+    def append(self, record: dict[str, Any], frame_text: str | None = None) -> int:
         """Write one record (its `seq` added); its sequence number. OSError if the disk refuses.
 
-        A write cut short (a full disk) is taken back, so the file never holds
-        half a record followed by whole ones.
+        `frame_text`, the text `json.dumps` made of a frame (one line, always),
+        goes in as the record's `frame` as it is: not escaped into a string a
+        second time, which for a result with 64 KB of output cost 0.5 ms of the
+        event loop's time on the result's way out. A write cut short (a full
+        disk) is taken back, so the file never holds half a record followed by
+        whole ones.
         """
         seq = self.seq + 1
-        data = (json.dumps({"seq": seq, **record}, separators=(",", ":")) + "\n").encode()
+        line = json.dumps({"seq": seq, **record}, separators=(",", ":"))
+        if frame_text is not None:
+            line = f'{line[:-1]},"frame":{frame_text}}}'
+        data = (line + "\n").encode()
         try:
             written = os.write(self._fd, data)
         except OSError:

@@ -413,7 +413,7 @@ class Store:
         if journal is None or not journal.usable or self.health.error is not None:
             return False
         try:
-            seq = journal.append(record)
+            seq = journal.append(*_journal_line(record))
         except OSError as exc:
             log.info("journal_append_failed", error=str(exc), action="written to the database directly")
             return False
@@ -749,6 +749,36 @@ def _insert_task(db: sqlite3.Connection, row: Iterable[Any]) -> None:
     )
 
 
+# Where an admit's row and a finish's item hold their frame's text.
+_TEXT_SLOT = {"admit": ("row", 2), "finish": ("item", 2)}
+
+
+def _journal_line(record: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """`record` as it goes into the journal: its frame's text apart, to be written as it is."""
+    field, index = _TEXT_SLOT[record["op"]]
+    values = list(record[field])
+    text = values[index]
+    if not text:  # a finish with no frame
+        return record, None
+    values[index] = None
+    return {**record, field: values}, text
+
+
+def _from_journal(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as read back: its frame (an object in the line) put back as text, where it was.
+
+    Records written before the frame went in as it is hold the text in place already.
+    """
+    if "frame" not in record or record.get("op") not in _TEXT_SLOT:
+        return record
+    field, index = _TEXT_SLOT[record["op"]]
+    values = list(record[field])
+    values[index] = json.dumps(record["frame"])
+    out = {k: v for k, v in record.items() if k != "frame"}
+    out[field] = values
+    return out
+
+
 def _apply_record(db: sqlite3.Connection, record: dict[str, Any]) -> None:
     """What an intake journal record says, written to the file (at once, owed, or replayed)."""
     if record.get("op") == "admit":
@@ -812,7 +842,7 @@ def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool, li
 
         def _apply(db: sqlite3.Connection) -> None:
             for record in todo:
-                problem = _apply_journal_record(db, record)
+                problem = _apply_journal_record(db, _from_journal(record))
                 if problem is not None:
                     skipped.append(f"record {record['seq']} ({record.get('op')}): {problem}")
             _set_journal_applied(db, todo[-1]["seq"])
