@@ -17,12 +17,12 @@ import attrs
 
 from .messages import (
     GENERATION_RANGE,
-    MAX_GENERATION,
     FrameError,
     Task,
     converter,
     decode_frame,
     error_path,
+    is_generation,
     lenient_generation,
     lenient_head,
     parse_task,
@@ -168,7 +168,7 @@ def parse_inbound(obj: dict[str, Any]) -> InboundFrame:
         path = path.removeprefix("$.")
         raise FrameError(path, problem, task_id=_task_id_of(obj), frame_type=kind) from exc
     generation = getattr(frame, "generation", None)
-    if isinstance(generation, int) and not 0 <= generation <= MAX_GENERATION:
+    if generation is not None and not is_generation(generation):
         raise FrameError("generation", GENERATION_RANGE, task_id=_task_id_of(obj), frame_type=kind)
     return frame
 

@@ -269,7 +269,7 @@ def parse_task(frame: dict[str, Any]) -> Task:
         raise FrameError("$", f"nested deeper than {MAX_TASK_DEPTH} levels", task_id=tid)
     if not is_unicode(task.task_id):
         raise FrameError("task_id", LONE_SURROGATE, task_id=tid)
-    if not 0 <= task.generation <= MAX_GENERATION:
+    if not is_generation(task.generation):
         raise FrameError("generation", GENERATION_RANGE, task_id=tid)
     return attrs.evolve(task, raw=frame)
 
@@ -279,10 +279,14 @@ MAX_GENERATION = 2**63 - 1
 GENERATION_RANGE = f"out of range (0 to {MAX_GENERATION})"
 
 
+def is_generation(value: Any) -> bool:
+    """Whether `value` is a generation we can hold: an integer from 0 to `MAX_GENERATION`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_GENERATION
+
+
 def lenient_generation(value: Any) -> int:
     """A frame's `generation` if it is one we can hold, else 0 (for the answer to a bad frame)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_GENERATION
-    return value if ok else 0
+    return value if is_generation(value) else 0
 
 
 LONE_SURROGATE = "holds a lone surrogate escape (not valid Unicode)"
@@ -395,14 +399,16 @@ def _top_level(text: str, keys: set[str]) -> dict[str, Any]:
             if i >= n or text[i] != ":":
                 return out
             i = space(i + 1)
-            begin, i = i, _skip_value(text, i)
-            if i < 0:
-                return out
-            value = text[begin:i]
-            if key in keys and value.startswith('"'):
-                out[key] = _string_at(value, 0)[0]
-            elif key in keys and _SHORT_INT.fullmatch(value):
-                out[key] = int(value)
+            if i < n and text[i] == '"':
+                value, i = _string_at(text, i)
+                if key in keys:
+                    out[key] = value
+            else:
+                begin, i = i, _skip_value(text, i)
+                if i < 0:
+                    return out
+                if key in keys and _SHORT_INT.fullmatch(text[begin:i]):
+                    out[key] = int(text[begin:i])
             i = space(i)
             if i >= n or text[i] != ",":
                 return out
@@ -461,13 +467,12 @@ def decode_frame(text: str | bytes) -> dict[str, Any]:
         raise FrameError("$", "binary frame (the protocol uses text frames)")
     try:
         obj = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
-    except _NonFinite as exc:
+    except (ValueError, RecursionError) as exc:  # _NonFinite is a ValueError
+        if isinstance(exc, _NonFinite):
+            problem = f"non-finite number: {exc}"
+        else:
+            problem = f"not JSON ({type(exc).__name__}: {str(exc)[:120]})"
         head = lenient_head(text)
-        problem = f"non-finite number: {exc}"
-        raise FrameError("$", problem, task_id=head.get("task_id"), frame_type=head.get("type")) from exc
-    except (ValueError, RecursionError) as exc:
-        head = lenient_head(text)
-        problem = f"not JSON ({type(exc).__name__}: {str(exc)[:120]})"
         raise FrameError("$", problem, task_id=head.get("task_id"), frame_type=head.get("type")) from exc
     if not isinstance(obj, dict):
         raise FrameError("$", f"not a JSON object ({type(obj).__name__})")
