@@ -232,8 +232,9 @@ class Logger:
             proxy: FilteringBoundLogger = structlog.get_logger(**self._context)
             getattr(proxy, method)(event, *args, **fields)
         elif number >= level:
-            name = "error" if method == "exception" else method
+            name = method
             if method == "exception":
+                name = "error"
                 fields.setdefault("exc_info", True)
             fields = {**self._context, **fields, "event": event}
             _OUT.write(_ordered(None, name, task_context(None, name, fields)))

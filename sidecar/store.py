@@ -132,7 +132,7 @@ class _Opened:
     next_outbox_id: int
     replayed: int
     torn_bytes: int
-    skipped: list[str]
+    skipped: list[tuple[str, Any]]  # (problem, task id) of each record the replay skipped
     # The journal, open for appending (made in the store's thread: a create can
     # wait on the disk), or why there is none in this run.
     journal: Journal | None
@@ -258,12 +258,7 @@ class Store:
                 torn_bytes=opened.torn_bytes,
                 note="writes a process that died had made durable, now in the database",
             )
-        for problem in opened.skipped:
-            log.error(
-                "journal_record_skipped",
-                problem=problem,
-                note=_SKIPPED_NOTE,
-            )
+        _log_skipped(opened.skipped)
         return cls(db, path, opened)
 
     @classmethod
@@ -339,7 +334,12 @@ class Store:
             with trio.CancelScope(shield=True):
                 result = await self._thread.run(partial(transaction(run), self._db))
             del self._owed[: len(owed)]  # what was deferred meanwhile stays owed
-            _log_skipped(owed)
+            _log_skipped(
+                _skip_report(w.seq, w.record, problem)
+                for w in owed
+                if isinstance(w, _Journaled)
+                for problem in w.skipped[:1]  # once, if a refused transaction ran it twice
+            )
             if self.journal is not None:
                 applied = [w.seq for w in owed if isinstance(w, _Journaled)]
                 if applied:
@@ -826,7 +826,7 @@ def _finish_task(db: sqlite3.Connection, task_id: str, finished_at: float, item:
         )
 
 
-def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool, list[str]]:
+def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool, list[tuple[str, Any]]]:
     """Apply the journal's records the file lacks, then empty it (in the store's open).
 
     Returns (records applied, bytes of a torn last line dropped, last sequence
@@ -837,14 +837,14 @@ def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool, li
     applied = int(found[0]) if found else 0
     records, torn = read_records(path)
     todo = [r for r in records if r["seq"] > applied]
-    skipped: list[str] = []
+    skipped: list[tuple[str, Any]] = []
     if todo:
 
         def _apply(db: sqlite3.Connection) -> None:
             for record in todo:
                 problem = _apply_journal_record(db, _from_journal(record))
                 if problem is not None:
-                    skipped.append(f"record {record['seq']} ({record.get('op')}): {problem}")
+                    skipped.append(_skip_report(record["seq"], record, problem))
             _set_journal_applied(db, todo[-1]["seq"])
 
         transaction(_apply)(db)
@@ -860,15 +860,16 @@ def _replay(db: sqlite3.Connection, path: Path) -> tuple[int, int, int, bool, li
 _SKIPPED_NOTE = "SQLite cannot hold its values: that task's row or result is not in the database"
 
 
-def _log_skipped(applied: Iterable[Write]) -> None:
-    for write in applied:
-        if isinstance(write, _Journaled) and write.skipped:
-            log.error(
-                "journal_record_skipped",
-                problem=f"record {write.seq} ({write.record.get('op')}): {write.skipped[0]}",
-                task_id=write.record.get("task_id") or write.record.get("row", [None])[0],
-                note=_SKIPPED_NOTE,
-            )
+def _skip_report(seq: int, record: dict[str, Any], problem: str) -> tuple[str, Any]:
+    """What the log says of a journal record SQLite could not take: the problem, and its task."""
+    row = record.get("row")
+    task_id = record.get("task_id") or (row[0] if row else None)
+    return f"record {seq} ({record.get('op')}): {problem}", task_id
+
+
+def _log_skipped(reports: Iterable[tuple[str, Any]]) -> None:
+    for problem, task_id in reports:
+        log.error("journal_record_skipped", problem=problem, task_id=task_id, note=_SKIPPED_NOTE)
 
 
 def _drop_older(db: sqlite3.Connection, task_id: str, generation: int) -> int:
