@@ -8,17 +8,22 @@ mistaken for idleness while minutes of backoff pass in milliseconds.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import Any
 
 import trio
 import trio.testing
+import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from sidecar.app import open_sidecar
 from sidecar.config import Config
 from sidecar.devhub import DevHub, RateLimits, TierLimit, open_dev_hub
 from sidecar.frames import RateLimited
+from sidecar.link import direct_writer, write_message
 from tests.conftest import Logs
 from tests.harness import running_link
 
@@ -283,3 +288,130 @@ async def test_a_send_to_a_hub_that_stopped_reading_gives_up_at_its_own_deadline
             hub.stall(AGENT, on=False)
             with trio.fail_after(60):
                 await rec.wait(lambda: rec.identified == 2)
+
+
+async def _collecting_server(
+    nursery: trio.Nursery, received: list[str], reading: trio.Event, until: int = 0
+) -> tuple[int, trio.Event]:
+    """A WebSocket server on wsproto over a plain trio stream, which does not read
+    its socket at all (so a client's writes fill the buffers) until `reading` is
+    set, then keeps each message it gets. The event it returns is set when it
+    has `until` of them."""
+    got_all = trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = WSConnection(ConnectionType.SERVER)
+        opened = False
+        while not opened:
+            conn.receive_data(await stream.receive_some(65536))
+            for event in conn.events():
+                if isinstance(event, Request):
+                    await stream.send_all(conn.send(AcceptConnection()))
+                    opened = True
+        await reading.wait()
+        parts: list[str] = []
+        while data := await stream.receive_some(2**20):
+            conn.receive_data(data)
+            for event in conn.events():
+                if isinstance(event, TextMessage):
+                    parts.append(event.data)
+                    if event.message_finished:
+                        received.append("".join(parts))
+                        parts.clear()
+                        if len(received) >= until:
+                            got_all.set()
+                elif isinstance(event, CloseConnection):
+                    await stream.send_all(conn.send(event.response()))
+                    return
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port, got_all
+
+
+async def test_frames_written_directly_arrive_whole_and_in_order() -> None:
+    """The direct write is what a plain TCP connection gets, and a frame too big for
+    the socket's buffers (the hub not reading yet) is finished by `send_all` with
+    nothing lost, torn or reordered among the small frames around it."""
+    received: list[str] = []
+    reading = trio.Event()
+    texts = ["a", "b" * 32_000_000, "c", "d" * 70_000, "é"]
+    async with trio.open_nursery() as nursery:
+        port, got_all = await _collecting_server(nursery, received, reading, until=len(texts))
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+            assert direct_writer(ws) is not None  # trio-websocket still has what it needs
+            public: list[str | bytes] = []
+            real_send = ws.send_message
+
+            async def counted(message: str | bytes) -> None:
+                public.append(message)
+                await real_send(message)
+
+            ws.send_message = counted  # type: ignore[method-assign]
+            async with trio.open_nursery() as writers:
+                written = []
+
+                async def write_all() -> None:
+                    for text in texts:
+                        await write_message(ws, text)
+                        written.append(text)
+
+                writers.start_soon(write_all)
+                await trio.testing.wait_all_tasks_blocked()
+                # The first frame went at once; the big one waits in `send_all` for the reader.
+                assert written == ["a"] and received == []
+                reading.set()
+            with trio.fail_after(10):
+                await got_all.wait()
+            assert public == []  # every frame went the direct way
+        nursery.cancel_scope.cancel()
+    assert received == texts
+
+
+async def test_a_direct_write_waits_for_a_write_under_way() -> None:
+    """While trio-websocket is writing (its lock held: a pong, a close, a frame from
+    another task), a frame is not written beside it: it takes the public path and
+    goes after it."""
+    received: list[str] = []
+    reading = trio.Event()
+    reading.set()
+    async with trio.open_nursery() as nursery:
+        port, got_all = await _collecting_server(nursery, received, reading, until=1)
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+            lock = ws._stream_lock
+            await lock.acquire()
+            assert direct_writer(ws) is None
+            done = trio.Event()
+
+            async def write_one() -> None:
+                await write_message(ws, "after")
+                done.set()
+
+            nursery.start_soon(write_one)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()  # waiting for the lock, not written beside it
+            lock.release()
+            with trio.fail_after(10):
+                await done.wait()
+                await got_all.wait()
+        nursery.cancel_scope.cancel()
+    assert received == ["after"]
+
+
+async def test_a_direct_write_to_a_closed_connection_raises_a_link_error() -> None:
+    received: list[str] = []
+    reading = trio.Event()
+    reading.set()
+    async with trio.open_nursery() as nursery:
+        port, _ = await _collecting_server(nursery, received, reading)
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+            await ws.aclose()
+            assert direct_writer(ws) is None
+            try:
+                await write_message(ws, "late")
+            except trio_websocket.ConnectionClosed:
+                pass
+            else:
+                raise AssertionError("a write to a closed connection went through")
+        nursery.cancel_scope.cancel()
+    assert received == []
