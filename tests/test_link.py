@@ -415,3 +415,25 @@ async def test_a_direct_write_to_a_closed_connection_raises_a_link_error() -> No
                 raise AssertionError("a write to a closed connection went through")
         nursery.cancel_scope.cancel()
     assert received == []
+
+
+async def test_a_frame_on_an_idle_link_goes_without_a_scheduler_round(make_config: Any) -> None:
+    """`HubLink.send` of a frame the socket takes at once awaits nothing: no other
+    task runs in between (the cost this path saves), and the hub gets the frame."""
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, ping_interval_s=10_000.0)
+        async with running_link(cfg) as (link, rec):
+            await rec.wait(lambda: rec.identified == 1)
+            ran: list[str] = []
+
+            async def bystander() -> None:
+                ran.append("ran")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bystander)
+                assert await link.send({"type": "task_accepted", "task_id": "t-direct"})
+                assert ran == []  # the send yielded to no one
+            assert ran == ["ran"]
+            await hub.wait_until(lambda: bool(hub.frames(AGENT, type="task_accepted")), timeout=10)
+        [got] = hub.frames(AGENT, type="task_accepted")
+    assert got.frame is not None and got.frame["task_id"] == "t-direct"
