@@ -87,24 +87,30 @@ class ShellExecutor:
             opener = out.start_open(self.ctx.off_loop)
             if opener is not None and self.ctx.handoff is not None and self.ctx.handoff(opener):
                 opener = None
+
+            async def run_it() -> ChildResult | OSError:
+                try:
+                    return await run_child(
+                        ["/bin/sh", "-c", command],
+                        cwd=cwd,
+                        env=env,
+                        marker=marker,
+                        on_stdout=on_stdout,
+                        on_stderr=on_stderr,
+                        grace_s=cfg.kill_grace_s,
+                        batch_lines=True,
+                        sweep_marker=False,  # the task's end sweeps the marker (run_and_sweep)
+                    )
+                except OSError as exc:
+                    return exc
+
             try:
-                async with trio.open_nursery() as nursery:
-                    if opener is not None:
+                if opener is None:  # the daemon opens the log (the usual case): no nursery needed
+                    res = await run_it()
+                else:
+                    async with trio.open_nursery() as nursery:
                         nursery.start_soon(opener)
-                    try:
-                        res = await run_child(
-                            ["/bin/sh", "-c", command],
-                            cwd=cwd,
-                            env=env,
-                            marker=marker,
-                            on_stdout=on_stdout,
-                            on_stderr=on_stderr,
-                            grace_s=cfg.kill_grace_s,
-                            batch_lines=True,
-                            sweep_marker=False,  # the task's end sweeps the marker (run_and_sweep)
-                        )
-                    except OSError as exc:
-                        res = exc
+                        res = await run_it()
             except BaseException:
                 out.log_bytes(b"=== cancelled: process group killed\n")
                 raise
