@@ -172,6 +172,8 @@ class HubLink:
         self._closing = False
         self._session_scope: trio.CancelScope | None = None
         self._unclean_drop_at: float | None = None
+        # The cooldown of a 1008 close that ended the current session, for `run()`.
+        self._close_cooldown: float | None = None
 
     # -- public ------------------------------------------------------------
 
@@ -320,6 +322,7 @@ class HubLink:
     async def _connect_once(self) -> float | None:
         cfg = self.config
         self._last_session_identified = False
+        self._close_cooldown = None
         # Our own bound on the opening: trio-websocket's `connect_timeout` raises
         # but leaves its reader task waiting on a peer that accepted the TCP
         # connection and never answers the upgrade, so `open_websocket_url`
@@ -369,7 +372,9 @@ class HubLink:
                     await ws.aclose()
                 except _LINK_ERRORS:
                     pass
-        return None
+        # A cooldown close of the identified session: the next attempt waits it
+        # out, as one during the handshake does (the delay `run()` sleeps).
+        return self._close_cooldown
 
     async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> float | None:
         cfg = self.config
@@ -416,6 +421,7 @@ class HubLink:
             log.info("link_closed", error=_describe(exc))
             cooldown = _cooldown_of(exc)
             if cooldown is not None:
+                self._close_cooldown = cooldown
                 log.warning("hub_cooldown", retry_in_s=cooldown)
         scope.cancel()
 

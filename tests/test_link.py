@@ -83,6 +83,33 @@ async def test_cooldown_close_is_honoured(clock: trio.testing.MockClock, make_co
     assert rec.identified == 1
 
 
+async def test_cooldown_close_of_an_identified_session_delays_the_reconnect(
+    clock: trio.testing.MockClock, make_config: Any, logs: Logs
+) -> None:
+    """A 1008 cooldown close that ends an identified session (not the handshake)
+    is honoured too: the link waits the N seconds of "retry in Ns" before its
+    next attempt instead of its normal backoff (it came back after 0.6 s)."""
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        cfg = make_config(hub_url=hub.ws_url, token=TOKEN, backoff_initial_s=0.1)
+        async with running_link(cfg) as (_link, rec):
+            await rec.wait(lambda: rec.identified == 1)
+            # As after 10 validation failures: the hub puts the agent in cooldown and
+            # closes its session with the protocol's wording.
+            hub.state.cooldowns.record_disconnect(AGENT, hub.now())
+            remaining = hub.state.cooldowns.remaining_s(AGENT, hub.now())
+            closed_at = trio.current_time()
+            await hub.disconnect(AGENT, 1008, f"cooldown active: retry in {remaining}s")
+            with trio.fail_after(120):
+                await rec.wait(lambda: rec.identified == 2)
+        identifies = hub.frames(AGENT, type="identify")
+    assert remaining is not None
+    assert [f.verdict for f in identifies] == ["ok", "ok"]  # no attempt knocked on the cooldown
+    assert identifies[1].at - closed_at >= remaining
+    assert logs.named("hub_cooldown")[0]["retry_in_s"] == remaining + 0.5
+    assert logs.named("reconnect_wait")[-1]["delay_s"] == remaining + 0.5
+    assert rec.disconnects == 1
+
+
 async def test_pong_timeout_declares_link_dead_and_reconnects(
     clock: trio.testing.MockClock, make_config: Any
 ) -> None:
