@@ -237,6 +237,7 @@ class Sidecar:
                 # The link told the budget (the one owner of the pause); resend what it may have dropped.
                 self.accepts.on_frame(frame)
                 self.outbox.on_frame(frame)
+                sup.on_rate_limited(frame.tier)
             case RateLimitWarning(tier=tier, remaining=remaining):
                 log.info("rate_limit_warning", tier=tier, remaining=remaining)
             case RestartSidecar(reason=reason):
@@ -253,6 +254,7 @@ class Sidecar:
     def on_disconnected(self) -> None:
         self.accepts.on_disconnected()
         self.outbox.on_disconnected()
+        self.supervisor.on_disconnected()
 
     def on_bad_frame(self, error: FrameError, raw: str | bytes) -> None:
         self.bad_frames += 1

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import trio
 
 from .frames import HubError, RateLimited, TaskAck
@@ -36,6 +37,7 @@ log = get_logger("sidecar.delivery")
 _RESULT_ACKS = frozenset({"complete", "failed", "retried", "dead_letter"})
 _OWED_MAX = 1024  # accepts still owed to a result that may never come (bounded)
 _REFUSALS = ("task_complete_failed", "task_fail_failed")
+_RESULT_TYPES = ("task_complete", "task_failed")
 
 
 class Outbox:
@@ -64,6 +66,10 @@ class Outbox:
         self._answered = False
         self._resend = False
         self._heard = trio.Event()
+        # Copies of the result in flight sent on this connection, and answers still
+        # owed to copies of results already answered (see `_answers_a_copy`).
+        self._copies = 0
+        self._stray_answers = 0
         self._empty = trio.Event()
         # Results the store could not write, sent from memory (ids below zero).
         self.unstored: list[OutboxItem] = []
@@ -160,12 +166,14 @@ class Outbox:
             await self.before_send(item.task_id)
         try:
             while not self._answered:
+                item = self._inflight or item  # its generation may change (`adopt_generation`)
                 await self.link.wait_ready()
                 self._resend = False
                 self._heard = trio.Event()
                 if not await self.link.send(item.frame):
                     await self.link.wait_state_change()
                     continue
+                self._copies += 1
                 log.debug(  # the ack (result_acked) is the line that matters
                     "result_sent",
                     task_id=item.task_id,
@@ -177,7 +185,8 @@ class Outbox:
                 if not self._answered and not self._resend:
                     log.info("result_unanswered_resend", task_id=item.task_id)
             if item.id < 0:
-                self.unstored.remove(item)
+                if item in self.unstored:  # not if dropped (`drop`)
+                    self.unstored.remove(item)
                 await self.store.mark_done(item.task_id, item.generation)
             else:
                 self.store.retire(item.id)
@@ -188,22 +197,55 @@ class Outbox:
     def _hear(self, *, answered: bool) -> None:
         if answered:
             self._answered = True
+            # The hub answers every copy it got, in order: those of this result
+            # still unanswered will be answered after this, not the next result.
+            self._stray_answers += max(self._copies - 1, 0)
+            self._copies = 0
         else:
             self._resend = True
         self._heard.set()
 
+    def _answers_a_copy(self, frame: TaskAck | HubError | RateLimited) -> bool:
+        """Whether `frame` is the answer to a copy of a result already answered.
+
+        A result is sent again when the hub may have dropped it (`rate_limited`,
+        no answer in time), so two copies of it can be in flight. The hub acks
+        one and refuses the other, and its refusal (an `error`, which names no
+        task) must not be taken for the answer to the next result: that result
+        would be retired unsent. Answers come in the order of the frames, so
+        the first answers after a result's ack that name no task are its
+        copies'. Counted generously (a `rate_limited` for a progress frame
+        counts too): an answer taken for a copy's only delays the next result's
+        resend by `answer_timeout_s`, where one taken for the next result's
+        could lose it.
+        """
+        if not self._stray_answers:
+            return False
+        item = self._inflight
+        if isinstance(frame, TaskAck) and item is not None and frame.task_id == item.task_id:
+            return False  # names the result in flight: its own answer
+        self._stray_answers -= 1
+        log.info("copy_answer_skipped", answer=type(frame).__name__, still_owed=self._stray_answers)
+        return True
+
     def on_frame(self, frame: TaskAck | HubError | RateLimited) -> None:
+        if isinstance(frame, RateLimited) and frame.tier not in (None, "normal"):
+            return  # a ping, an identify or a listing was dropped, never a result
+        if isinstance(frame, TaskAck) and frame.status not in _RESULT_ACKS:
+            return
+        if isinstance(frame, HubError) and not Outbox._is_refusal(frame):
+            return
+        if self._answers_a_copy(frame):
+            return
         item = self._inflight
         if item is None:
             return
         match frame:
-            case TaskAck(task_id=tid, status=status) if tid == item.task_id and status in _RESULT_ACKS:
+            case TaskAck(task_id=tid, status=status) if tid == item.task_id:
                 log.info("result_acked", task_id=item.task_id, generation=item.generation, status=status)
                 self.delivered += 1
                 self._hear(answered=True)
-            case HubError(error=err, message_type=mtype, errors=errors) if err.startswith(_REFUSALS) or (
-                err == "validation_failed" and mtype == item.frame.get("type")
-            ):
+            case HubError(error=err, errors=errors):
                 log.warning(
                     "result_refused",
                     task_id=item.task_id,
@@ -218,7 +260,52 @@ class Outbox:
                 # The hub may have dropped our result: send it again after the pause.
                 self._hear(answered=False)
 
+    @staticmethod
+    def _is_refusal(frame: HubError) -> bool:
+        """An `error` that refuses a result (only results are sent while one is in flight)."""
+        if frame.error.startswith(_REFUSALS):
+            return True
+        return frame.error == "validation_failed" and frame.message_type in _RESULT_TYPES
+
+    async def adopt_generation(self, task_id: str, generation: int) -> int:
+        """A late `task_continue` for an ended task: its unanswered results now carry
+        `generation` (a hub that checks generations would refuse the old one as
+        stale); one in flight goes again at once. How many results there were."""
+        count = await self.store.adopt_generation(task_id, generation)
+
+        def adopted(item: OutboxItem) -> OutboxItem:
+            if item.task_id != task_id or item.generation >= generation:
+                return item
+            return attrs.evolve(item, generation=generation, frame={**item.frame, "generation": generation})
+
+        relabelled = sum(1 for item in self.unstored if adopted(item) is not item)
+        self.unstored = [adopted(item) for item in self.unstored]
+        item = self._inflight
+        if item is not None and not self._answered and adopted(item) is not item:
+            self._inflight = adopted(item)
+            # The copies under the old generation get their own answers (stale refusals).
+            self._stray_answers += self._copies
+            self._copies = 0
+            self._hear(answered=False)
+            count = max(count, 1)
+        return count + relabelled
+
+    def drop(self, task_id: str) -> None:
+        """The hub took the task back (`task_reassign`): stop delivering its result.
+
+        The store has forgotten its rows (`Store.drop_results`); a result of it
+        in flight is retired as answered, and one sent from memory is dropped.
+        """
+        self.unstored = [item for item in self.unstored if item.task_id != task_id]
+        item = self._inflight
+        if item is not None and item.task_id == task_id and not self._answered:
+            log.info("result_dropped", task_id=task_id, generation=item.generation, reason="task_reassign")
+            self._hear(answered=True)
+
     def on_disconnected(self) -> None:
+        # Copies sent on the old connection are answered there or never.
+        self._copies = 0
+        self._stray_answers = 0
         self._hear(answered=False)
 
 
@@ -246,7 +333,9 @@ class AcceptTracker:
             self._wake.set()
 
     def forget(self, task_id: str) -> None:
-        if self._pending.pop(task_id, None) == -math.inf:
+        """The task has ended: an accept not sent, or sent and maybe dropped since, goes before its result."""
+        sent_at = self._pending.pop(task_id, None)
+        if sent_at is not None and (sent_at == -math.inf or self._was_limited(sent_at)):
             self._owed[task_id] = None
             while len(self._owed) > _OWED_MAX:
                 self._owed.popitem(last=False)

@@ -79,6 +79,17 @@ class PendingResults:
         if entry is not None and entry.frame is not None:
             self._frame_bytes -= entry.size
 
+    def relabel(self, task_id: str, generation: int) -> int:
+        """A task's entries below `generation` now carry it (their frames too); how many."""
+        count = 0
+        for entry in self._entries.values():
+            if entry.task_id == task_id and entry.generation < generation:
+                entry.generation = generation
+                if entry.frame is not None:
+                    entry.frame = {**entry.frame, "generation": generation}
+                count += 1
+        return count
+
     def remove_task(self, task_id: str, below_generation: int | None = None) -> int:
         """Drop a task's entries (those below a generation, if given); how many went."""
         gone = [

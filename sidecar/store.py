@@ -585,6 +585,30 @@ class Store:
         self.pending.remove_task(task_id, below_generation=generation)
         return dropped
 
+    async def adopt_generation(self, task_id: str, generation: int) -> int:
+        """A finished task is the hub's again as `generation` (a late `task_continue`).
+
+        Its unanswered results now carry that generation, in memory and on disk
+        (done or owed, after the writes before it); how many there were.
+        """
+        if not is_unicode(task_id):
+            return 0  # never stored (`_storable`)
+        count = self.pending.relabel(task_id, generation)
+
+        def _adopt(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE tasks SET generation=? WHERE task_id=? AND generation<?",
+                (generation, task_id, generation),
+            )
+            db.execute(
+                "UPDATE outbox SET generation=?, frame=json_set(frame, '$.generation', ?)"
+                " WHERE task_id=? AND generation<?",
+                (generation, generation, task_id, generation),
+            )
+
+        await self._settle(_adopt)
+        return count
+
     async def mark_running(self, task_id: str) -> None:
         """A queued task started (only `last_status` after a crash depends on it).
 

@@ -65,6 +65,9 @@ class BatcherHooks(Protocol):
 
 # How long after a task's end its marker is swept once more (`_late_sweeper`).
 LATE_SWEEP_S = 0.2
+# A `task_recovering` the hub has not answered is sent again after this long
+# (and after a `rate_limited`, which may have been its drop).
+RECOVERY_RESEND_S = 30.0
 
 
 def _set(event: trio.Event) -> trio.Event:
@@ -131,6 +134,9 @@ class Supervisor:
         self._idle.set()
         # Markers of ended tasks, swept once more a little later (`_late_sweeper`).
         self._late_send, self._late_recv = trio.open_memory_channel[tuple[float, str, str]](math.inf)
+        # Tasks whose task_recovering the hub has not answered on this session: when it went.
+        self._recovering: dict[str, float] = {}
+        self._recovery_wake = trio.Event()
 
     def busy(self) -> bool:
         return bool(self.held)
@@ -142,6 +148,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._late_sweeper)
+            nursery.start_soon(self._recovery_resender)
             for stored in await self.store.in_flight():
                 # Leftovers of a process that died went to init, not to us: look everywhere.
                 killed = procs.kill_marked(stored.marker, everywhere=True)
@@ -241,7 +248,7 @@ class Supervisor:
             held.generation = gen
             self._log_stale_dropped(tid, gen, await self.store.set_generation(tid, gen))
             # The hub gave it to us again: that answers a pending recovery too.
-            held.recover_answered.set()
+            self._recovery_answered(held)
             await self.accepts.accept(tid)
         else:
             log.warning("stale_assign_ignored", task_id=tid, generation=gen, held=held.generation)
@@ -338,13 +345,20 @@ class Supervisor:
     async def on_task_continue(self, task_id: str, generation: int | None) -> None:
         held = self.held.get(task_id)
         if held is None:
-            log.info("continue_for_unknown_task", task_id=task_id)
+            # It may have ended while the hub was answering our task_recovering: its
+            # result, not yet answered, now answers the generation the hub gave.
+            if generation is not None and await self.outbox.adopt_generation(task_id, generation):
+                log.info(
+                    "task_continue_after_end", task_id=task_id, generation=generation, action="result resent"
+                )
+            else:
+                log.info("continue_for_unknown_task", task_id=task_id)
             return
         if generation is not None and generation != held.generation:
             held.generation = generation
             self._log_stale_dropped(task_id, generation, await self.store.set_generation(task_id, generation))
         log.info("task_continue", task_id=task_id, generation=held.generation)
-        held.recover_answered.set()
+        self._recovery_answered(held)
         # Only a fresh task_accepted restarts the hub's acceptance clock.
         await self.accepts.accept(task_id)
 
@@ -352,23 +366,63 @@ class Supervisor:
         held = self.held.get(task_id)
         log.info("task_reassign", task_id=task_id, held=held is not None)
         await self.store.drop_results(task_id)
+        self.outbox.drop(task_id)  # a result in flight is not sent again either
         if held is not None:
-            held.recover_answered.set()
             self._cancel(held, REASSIGN)
 
     async def recover_all(self) -> None:
-        """After each identify: tell the hub about every task we still hold."""
+        """After each identify: tell the hub about every task we still hold.
+
+        Each `task_recovering` is sent again until the hub answers it (a
+        `task_continue`, `task_reassign` or `task_assign` of the task): after a
+        `rate_limited`, which may have dropped it, and after `RECOVERY_RESEND_S`
+        without an answer. A recovered task waits for that answer before it
+        runs, so a dropped one would otherwise hold its slot for ever.
+        """
+        self._recovering.clear()
         for held in list(self.held.values()):
-            last = "running" if held.started else "queued"
-            frame = {
-                "type": "task_recovering",
-                "task_id": held.task.task_id,
-                "description": truncate(held.task.description, LIMITS["description"]),
-                "metadata": held.task.metadata,
-                "last_status": last,
-            }
-            log.info("task_recovering_sent", task_id=held.task.task_id, generation=held.generation)
-            await self.send(frame)
+            await self._send_recovering(held, "task_recovering_sent")
+
+    async def _send_recovering(self, held: Held, event: str) -> None:
+        tid = held.task.task_id
+        frame = {
+            "type": "task_recovering",
+            "task_id": tid,
+            "description": truncate(held.task.description, LIMITS["description"]),
+            "metadata": held.task.metadata,
+            "last_status": "running" if held.started else "queued",
+        }
+        self._recovering[tid] = trio.current_time()
+        log.info(event, task_id=tid, generation=held.generation)
+        await self.send(frame)
+
+    def on_rate_limited(self, tier: str | None) -> None:
+        """A normal-tier frame was dropped: it may have been a `task_recovering`."""
+        if self._recovering and tier in (None, "normal"):
+            self._recovery_wake.set()
+
+    def on_disconnected(self) -> None:
+        self._recovering.clear()  # the next identify's `recover_all` sends them all again
+
+    def _recovery_answered(self, held: Held) -> None:
+        held.recover_answered.set()
+        self._recovering.pop(held.task.task_id, None)
+
+    async def _recovery_resender(self) -> None:
+        while True:
+            with trio.move_on_after(RECOVERY_RESEND_S):
+                await self._recovery_wake.wait()
+            woken_at = trio.current_time()
+            limited = self._recovery_wake.is_set()
+            self._recovery_wake = trio.Event()
+            for tid, sent_at in list(self._recovering.items()):
+                held = self.held.get(tid)
+                if held is None or held.ending() is not None:
+                    self._recovering.pop(tid, None)
+                elif self._recovering.get(tid) == sent_at and (
+                    limited or woken_at - sent_at >= RECOVERY_RESEND_S
+                ):
+                    await self._send_recovering(held, "task_recovering_resent")
 
     # -- per task ------------------------------------------------------------
 
@@ -376,7 +430,7 @@ class Supervisor:
         if held.cancel_reason is None:
             held.cancel_reason = reason
         held.scope.cancel()
-        held.recover_answered.set()
+        self._recovery_answered(held)
 
     async def _task_main(self, held: Held) -> None:
         task = held.task
@@ -461,6 +515,7 @@ class Supervisor:
         if frame is None:
             self.batcher.forget(tid)
         self.held.pop(tid, None)
+        self._recovering.pop(tid, None)
         if not self.held:
             self._idle.set()
         held.done.set()

@@ -126,6 +126,29 @@ def _fail_outbox_deletes(db: Path) -> None:
     other.close()
 
 
+async def test_adopt_generation_relabels_unanswered_results_in_memory_and_on_disk(tmp_path: Path) -> None:
+    """A late `task_continue` for an ended task: its unanswered result now carries
+    the new generation, frame included, as read now and after a reopen; a result
+    of a newer generation and other tasks' results are left as they were."""
+    db = tmp_path / "s.db"
+    store = await Store.open(db)
+    for tid in ("t1", "t2"):
+        await store.put_task(tid, 1, {"type": "task_assign", "task_id": tid}, "m")
+        await store.finish(tid, failed_frame(tid, 1, "boom", "exit_code"))
+    assert await store.adopt_generation("t1", 3) == 1
+    assert await store.adopt_generation("t1", 2) == 0  # never lowered
+
+    def generations(items: list[OutboxItem]) -> dict[str, tuple[int, int]]:
+        return {i.task_id: (i.generation, i.frame["generation"]) for i in items}
+
+    assert generations(await store.outbox()) == {"t1": (3, 3), "t2": (1, 1)}
+    await store.close()
+    store = await Store.open(db)
+    assert generations(await store.outbox()) == {"t1": (3, 3), "t2": (1, 1)}
+    assert (await store.get_task("t1")).generation == 3  # type: ignore[union-attr]
+    await store.close()
+
+
 async def test_put_task_is_one_transaction(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     store = await Store.open(db)

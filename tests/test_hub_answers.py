@@ -1,0 +1,260 @@
+"""What the sidecar does with the hub's answers when they are not the plain ones:
+a `task_recovering` dropped or never answered, a result resent and its duplicate
+refused, a result in flight for a task taken back, an accept dropped for a task
+that ends at once, a `task_continue` that comes after the task's end.
+
+Each runs a real sidecar (`open_sidecar`, real child processes) against
+`tests.scripted_hub`, a real WebSocket server answering as each test says, on
+virtual time. Found by probing `sidecar run` from outside with such a hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from sidecar.app import open_sidecar
+from sidecar.procs import task_marker
+from sidecar.store import Store
+from tests.conftest import Logs
+from tests.harness import shell_assign
+from tests.scripted_hub import Frame, ScriptedHub, open_scripted_hub
+
+LONG_MS = 3_600_000
+
+
+def waiting_assign(task_id: str, go: Path, generation: int = 1) -> Frame:
+    """A task that runs until the test creates `go` (its own limit: an hour)."""
+    frame = shell_assign(task_id, f"while [ ! -e '{go}' ]; do sleep 0.01; done; echo done", generation)
+    frame["metadata"]["timeout_ms"] = LONG_MS
+    return frame
+
+
+def config_for(make_config: Any, hub: ScriptedHub, **overrides: Any) -> Any:
+    return make_config(hub_url=f"ws://127.0.0.1:{hub.port}/ws", backoff_initial_s=0.1, **overrides)
+
+
+def rate_limited(ms: int = 1000, tier: str = "normal") -> Frame:
+    return {"type": "rate_limited", "retry_after_ms": ms, "tier": tier}
+
+
+async def test_a_task_recovering_dropped_by_the_rate_limit_is_sent_again(
+    clock: trio.testing.MockClock, make_config: Any, tmp_path: Path
+) -> None:
+    """After a reconnect the hub drops our `task_recovering` (`rate_limited`):
+    it is sent again after the pause, and the hub's answer (a new generation)
+    is obeyed. Sent once, the task would run on unconfirmed and report under a
+    generation the hub no longer holds."""
+    go = tmp_path / "go"
+    async with open_scripted_hub() as hub:
+        recovering: list[Frame] = []
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            if frame["type"] != "task_recovering":
+                return None
+            recovering.append(frame)
+            if len(recovering) == 1:
+                return [rate_limited(1000)]
+            return [{"type": "task_continue", "task_id": frame["task_id"], "generation": 2}]
+
+        hub.answer = answer
+        async with open_sidecar(config_for(make_config, hub)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(waiting_assign("T", go))
+            await hub.wait_for(lambda: hub.of("task_accepted", "T"))
+            await hub.close_session()
+            await hub.wait_for(lambda: len(hub.of("task_accepted", "T")) == 2)  # after the continue
+            go.touch()
+            await hub.wait_for(lambda: hub.of("task_complete", "T"))
+        [done] = hub.of("task_complete", "T")
+    assert len(recovering) == 2
+    assert done["generation"] == 2
+
+
+async def test_a_recovered_task_whose_task_recovering_gets_no_answer_asks_again(
+    clock: trio.testing.MockClock, make_config: Any, logs: Logs
+) -> None:
+    """A task found in the store at start waits for the hub's answer before it
+    runs. An answer that never comes (the frame lost) is asked for again after
+    30 s, instead of the task holding its slot, and refusing every new task,
+    for ever."""
+    async with open_scripted_hub() as hub:
+        config = config_for(make_config, hub)
+        db = config.resolved_state_dir() / "sidecar.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        store = await Store.open(db, durable=False)
+        await store.put_task("K", 1, shell_assign("K", "echo recovered"), task_marker(config.agent_id, "K"))
+        await store.close()
+        asked: list[float] = []
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            if frame["type"] != "task_recovering":
+                return None
+            asked.append(trio.current_time())
+            if len(asked) == 1:
+                return []  # lost
+            return [{"type": "task_continue", "task_id": "K", "generation": 2}]
+
+        hub.answer = answer
+        async with open_sidecar(config):
+            await hub.wait_for(lambda: hub.of("task_complete", "K"))
+        [done] = hub.of("task_complete", "K")
+    assert len(asked) == 2 and asked[1] - asked[0] >= 30
+    assert done["generation"] == 2 and done["result"]["output"] == "recovered\n"
+    assert logs.named("task_recovering_resent")
+
+
+async def test_the_refusal_of_a_resent_results_duplicate_does_not_retire_the_next_result(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """A result is sent again after a `rate_limited` that was not its own drop,
+    so the hub gets it twice: it acks one and refuses the other, with an
+    `error` that names no task. That refusal answers the duplicate, not the
+    next result, which the hub has meanwhile dropped: the next result is sent
+    again until acked, not retired unsent."""
+    async with open_scripted_hub() as hub:
+        results: list[Frame] = []
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            if frame["type"] != "task_complete":
+                return None
+            results.append(frame)
+            tid = frame["task_id"]
+            match len(results):
+                case 1:
+                    return [rate_limited(500)]  # as if for another frame: the result is kept
+                case 2:
+                    ack = {"type": "task_ack", "task_id": tid, "status": "complete"}
+                    return [ack, {"type": "error", "error": f"task_complete_failed: {tid} is not assigned"}]
+                case 3:
+                    return [rate_limited(500)]  # this one is dropped
+            return None
+
+        hub.answer = answer
+        async with open_sidecar(config_for(make_config, hub, capacity=2)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(shell_assign("R1", "true"))
+            await hub.send(shell_assign("R2", "true"))
+            await hub.wait_for(lambda: len(results) == 4)
+        first, second = results[0]["task_id"], results[2]["task_id"]
+    assert [r["task_id"] for r in results] == [first, first, second, second]
+    assert {first, second} == {"R1", "R2"}
+
+
+async def test_a_rate_limit_of_another_tier_does_not_resend_the_result(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """A light-tier `rate_limited` drops a ping or a listing, never a result:
+    the result in flight is not sent a second time (a duplicate the hub would
+    refuse, with an error naming no task)."""
+    async with open_scripted_hub() as hub:
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            if frame["type"] == "task_complete":
+                ack = {"type": "task_ack", "task_id": frame["task_id"], "status": "complete"}
+                return [rate_limited(500, tier="light"), ack]
+            return None
+
+        hub.answer = answer
+        async with open_sidecar(config_for(make_config, hub)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(shell_assign("L", "true"))
+            await hub.wait_for(lambda: hub.of("task_complete", "L"))
+            await trio.sleep(60)
+        assert len(hub.of("task_complete", "L")) == 1
+
+
+async def test_a_result_in_flight_of_a_reassigned_task_is_not_sent_again(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """`task_reassign`: the task is no longer ours, its result is dropped. One
+    already in flight (the hub not answering it) is not resent every 30 s
+    either, and the next result does not wait behind it."""
+    async with open_scripted_hub() as hub:
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            if frame["type"] == "task_complete" and frame["task_id"] == "X":
+                return []  # never answered
+            return None
+
+        hub.answer = answer
+        async with open_sidecar(config_for(make_config, hub)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(shell_assign("X", "true"))
+            await hub.wait_for(lambda: hub.of("task_complete", "X"))
+            await hub.send({"type": "task_reassign", "task_id": "X"})
+            reassigned_at = trio.current_time()
+            await hub.send(shell_assign("Y", "true"))
+            await hub.wait_for(lambda: hub.of("task_complete", "Y"))
+            y_after = trio.current_time() - reassigned_at
+            await trio.sleep(90)
+        assert y_after < 5
+        assert len(hub.of("task_complete", "X")) == 1
+
+
+async def test_a_dropped_accept_of_a_task_that_ends_at_once_goes_before_its_result(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """The hub drops a `task_accepted` (`rate_limited`) and the task ends within
+    the pause: the accept is sent again before the result, so the hub never
+    gets a result for a task it did not hear accepted."""
+    async with open_scripted_hub() as hub:
+        accepts: list[Frame] = []
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            if frame["type"] == "task_accepted":
+                accepts.append(frame)
+                if len(accepts) == 1:
+                    return [rate_limited(1500)]
+            return None
+
+        hub.answer = answer
+        async with open_sidecar(config_for(make_config, hub)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(shell_assign("F", "true"))
+            await hub.wait_for(lambda: hub.of("task_complete", "F"))
+        kinds = [f["type"] for f in hub.received if f.get("task_id") == "F" and f["type"] != "task_progress"]
+    assert kinds == ["task_accepted", "task_accepted", "task_complete"]
+
+
+async def test_a_task_continue_after_the_tasks_end_relabels_its_unanswered_result(
+    clock: trio.testing.MockClock, make_config: Any, tmp_path: Path, logs: Logs
+) -> None:
+    """The task ends while the hub is still answering our `task_recovering`; its
+    answer, `task_continue` with a new generation, then names a task we no
+    longer hold. The result it has not acked goes again under that generation
+    (the hub refuses the old one as stale), and the refusal of the old copy is
+    not taken for the new one's answer."""
+    go = tmp_path / "go"
+    async with open_scripted_hub() as hub:
+        held_back: list[Frame] = []
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            if frame["type"] == "task_recovering":
+                return []  # answered later, by the test
+            if frame["type"] == "task_complete" and frame["generation"] == 1:
+                held_back.append(frame)
+                return []
+            return None
+
+        hub.answer = answer
+        async with open_sidecar(config_for(make_config, hub)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(waiting_assign("G", go))
+            await hub.wait_for(lambda: hub.of("task_accepted", "G"))
+            await hub.close_session()
+            await hub.wait_for(lambda: hub.of("task_recovering", "G"))
+            go.touch()
+            await hub.wait_for(lambda: held_back)
+            await hub.send({"type": "task_continue", "task_id": "G", "generation": 2})
+            stale = "task_complete_failed: stale generation 1 (current 2)"
+            await hub.send({"type": "error", "error": stale})
+            await hub.wait_for(lambda: any(f["generation"] == 2 for f in hub.of("task_complete", "G")))
+            await trio.sleep(90)
+        generations = [f["generation"] for f in hub.of("task_complete", "G")]
+    assert generations == [1, 2]  # and no resend after the ack of the second
+    assert logs.named("task_continue_after_end")
+    assert not logs.named("result_refused")
