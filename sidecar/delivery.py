@@ -36,6 +36,8 @@ log = get_logger("sidecar.delivery")
 
 _RESULT_ACKS = frozenset({"complete", "failed", "retried", "dead_letter"})
 _OWED_MAX = 1024  # accepts still owed to a result that may never come (bounded)
+# How long a result waits for its task's accept to be answered (see `before_result`).
+ACCEPT_ANSWER_WAIT_S = 2.0
 _REFUSALS = ("task_complete_failed", "task_fail_failed")
 _RESULT_TYPES = ("task_complete", "task_failed")
 
@@ -319,7 +321,10 @@ class AcceptTracker:
         self._pending: dict[str, float] = {}
         # Tasks that ended before their accept could go: it goes before their result.
         self._owed: OrderedDict[str, None] = OrderedDict()
+        # Tasks that ended with their accept sent and not yet answered: when it went.
+        self._ended: OrderedDict[str, float] = OrderedDict()
         self._wake = trio.Event()
+        self._answer = trio.Event()  # set (and replaced) at each ack of an accept or rate_limited
 
     async def accept(self, task_id: str) -> None:
         """Send task_accepted now if the budget allows (the task is already stored) and track its ack."""
@@ -335,15 +340,34 @@ class AcceptTracker:
     def forget(self, task_id: str) -> None:
         """The task has ended: an accept not sent, or sent and maybe dropped since, goes before its result."""
         sent_at = self._pending.pop(task_id, None)
-        if sent_at is not None and (sent_at == -math.inf or self._was_limited(sent_at)):
+        if sent_at is None:
+            return
+        if sent_at == -math.inf or self._was_limited(sent_at):
             self._owed[task_id] = None
             while len(self._owed) > _OWED_MAX:
                 self._owed.popitem(last=False)
+        else:
+            self._ended[task_id] = sent_at
+            while len(self._ended) > _OWED_MAX:
+                self._ended.popitem(last=False)
 
     async def before_result(self, task_id: str) -> None:
-        """A task's result is about to go: its accept, if still unsent, goes first."""
+        """A task's result is about to go: its accept, if unsent or dropped, goes first.
+
+        An accept sent but not yet answered (a task that ended within a round
+        trip of it) is waited for, at most `ACCEPT_ANSWER_WAIT_S`: if the hub
+        drops it (`rate_limited`), it goes again before the result, so the hub
+        never gets a result for a task it did not hear accepted.
+        """
         owed = task_id in self._owed
         self._owed.pop(task_id, None)
+        sent_at = self._ended.get(task_id)
+        if sent_at is not None and not owed:
+            with trio.move_on_after(ACCEPT_ANSWER_WAIT_S):
+                while task_id in self._ended and not self._was_limited(sent_at):
+                    await self._answer.wait()
+            owed = task_id in self._ended and self._was_limited(sent_at)
+        self._ended.pop(task_id, None)
         if owed or self._pending.get(task_id) == -math.inf:
             await self.link.wait_ready()
             if await self.link.send({"type": "task_accepted", "task_id": task_id}):
@@ -355,14 +379,24 @@ class AcceptTracker:
         match frame:
             case TaskAck(task_id=tid, status="accepted"):
                 self._pending.pop(tid, None)
-            case RateLimited() if self._pending:
-                self._wake.set()
+                self._ended.pop(tid, None)
+                self._answered()
+            case RateLimited():
+                if self._pending:
+                    self._wake.set()
+                self._answered()
+
+    def _answered(self) -> None:
+        self._answer.set()
+        self._answer = trio.Event()
 
     def on_disconnected(self) -> None:
         # After a reconnect the hub has reclaimed our tasks: the recovery
         # exchange (task_recovering / task_continue) decides what to re-accept.
         self._pending.clear()
         self._owed.clear()
+        self._ended.clear()
+        self._answered()
 
     async def run(self) -> None:
         while True:
