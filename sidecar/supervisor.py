@@ -45,7 +45,7 @@ from .messages import (
 )
 from .progress import ProgressSender
 from .quicklock import QuickSemaphore
-from .store import Store, StoredTask
+from .store import RUNNING, Store, StoredTask
 from .storefaults import StoreWriteError
 from .taskrun import TaskRun, run_and_sweep
 from .timelimits import task_time_limit_ms
@@ -83,7 +83,8 @@ class Held:
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancel_reason: str | None = None
     started: bool = False
-    # Stored as running: it had a free slot when admitted (no mark_running needed).
+    # Stored as running: it had a free slot when admitted (no mark_running needed),
+    # or, recovered at start, it had started before the process ended.
     stored_running: bool = False
     # A task found in the store at start-up waits for the hub's task_continue.
     awaiting_recovery: bool = False
@@ -164,7 +165,13 @@ class Supervisor:
                     state=stored.state,
                     killed_processes=killed,
                 )
-                held = Held(task, stored.generation, stored.marker, awaiting_recovery=True)
+                held = Held(
+                    task,
+                    stored.generation,
+                    stored.marker,
+                    stored_running=stored.state == RUNNING,  # its last_status: it had started
+                    awaiting_recovery=True,
+                )
                 self._hold(held)
             task_status.started()
             await trio.sleep_forever()
@@ -245,6 +252,7 @@ class Supervisor:
             await self.accepts.accept(tid)
         elif action is AssignAction.ADOPT_GENERATION:
             log.info("assign_new_generation", task_id=tid, old=held.generation, generation=gen)
+            self._recovering.pop(tid, None)
             held.generation = gen
             self._log_stale_dropped(tid, gen, await self.store.set_generation(tid, gen))
             # The hub gave it to us again: that answers a pending recovery too.
@@ -354,6 +362,7 @@ class Supervisor:
             else:
                 log.info("continue_for_unknown_task", task_id=task_id)
             return
+        self._recovering.pop(task_id, None)  # answered: not sent again while the store writes
         if generation is not None and generation != held.generation:
             held.generation = generation
             self._log_stale_dropped(task_id, generation, await self.store.set_generation(task_id, generation))
@@ -390,7 +399,7 @@ class Supervisor:
             "task_id": tid,
             "description": truncate(held.task.description, LIMITS["description"]),
             "metadata": held.task.metadata,
-            "last_status": "running" if held.started else "queued",
+            "last_status": "running" if held.started or held.stored_running else "queued",
         }
         self._recovering[tid] = trio.current_time()
         log.info(event, task_id=tid, generation=held.generation)
@@ -445,6 +454,13 @@ class Supervisor:
         try:
             with held.scope:
                 timeout_s = task_time_limit_ms(task, self.config) / 1000.0
+                if task.timeout_ms is None and task.metadata.get("timeout_ms") is not None:
+                    tlog.warning(
+                        "timeout_ms_ignored",
+                        value=repr(task.metadata["timeout_ms"])[:100],
+                        problem="not a positive number of milliseconds",
+                        limit_s=timeout_s,
+                    )
                 if held.awaiting_recovery:
                     await held.recover_answered.wait()
                 await held.accept_sent.wait()  # at once unless a fresh accept is being sent

@@ -80,13 +80,14 @@ async def test_a_recovered_task_whose_task_recovering_gets_no_answer_asks_again(
     """A task found in the store at start waits for the hub's answer before it
     runs. An answer that never comes (the frame lost) is asked for again after
     30 s, instead of the task holding its slot, and refusing every new task,
-    for ever."""
+    for ever. Its `last_status` is what the store knew: it had started."""
     async with open_scripted_hub() as hub:
         config = config_for(make_config, hub)
         db = config.resolved_state_dir() / "sidecar.db"
         db.parent.mkdir(parents=True, exist_ok=True)
         store = await Store.open(db, durable=False)
         await store.put_task("K", 1, shell_assign("K", "echo recovered"), task_marker(config.agent_id, "K"))
+        await store.mark_running("K")  # it had started when the process died
         await store.close()
         asked: list[float] = []
 
@@ -103,6 +104,7 @@ async def test_a_recovered_task_whose_task_recovering_gets_no_answer_asks_again(
             await hub.wait_for(lambda: hub.of("task_complete", "K"))
         [done] = hub.of("task_complete", "K")
     assert len(asked) == 2 and asked[1] - asked[0] >= 30
+    assert [f["last_status"] for f in hub.of("task_recovering", "K")] == ["running", "running"]
     assert done["generation"] == 2 and done["result"]["output"] == "recovered\n"
     assert logs.named("task_recovering_resent")
 

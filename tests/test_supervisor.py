@@ -253,3 +253,20 @@ async def test_an_exception_that_escapes_a_run_fails_that_task_and_the_daemon_go
     assert frames["t-ok"]["type"] == "task_complete"
     (crashed,) = logs.named("task_crashed")
     assert crashed["task_id"] == "t-bug"
+
+
+async def test_a_timeout_ms_that_is_not_a_number_of_milliseconds_is_named_in_a_warning(
+    make_config: Any, logs: Logs
+) -> None:
+    """`metadata.timeout_ms` of "5000" (or 0, or true) is no limit the task can
+    have: the default applies, and a warning says which value was ignored."""
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, _store):
+        frame = shell_assign("t-limit", "true")
+        frame["metadata"]["timeout_ms"] = "5000"
+        await feed(sc, frame)
+        with trio.fail_after(20):
+            await sc.supervisor.held["t-limit"].done.wait()
+    [warning] = logs.named("timeout_ms_ignored")
+    assert warning["value"] == "'5000'" and warning["limit_s"] == config.default_timeout_ms / 1000
+    assert warning["task_id"] == "t-limit"
