@@ -301,15 +301,20 @@ class Sidecar:
         """Graceful stop: cancel tasks, flush results and progress (bounded), close."""
         cfg = self.config
         log.info("shutdown_started", held=len(self.supervisor.held))
-        with trio.move_on_after(cfg.kill_grace_s + 5):
+        # A task's teardown: SIGTERM, `kill_grace_s`, SIGKILL, then up to the same
+        # again for pipes a process that left the group still holds, then the sweep.
+        with trio.move_on_after(2 * cfg.kill_grace_s + 5):
             await self.supervisor.shutdown()
         with trio.move_on_after(cfg.shutdown_grace_s) as flush_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.batcher.flush, cfg.shutdown_grace_s)
+                # A teardown still going on stores its task's failure later: waited for too.
+                await self.supervisor.wait_idle()
                 await self.outbox.wait_empty()
         log.info(
             "shutdown_done",
-            results_pending=self.outbox.depth,
+            results_pending=self.outbox.pending_count(),
+            tasks_not_ended=len(self.supervisor.held),
             flush_timed_out=flush_scope.cancelled_caught,
         )
         self.link.close()

@@ -139,12 +139,13 @@ class Outbox:
         self.notify()
         return False
 
-    def _pending_count(self) -> int:
+    def pending_count(self) -> int:
+        """Results stored or held in memory and not yet answered by the hub."""
         return len(self.unstored) + self.store.outbox_size
 
     async def run(self) -> None:
         while True:
-            self.depth = self._pending_count()
+            self.depth = self.pending_count()
             if not self.depth:
                 self._changed = trio.Event()
                 await self._changed.wait()
@@ -157,7 +158,7 @@ class Outbox:
 
     async def wait_empty(self) -> None:
         """Wait until every result (stored or in memory) has been answered by the hub."""
-        while self._inflight is not None or self._pending_count():
+        while self._inflight is not None or self.pending_count():
             self._empty = trio.Event()
             await self._empty.wait()
 

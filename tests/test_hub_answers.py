@@ -260,3 +260,27 @@ async def test_a_task_continue_after_the_tasks_end_relabels_its_unanswered_resul
     assert generations == [1, 2]  # and no resend after the ack of the second
     assert logs.named("task_continue_after_end")
     assert not logs.named("result_refused")
+
+
+async def test_a_graceful_stop_reports_a_task_whose_teardown_takes_both_graces(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """SIGTERM to the sidecar with a task that ignores SIGTERM and has left a
+    process in another session holding its stdout: the teardown takes the kill
+    grace, then the drain grace (10 s with the defaults). Its `task_failed`
+    (`sidecar_shutdown`) is stored after that and still reaches the hub before
+    the sidecar stops."""
+    command = "trap '' TERM; (setsid sleep 300 &); echo started; sleep 300"
+    async with open_scripted_hub() as hub:
+        async with open_sidecar(config_for(make_config, hub)) as sc:
+            await hub.wait_for(lambda: hub.of("identify"))
+            frame = shell_assign("S", command)
+            frame["metadata"]["timeout_ms"] = LONG_MS
+            await hub.send(frame)
+            await hub.wait_for(lambda: "started" in str(hub.of("task_progress", "S")))
+            stopped_at = trio.current_time()
+            await sc.shutdown()
+        took = trio.current_time() - stopped_at
+        [failed] = hub.of("task_failed", "S")
+    assert failed["reason"] == "sidecar_shutdown"
+    assert took >= 2 * 5  # both graces: the case the old bound cut short
