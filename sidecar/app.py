@@ -24,7 +24,7 @@ from .config import Config
 from .cost import CostModel
 from .delivery import AcceptTracker, Outbox
 from .dispatcher import Dispatcher
-from .executors import ExecContext, Executor
+from .executors import ExecContext, Executor, make_state_subdirs
 from .executors.registry import build_executors
 from .frames import (
     BadTaskAssign,
@@ -329,7 +329,7 @@ async def open_sidecar(config: Config, store: Store | None = None) -> AsyncItera
     """
     register_secret(config.token)
     state_dir = config.resolved_state_dir()
-    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    make_state_subdirs(state_dir)
     if store is None:
         store = await Store.open(state_dir / "sidecar.db")
     log.info(

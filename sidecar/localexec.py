@@ -25,7 +25,7 @@ from . import procs
 from .config import Config, config_from_mapping, load_config
 from .cost import CostModel
 from .dispatcher import Dispatcher, DispatchResult, target_of
-from .executors import ExecContext
+from .executors import ExecContext, make_state_subdirs
 from .executors.registry import REGISTRY, build_executors
 from .messages import ProgressEvent, parse_task
 from .progress import ProgressSender, open_progress
@@ -138,7 +138,7 @@ async def run_exec(
     with tempfile.TemporaryDirectory(prefix="sidecar-exec-") as tmp:
         config = exec_config(req, Path(tmp))
         state_dir = config.resolved_state_dir()
-        (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        make_state_subdirs(state_dir)
         task_id = f"exec-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         # Without --timeout, the daemon's default for this kind of task (timeout_ms 0: none given).
         unbounded = parse_task(build_task_frame(req, task_id, 0))

@@ -270,3 +270,26 @@ async def test_a_timeout_ms_that_is_not_a_number_of_milliseconds_is_named_in_a_w
     [warning] = logs.named("timeout_ms_ignored")
     assert warning["value"] == "'5000'" and warning["limit_s"] == config.default_timeout_ms / 1000
     assert warning["task_id"] == "t-limit"
+
+
+async def test_a_task_that_empties_its_directory_leaves_the_state_dir_alone(make_config: Any) -> None:
+    """Without a `repo_dir` a task works in the state dir's `work/`, not in the
+    state dir: `rm -rf ./*` (an ordinary clean step) leaves the database, its
+    journal and the logs where they are, and after `rm -rf "$PWD"` the next
+    task gets its directory back."""
+    config = make_config(backoff_initial_s=60.0)
+    state = Path(config.resolved_state_dir())
+    async with offline_sidecar(config) as (sc, store):
+        for tid, command in (
+            ("t-clean", "pwd; rm -rf ./* ./.[!.]*"),
+            ("t-gone", 'rm -rf "$PWD"'),
+            ("t-next", "pwd"),
+        ):
+            await feed(sc, shell_assign(tid, command))
+            with trio.fail_after(20):
+                await sc.supervisor.held[tid].done.wait()
+        results = {item.task_id: item.frame for item in await store.outbox()}
+    assert results["t-clean"]["result"]["output"] == f"{state / 'work'}\n"
+    assert (state / "r.db").exists() and (state / "logs").is_dir()
+    assert results["t-next"]["type"] == "task_complete"
+    assert results["t-next"]["result"]["output"] == f"{state / 'work'}\n"

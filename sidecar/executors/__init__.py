@@ -9,7 +9,9 @@ Every kind is one entry of the registry (`registry.SPECS`).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,17 @@ if TYPE_CHECKING:
     import httpx
 
 Executor = Callable[[TaskRun], Awaitable[Outcome]]
+
+
+def work_dir(state_dir: Path) -> Path:
+    """Where tasks work when no `repo_dir` is set (see `ExecContext.workdir`)."""
+    return state_dir / "work"
+
+
+def make_state_subdirs(state_dir: Path) -> None:
+    """The state dir's `logs/` and `work/`, made if missing."""
+    for sub in (state_dir / "logs", work_dir(state_dir)):
+        sub.mkdir(parents=True, exist_ok=True)
 
 
 @attrs.frozen
@@ -64,13 +77,25 @@ class ExecContext:
         return self.log_dir / f"{safe_file_name(task_id)}.log"
 
     def workdir(self) -> Path:
-        """The default working directory: `repo_dir`, else the state directory."""
-        return Path(self.config.repo_dir) if self.config.repo_dir else self.state_dir
+        """The default working directory: `repo_dir`, else the state dir's `work/`.
+
+        Not the state dir itself: a task that cleans its directory (`rm -rf ./*`,
+        ordinary in a build script) would delete the database, its journal and
+        every log there.
+        """
+        return Path(self.config.repo_dir) if self.config.repo_dir else work_dir(self.state_dir)
 
     def new_run(
         self, task: Task, progress: ProgressSender, marker: str, *, deadline: float = math.inf
     ) -> TaskRun:
-        """The `TaskRun` for one run of `task` in the default working directory."""
+        """The `TaskRun` for one run of `task` in the default working directory.
+
+        Without a `repo_dir` that is `work/` in the state dir, made again if a
+        task removed it (`rm -rf "$PWD"`): one `mkdir` (2 us) a run.
+        """
+        if not self.config.repo_dir:
+            with contextlib.suppress(OSError):  # there already; else the executor says what is wrong
+                os.mkdir(work_dir(self.state_dir))
         return TaskRun(
             task=task,
             progress=progress,

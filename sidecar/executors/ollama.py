@@ -119,9 +119,9 @@ class OllamaExecutor:
 
     async def _agentic(self, run: TaskRun, url: str, model: str) -> Outcome:
         """The tool loop (sidecar/agentic) in the task's working directory; a task
-        whose directory is only the state dir gets a scratch dir under it instead."""
+        whose directory is only the default one gets a scratch dir of its own instead."""
         workdir = run.workdir
-        if workdir == self._ctx.state_dir:
+        if not self._ctx.config.repo_dir and workdir == self._ctx.workdir():
             workdir = await trio.to_thread.run_sync(scratch_workdir, self._ctx.state_dir, run.task_id)
         return await run_agentic(
             self._ctx.config,
