@@ -70,7 +70,7 @@ class Config:
     repo_dir: str | None = setting(
         None,
         doc=(
-            "Working directory for tasks (default: the state dir). A git checkout turns on the "
+            "Working directory for tasks (default: `work/` in the state dir). A git checkout turns on the "
             "branch-and-PR workflow (docs/delivery.md). Relative paths resolve against the config "
             "file's directory."
         ),
