@@ -24,6 +24,7 @@ from .config import Config
 from .cost import CostModel
 from .delivery import AcceptTracker, Outbox
 from .dispatcher import Dispatcher
+from .entry import STOP_SIGNALS
 from .executors import ExecContext, Executor, make_state_subdirs
 from .executors.registry import build_executors
 from .frames import (
@@ -362,7 +363,7 @@ async def open_sidecar(config: Config, store: Store | None = None) -> AsyncItera
 
 
 async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]] = list) -> int:
-    """Run the daemon until SIGTERM/SIGINT (exit 0) or a hub restart request (exit 75).
+    """Run the daemon until SIGTERM/SIGINT/SIGHUP (exit 0) or a hub restart request (exit 75).
 
     Signals are caught for the whole run, shutdown included: a second SIGTERM
     during the (bounded) graceful shutdown does not cut it short, nor (run
@@ -371,7 +372,7 @@ async def run_sidecar(config: Config, take_early_signals: Callable[[], list[int]
     # Orphans of our tasks are re-parented to us, not to init: the end-of-task
     # sweep then walks our own process tree instead of every process's environment.
     proctree.become_subreaper()  # said in the `starting` line
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         # A stop request that came while the process started (entry.py kept it).
         early = take_early_signals()
         store = None

@@ -168,7 +168,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"sidecar: bad config: {exc}", file=sys.stderr)
             return 2
-        setup_logging(args.log_level, json_lines=json_lines, log_file=config.log_file)
+        try:
+            setup_logging(args.log_level, json_lines=json_lines, log_file=config.log_file)
+        except OSError as exc:
+            print(
+                f"sidecar: bad config: log_file {config.log_file!r} cannot be opened: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 2
+        from .statelock import StateDirError, lock_state_dir
+
+        try:
+            lock_state_dir(config.resolved_state_dir())  # held until the process ends
+        except StateDirError as exc:
+            print(f"sidecar: {exc}", file=sys.stderr)
+            return 2
         from .app import run_sidecar
         from .storefaults import StoreCorruptError, StoreError
 

@@ -1,6 +1,6 @@
 """The `sidecar` command's entry point, light on purpose.
 
-SIGTERM and SIGINT are caught from the first lines of the process, before the
+SIGTERM, SIGINT and SIGHUP are caught from the first lines of the process, before the
 heavy imports and the config file: a stop request that arrives while the
 daemon starts is kept and honoured as soon as `run` can act on it (a clean
 exit 0, not death by the signal), and a signal that comes after the daemon's
@@ -16,7 +16,9 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP too: a closed terminal or ssh session (or an operator's "reload") must
+# not kill the daemon by the default action and orphan its tasks' processes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _pending: list[int] = []
 _catching = False
 
@@ -46,6 +48,7 @@ def release() -> None:
         return
     _catching = False
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in take_pending():
         signal.raise_signal(sig)

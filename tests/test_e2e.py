@@ -248,6 +248,56 @@ async def test_sigterm_shutdown_cancels_tasks_reports_and_exits_zero(
     no_violations(hub)
 
 
+async def test_sighup_is_a_graceful_stop(tmp_path: Path, hub: DevHub, sidecar: SidecarProcess) -> None:
+    """SIGHUP (a closed terminal or ssh session, an operator's "reload") stops the
+    daemon as SIGTERM does: its task is killed and reported, exit 0. By the
+    default action it died at once, leaving the task's processes to init."""
+    tid, pid = await start_sleeper(tmp_path, hub, sidecar)
+    code = await sidecar.stop(signal.SIGHUP, timeout=20)
+    assert code == 0
+    assert not alive(pid)
+    failed = [f.frame for f in hub.frames(AGENT, type="task_failed") if f.frame is not None]
+    assert failed and failed[0]["task_id"] == tid and failed[0]["reason"] == "sidecar_shutdown"
+    assert [e["signal"] for e in sidecar.events("signal")] == ["SIGHUP"]
+
+
+async def test_a_second_sidecar_on_the_same_state_dir_exits_2_and_harms_nothing(
+    tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    """Two daemons on one state dir would kill each other's task processes (each
+    takes the other's tasks for a dead process's leftovers). The second one
+    finds the state dir locked, says by whom, and exits 2 before touching it."""
+    tid, pid = await start_sleeper(tmp_path, hub, sidecar)
+    with trio.fail_after(60):  # without the lock it serves (and fights the first) until killed
+        second = await trio.run_process(
+            sidecar.argv(sidecar.write_config()), capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert second.returncode == 2
+    err = second.stderr.decode()
+    assert "in use by another sidecar" in err and f"pid {sidecar.pid}" in err
+    assert alive(pid) and hub.task(tid).status == "accepted"  # the first one's task runs on
+    code = await sidecar.stop(signal.SIGTERM, timeout=20)
+    assert code == 0
+
+
+@pytest.mark.parametrize("field", ["state_dir", "log_file"])
+async def test_an_unusable_state_dir_or_log_file_exits_2_naming_it(tmp_path: Path, field: str) -> None:
+    """A file where the state dir should be, a directory given as the log file:
+    exit 2 and the field's name (systemd's unit does not restart on 2), not a
+    traceback and exit 1."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    sc = SidecarProcess(tmp_path / "sc", "ws://127.0.0.1:9/ws")
+    sc.config[field] = str(taken if field == "state_dir" else tmp_path)
+    with trio.fail_after(60):
+        res = await trio.run_process(
+            sc.argv(sc.write_config()), capture_stdout=True, capture_stderr=True, check=False
+        )
+    err = res.stderr.decode()
+    assert res.returncode == 2, err
+    assert field in err and "Traceback" not in err
+
+
 async def test_second_sigterm_during_shutdown_still_exits_zero(tmp_path: Path, hub: DevHub) -> None:
     """Regression (found by the chaos soak): trio re-delivers a signal it caught
     but nobody consumed when its receiver closes, so a second SIGTERM during the
