@@ -25,6 +25,7 @@ from .configfields import (
     hub_string,
     non_negative,
     positive,
+    positive_or_unbounded,
     setting,
     ws_url,
 )
@@ -245,8 +246,8 @@ class Config:
     )
     wake_attempt_timeout_s: float = setting(
         60.0,
-        doc="Wake path: time limit of one wake command attempt.",
-        check=positive,
+        doc="Wake path: time limit of one wake command attempt (`inf`: the task's limit only).",
+        check=positive_or_unbounded,
     )
     # After the hub's restart_sidecar: how long running tasks may take to end first.
     restart_drain_s: float = setting(

@@ -8,6 +8,7 @@ its path (`ollama.idle_timeout_s`) by the loader.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
@@ -46,16 +47,33 @@ def setting(
     return attrs.field(default=default, validator=validate, metadata={"doc": doc})
 
 
+def _infinite(value: Any) -> bool:
+    # `inf` is a float TOML and JSON-with-extensions read: a grace, a time-out or a
+    # rate that never ends would turn a stuck child into a daemon that never stops.
+    return isinstance(value, float) and math.isinf(value)
+
+
 def positive(value: Any) -> str | None:
+    if _infinite(value):
+        return "must be a finite number"
+    return None if value > 0 else "must be positive"
+
+
+def positive_or_unbounded(value: Any) -> str | None:
+    """Positive, `inf` allowed: a limit inside another that always applies."""
     return None if value > 0 else "must be positive"
 
 
 def non_negative(value: Any) -> str | None:
+    if _infinite(value):
+        return "must be a finite number"
     return None if value >= 0 else "must be zero or more"
 
 
 def at_least(n: int) -> Check:
     def check(value: Any) -> str | None:
+        if _infinite(value):
+            return "must be a finite number"
         return None if value >= n else f"must be at least {n}"
 
     return check

@@ -12,11 +12,12 @@ import json
 import math
 import re
 import time
-from typing import Any
+from typing import Any, get_origin
 
 import attrs
 import cattrs
 import cattrs.gen
+from cattrs.cols import list_structure_factory
 from cattrs.errors import (
     AttributeValidationNote,
     ClassValidationError,
@@ -197,6 +198,11 @@ def _strict_list(value: Any, _type: Any) -> list[Any]:
     return value
 
 
+def _is_list_type(t: Any) -> bool:
+    origin: Any = get_origin(t)
+    return origin is list
+
+
 def make_converter() -> cattrs.Converter:
     """The one converter for messages and config: strict types, detailed errors."""
     conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
@@ -217,7 +223,19 @@ def make_converter() -> cattrs.Converter:
 
         return structure
 
+    # Lists only from JSON lists: cattrs would read "code" as ["c", "o", "d", "e"].
+    def _lists_only(cls: type) -> Any:
+        inner = list_structure_factory(cls, conv)
+
+        def structure(value: Any, _type: Any) -> Any:
+            if not isinstance(value, list):
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            return inner(value, _type)
+
+        return structure
+
     conv.register_structure_hook_factory(attrs.has, _objects_only)
+    conv.register_structure_hook_factory(_is_list_type, _lists_only)
     conv.register_structure_hook_func(lambda t: t == dict[str, Any], _strict_dict)
     conv.register_structure_hook_func(lambda t: t == list[Any], _strict_list)
     return conv

@@ -79,6 +79,11 @@ def test_env_overrides(tmp_path: Path) -> None:
         ({"capacity": 0}, "capacity", "must be positive"),
         ({"hub_url": "http://x/ws"}, "hub_url", "ws://"),
         ({"capabilities": ["ok", 3]}, "capabilities[1]", "expected a string"),
+        # A string is not a list of one (cattrs alone made "code" ["c", "o", "d", "e"]).
+        ({"capabilities": "code"}, "capabilities", "expected a list"),
+        # json reads Infinity, TOML inf: a grace or time-out that never ends is refused.
+        ({"kill_grace_s": float("inf")}, "kill_grace_s", "must be a finite number"),
+        ({"ollama": {"load_timeout_s": float("inf")}}, "ollama.load_timeout_s", "must be a finite number"),
         ({"ollama": {"idle_timeout_s": "slow"}}, "ollama.idle_timeout_s", "expected a number"),
         ({"token": None}, "token", "is required"),
         ({"queue_length": -1}, "queue_length", "zero or more"),
