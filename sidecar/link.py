@@ -287,7 +287,7 @@ class HubLink:
                     delay = cooldown
                     log.warning("hub_cooldown", retry_in_s=cooldown)
                 else:
-                    log.info("link_down", error=_describe(exc0))
+                    log.info("link_down", url=self.config.hub_url, error=_describe(exc0))
             finally:
                 # Not `self.identified` alone: `_drop_session()` (a failed send,
                 # force_reconnect) clears it first, and the owners of unacked
@@ -515,4 +515,10 @@ def _describe(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     if reason is not None and hasattr(reason, "code"):
         return f"closed code={reason.code} reason={getattr(reason, 'reason', '')!r}"
-    return f"{type(exc).__name__}: {exc}"[:300]
+    text = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    if not text and cause is not None:
+        # trio-websocket's HandshakeError says nothing itself: the cause is the news
+        # ("all attempts to connect to 127.0.0.1:9 failed", a refused upgrade).
+        text = f"{type(cause).__name__}: {cause}"
+    return f"{type(exc).__name__}: {text}"[:300]

@@ -67,6 +67,9 @@ async def test_reconnect_backoff_doubles_with_jitter_to_cap(
         base = min(1.0 * 2**i, 16.0)
         assert base / 2 <= delay <= base, (i, delay)
     assert len(set(delays[4:8])) > 1  # jitter: capped delays still differ
+    # Each failure says why and where, not only "HandshakeError: " (its text is empty).
+    down = logs.named("link_down")[0]
+    assert down["url"] == cfg.hub_url and f"connect to 127.0.0.1:{port} failed" in down["error"]
 
 
 async def test_cooldown_close_is_honoured(clock: trio.testing.MockClock, make_config: Any) -> None:
