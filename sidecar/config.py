@@ -188,7 +188,16 @@ class Config:
     )
     output_cap_bytes: int = setting(
         1024 * 1024,
-        doc="Output kept in a result (the tail); the task log keeps everything.",
+        doc="Output kept in a result (the tail); the task log keeps more (`task_log_max_bytes`).",
+        check=positive,
+    )
+    task_log_max_bytes: int = setting(
+        256 * 1024 * 1024,
+        doc=(
+            "Largest task log (`logs/<task_id>.log`); past it the log ends with a line saying so "
+            "and the task runs on. One task printing at full speed (~300 MB/s) must not fill "
+            "the state disk and stop the agent taking tasks."
+        ),
         check=positive,
     )
     max_frame_bytes: int = setting(

@@ -9,6 +9,7 @@ short; the task and its captured head and tail carry on.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -92,8 +93,10 @@ class OutputCapture:
     for its log's create.
     """
 
-    def __init__(self, cap_bytes: int, log_path: Path | None) -> None:
+    def __init__(self, cap_bytes: int, log_path: Path | None, log_max_bytes: int | None = None) -> None:
         self.cap_bytes = max(0, cap_bytes)
+        # The log file's bound (None: none): past it the log is cut short, saying so.
+        self.log_max_bytes = log_max_bytes
         self._head_cap = self.cap_bytes // 2
         self._tail_cap = self.cap_bytes - self._head_cap
         self._head = bytearray()
@@ -205,6 +208,10 @@ class OutputCapture:
         f = self._log
         if f is None:
             return
+        limit = self.log_max_bytes
+        full = limit is not None and self._logged + len(self._buf) > limit
+        if limit is not None and full:
+            del self._buf[max(0, limit - self._logged) :]
         view = memoryview(self._buf)
         try:
             while view:
@@ -219,6 +226,8 @@ class OutputCapture:
             return
         view.release()
         self._buf.clear()
+        if full:
+            self._cut_short(f, OSError(errno.EFBIG, f"the log reached task_log_max_bytes ({limit} bytes)"))
 
     def _cut_short(self, f: BinaryIO, exc: OSError) -> None:
         """Stop logging; end the log with a line saying so (best effort: the disk

@@ -7,7 +7,7 @@ import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import pytest
@@ -177,6 +177,26 @@ async def test_very_long_line_without_newline(executor: ShellExecutor) -> None:
     assert progress.texts("stdout")
     assert all(len(text) <= PROGRESS_TEXT_MAX + 40 for text in progress.texts("stdout"))
     assert executor.ctx.log_path("t1").stat().st_size > size
+
+
+async def test_a_task_log_stops_at_its_bound_and_says_so(make_config: Any, tmp_path: Path) -> None:
+    """One task printing at full speed must not fill the state disk: its log
+    stops at `task_log_max_bytes` with a line saying why, the task runs on to
+    its end, and its result still has the output's tail."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    bound = 256 * 1024
+    executor = ShellExecutor(
+        make_ctx(make_config(repo_dir=str(repo), output_cap_bytes=4096, task_log_max_bytes=bound))
+    )
+    outcome, _ = await run(executor, "head -c 3000000 /dev/zero | tr '\\0' x; echo; echo THE-END")
+    assert outcome.ok and outcome.output.endswith("THE-END\n")  # type: ignore[attr-defined]
+    log = executor.ctx.log_path("t1").read_bytes()
+    assert bound <= len(log) < bound + 200
+    assert log.endswith(
+        b"log cut short: the log reached task_log_max_bytes (262144 bytes);"
+        b" the rest of the output is not logged\n"
+    )
 
 
 # --------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class ShellExecutor:
         env = child_env(os.environ, marker, secrets=[cfg.token])
 
         with (
-            OutputCapture(cfg.output_cap_bytes, run.log_path) as out,
+            OutputCapture(cfg.output_cap_bytes, run.log_path, cfg.task_log_max_bytes) as out,
             OutputCapture(_STDERR_KEEP, None) as err,
         ):
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
