@@ -306,6 +306,7 @@ class Sidecar:
         # again for pipes a process that left the group still holds, then the sweep.
         with trio.move_on_after(2 * cfg.kill_grace_s + 5):
             await self.supervisor.shutdown()
+        self.supervisor.kill_strays_if_idle()
         with trio.move_on_after(cfg.shutdown_grace_s) as flush_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.batcher.flush, cfg.shutdown_grace_s)

@@ -38,6 +38,7 @@ from .proctree import (
     kill_group,
     kill_marked,
     kill_marked_any,
+    kill_strays,
     running_children,
     task_marker,
 )
@@ -466,6 +467,7 @@ __all__ = [
     "kill_group",
     "kill_marked",
     "kill_marked_any",
+    "kill_strays",
     "run_child",
     "sweep_marked",
     "task_marker",

@@ -296,6 +296,38 @@ def kill_marked_any(
     return len(signalled)
 
 
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def kill_strays() -> int:
+    """SIGKILL every live process below us that no `run_child` is waiting for; how many.
+
+    For a subreaper with no task running, each such process is a leftover of
+    some task that the marker cannot find: one that dropped its environment
+    (`env -i`, `sudo`, `su -`) and left its session (`setsid`), so that
+    neither the group kill nor the marker sweep reached it. Call it only when
+    no task runs: a task's own helper may look just the same while it does.
+    """
+    if not _subreaper:
+        return 0
+    killed = 0
+    for _ in range(5):  # a stray's children are re-parented to us when it dies
+        strays = [pid for pid in _descendants() if pid not in running_children and _alive(pid)]
+        if not strays:
+            break
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        reap_orphans()
+    reap_orphans()
+    return killed
+
+
 def reap_orphans() -> int:
     """Reap our dead children that `run_child` is not waiting for: orphans re-parented to us.
 

@@ -330,6 +330,15 @@ class Supervisor:
             killed = procs.kill_marked_any(due.values()) if due else 0
             if killed:
                 log.warning("late_leftovers_killed", task_ids=sorted(due), killed=killed)
+            self.kill_strays_if_idle()
+
+    def kill_strays_if_idle(self) -> None:
+        """With no task held, whatever still runs below us is a task's leftover that
+        shed its marker (`procs.kill_strays`): killed."""
+        if not self.held:
+            strays = procs.kill_strays()
+            if strays:
+                log.warning("unmarked_leftovers_killed", killed=strays, why="no task runs; below the sidecar")
 
     @staticmethod
     def _log_stale_dropped(task_id: str, generation: int, dropped: int) -> None:

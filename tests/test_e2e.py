@@ -234,6 +234,25 @@ async def test_kill9_and_restart_recovers_task_and_kills_orphans(
     no_violations(hub)
 
 
+async def test_a_leftover_that_shed_its_marker_and_session_is_killed_once_idle(
+    tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    """A task's process that clears its environment (`env -i`, as `sudo` and
+    `su -` do) and leaves the group (`setsid`) escapes both the group kill and
+    the marker sweep. It is re-parented to the sidecar (a subreaper), and with
+    no task running anything below the sidecar is a task's leftover: killed."""
+    pidfile = tmp_path / "stray.pid"
+    script = f"echo $$ > {pidfile}; exec sleep 300"
+    command = f"(env -i setsid sh -c '{script}' >/dev/null 2>&1 &); sleep 0.5; echo spawned"
+    await sidecar.start()
+    tid = hub.submit(metadata={"shell_command": command}, routing_decision=SHELL)
+    await hub.wait_until(lambda: hub.task(tid).status == "completed", timeout=30)
+    [pid] = read_pids(pidfile)
+    await _wait_for(lambda: not alive(pid), timeout=10)
+    assert sidecar.events("unmarked_leftovers_killed")
+    assert await sidecar.stop(signal.SIGTERM, timeout=20) == 0
+
+
 async def test_sigterm_shutdown_cancels_tasks_reports_and_exits_zero(
     tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
 ) -> None:
