@@ -270,28 +270,28 @@ class Outbox:
             return True
         return frame.error == "validation_failed" and frame.message_type in _RESULT_TYPES
 
-    async def adopt_generation(self, task_id: str, generation: int) -> int:
+    async def adopt_generation(self, task_id: str, generation: int) -> bool:
         """A late `task_continue` for an ended task: its unanswered results now carry
         `generation` (a hub that checks generations would refuse the old one as
-        stale); one in flight goes again at once. How many results there were."""
-        count = await self.store.adopt_generation(task_id, generation)
+        stale); one in flight goes again at once. Whether it had any."""
+        stored = await self.store.adopt_generation(task_id, generation)
 
         def adopted(item: OutboxItem) -> OutboxItem:
             if item.task_id != task_id or item.generation >= generation:
                 return item
             return attrs.evolve(item, generation=generation, frame={**item.frame, "generation": generation})
 
-        relabelled = sum(1 for item in self.unstored if adopted(item) is not item)
+        in_memory = any(adopted(item) is not item for item in self.unstored)
         self.unstored = [adopted(item) for item in self.unstored]
         item = self._inflight
-        if item is not None and not self._answered and adopted(item) is not item:
+        in_flight = item is not None and not self._answered and adopted(item) is not item
+        if item is not None and in_flight:
             self._inflight = adopted(item)
             # The copies under the old generation get their own answers (stale refusals).
             self._stray_answers += self._copies
             self._copies = 0
             self._hear(answered=False)
-            count = max(count, 1)
-        return count + relabelled
+        return bool(stored) or in_memory or in_flight
 
     def drop(self, task_id: str) -> None:
         """The hub took the task back (`task_reassign`): stop delivering its result.
