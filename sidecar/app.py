@@ -306,13 +306,14 @@ class Sidecar:
         # again for pipes a process that left the group still holds, then the sweep.
         with trio.move_on_after(2 * cfg.kill_grace_s + 5):
             await self.supervisor.shutdown()
-        self.supervisor.kill_strays_if_idle()
         with trio.move_on_after(cfg.shutdown_grace_s) as flush_scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.batcher.flush, cfg.shutdown_grace_s)
                 # A teardown still going on stores its task's failure later: waited for too.
                 await self.supervisor.wait_idle()
                 await self.outbox.wait_empty()
+        # Once every teardown is over (those the flush waited for too), not before.
+        self.supervisor.kill_strays_if_idle()
         log.info(
             "shutdown_done",
             results_pending=self.outbox.pending_count(),

@@ -236,7 +236,7 @@ class Outbox:
             return  # a ping, an identify or a listing was dropped, never a result
         if isinstance(frame, TaskAck) and frame.status not in _RESULT_ACKS:
             return
-        if isinstance(frame, HubError) and not Outbox._is_refusal(frame):
+        if isinstance(frame, HubError) and not self._is_refusal(frame):
             return
         if self._answers_a_copy(frame):
             return

@@ -17,6 +17,7 @@ start-up sweep after a crash, whose leftovers went to init) scans all of /proc.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -90,6 +91,10 @@ def _read_proc(pid: int, name: str) -> bytes | None:
         os.close(fd)
 
 
+# A zombie (exited, not reaped) or a dead process: gone for every purpose but the reap.
+_DEAD_STATES = ("Z", "X")
+
+
 def _stat_fields(pid: int) -> tuple[str, int] | None:
     """(state, pgrp) of a process, from /proc/<pid>/stat."""
     raw = _read_proc(pid, "stat")
@@ -107,7 +112,7 @@ def group_members(pgid: int) -> list[int]:
     out = []
     for pid in _proc_pids():
         fields = _stat_fields(pid)
-        if fields is not None and fields[1] == pgid and fields[0] not in ("Z", "X"):
+        if fields is not None and fields[1] == pgid and fields[0] not in _DEAD_STATES:
             out.append(pid)
     return out
 
@@ -298,7 +303,7 @@ def kill_marked_any(
 
 def _alive(pid: int) -> bool:
     fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
+    return fields is not None and fields[0] not in _DEAD_STATES
 
 
 def kill_strays() -> int:
@@ -312,20 +317,18 @@ def kill_strays() -> int:
     """
     if not _subreaper:
         return 0
-    killed = 0
+    signalled: set[int] = set()
     for _ in range(5):  # a stray's children are re-parented to us when it dies
-        strays = [pid for pid in _descendants() if pid not in running_children and _alive(pid)]
+        ours = running_children | signalled  # waited for by run_child, or killed already
+        strays = [pid for pid in _descendants() if pid not in ours and _alive(pid)]
         if not strays:
             break
         for pid in strays:
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
-        reap_orphans()
+                signalled.add(pid)
     reap_orphans()
-    return killed
+    return len(signalled)
 
 
 def reap_orphans() -> int:
@@ -341,7 +344,7 @@ def reap_orphans() -> int:
         if child in running_children:
             continue
         fields = _stat_fields(child)
-        if fields is None or fields[0] not in ("Z", "X"):
+        if fields is None or fields[0] not in _DEAD_STATES:
             continue
         try:
             pid, _status = os.waitpid(child, os.WNOHANG)
