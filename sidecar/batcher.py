@@ -7,8 +7,9 @@ frames: every `window_s` (100 ms) at most one frame per task, tasks served
 least recently served first, each frame one `execution_event` with `seq`
 rising by exactly one per task, plus `dropped_events`/`dropped_bytes` [ours]
 when something was lost since the task's previous frame. A running task
-silent for `keepalive_s` gets a `status` frame "still running (N s)", since
-the hub reclaims a task without progress.
+silent for `keepalive_s` gets a `status` frame "still running (N s)", and a
+task queued for a free slot "queued (N s)", since the hub reclaims a task
+without progress.
 
 When frames go is the rate budget's word (`budget.RateBudget`, the model of
 the hub's normal bucket that results share): progress may spend every token
@@ -123,11 +124,23 @@ class Batcher:
 
     # -- executor-facing lifecycle ----------------------------------------------
 
+    def task_queued(self, task_id: str) -> None:
+        """An accepted task waits for a free slot: keep it alive too, "queued (N s)".
+
+        The hub reclaims a task that shows no progress for 10 minutes, and a
+        task queued behind a long one shows none of its own until it starts.
+        """
+        self._keep_alive(task_id, queued=True)
+
     def task_started(self, task_id: str) -> None:
         """A task began running: keep it alive with status frames while silent."""
+        self._keep_alive(task_id, queued=False)
+
+    def _keep_alive(self, task_id: str, *, queued: bool) -> None:
         now = trio.current_time()
         st = self._tasks.get(task_id) or self._p.new_state(task_id, now)
         st.running = True
+        st.queued = queued
         st.started_at = now
         st.last_sent = now
         st.expire_at = math.inf

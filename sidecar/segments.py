@@ -182,6 +182,7 @@ class TaskState:
         "last_sent",
         "live",
         "nbytes",
+        "queued",
         "running",
         "segments",
         "seq",
@@ -201,7 +202,8 @@ class TaskState:
         self.dropped_bytes = 0
         self.total_dropped_events = 0
         self.total_dropped_bytes = 0
-        self.running = False
+        self.running = False  # kept alive while silent: running, or queued for a slot
+        self.queued = False
         self.flushing = False  # its result waits for this progress: send it all now
         self.started_at = now
         self.last_sent = now
@@ -404,7 +406,7 @@ def next_frame(st: TaskState, seg: Segment | None, now: float) -> dict[str, Any]
     else:
         event = {
             "event_type": "status",
-            "text": f"still running ({int(now - st.started_at)} s)",
+            "text": f"{'queued' if st.queued else 'still running'} ({int(now - st.started_at)} s)",
             "tokens_so_far": None,
             "model": None,
             "timestamp": now_ms(),

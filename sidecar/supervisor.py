@@ -58,6 +58,7 @@ DispatchFn = Callable[[TaskRun], Awaitable[DispatchResult]]
 class BatcherHooks(Protocol):
     """What the supervisor needs of the batcher (kept small for tests)."""
 
+    def task_queued(self, task_id: str) -> None: ...
     def task_started(self, task_id: str) -> None: ...
     def task_finished(self, task_id: str) -> None: ...
     def forget(self, task_id: str) -> None: ...
@@ -473,6 +474,8 @@ class Supervisor:
                 if held.awaiting_recovery:
                     await held.recover_answered.wait()
                 await held.accept_sent.wait()  # at once unless a fresh accept is being sent
+                if self._slots.value == 0:
+                    self.batcher.task_queued(tid)
                 async with self._slots:
                     held.started = True
                     started_at = trio.current_time()
@@ -535,8 +538,7 @@ class Supervisor:
         )
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.accepts.forget(tid)
-        if held.started:
-            self.batcher.task_finished(tid)
+        self.batcher.task_finished(tid)  # a no-op for a task never started nor queued
         if frame is None:
             self.batcher.forget(tid)
         self.held.pop(tid, None)

@@ -235,6 +235,39 @@ async def test_keepalive_for_a_silent_task(autojump_clock: trio.abc.Clock) -> No
     assert b.tracked_tasks() == []
 
 
+async def test_keepalive_for_a_queued_task_then_for_its_run(autojump_clock: trio.abc.Clock) -> None:
+    """A task waiting for a slot is kept alive as well ("queued"), and its seq
+    carries on once it starts, with the clock of its run starting again."""
+    b = Batcher(keepalive_s=120.0)
+    sink = RecordingSink()
+    async with running(b, sink):
+        b.task_queued("Q")
+        await trio.sleep(250)
+        assert [e["text"] for e in sink.of("Q")] == ["queued (120 s)", "queued (240 s)"]
+        b.task_started("Q")
+        await trio.sleep(121)
+        b.task_finished("Q")
+        await trio.sleep(600)
+    events = sink.of("Q")
+    assert [e["text"] for e in events] == ["queued (120 s)", "queued (240 s)", "still running (120 s)"]
+    assert [e["seq"] for e in events] == [1, 2, 3]
+    assert b.tracked_tasks() == []
+
+
+async def test_a_queued_task_that_ends_unstarted_is_no_longer_kept_alive(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    b = Batcher(keepalive_s=120.0)
+    sink = RecordingSink()
+    async with running(b, sink):
+        b.task_queued("C")
+        await trio.sleep(121)
+        b.task_finished("C")  # cancelled while it waited
+        await trio.sleep(600)
+    assert [e["text"] for e in sink.of("C")] == ["queued (120 s)"]
+    assert b.tracked_tasks() == []
+
+
 class _StepCounter(trio.abc.Instrument):
     def __init__(self, fragment: str) -> None:
         self.fragment = fragment

@@ -10,6 +10,7 @@ virtual time. Found by probing `sidecar run` from outside with such a hub.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -284,3 +285,45 @@ async def test_a_graceful_stop_reports_a_task_whose_teardown_takes_both_graces(
         [failed] = hub.of("task_failed", "S")
     assert failed["reason"] == "sidecar_shutdown"
     assert took >= 2 * 5  # both graces: the case the old bound cut short
+
+
+async def test_a_task_queued_behind_a_long_one_is_kept_alive_until_it_runs(
+    clock: trio.testing.MockClock, make_config: Any, tmp_path: Path
+) -> None:
+    """With `queue_length`, a task accepted while the slot is taken waits for it.
+    The hub takes back a task that shows no progress for 10 minutes, so the
+    queued one gets keep-alives of its own ("queued (N s)") while it waits, as
+    the running one does. It had none: behind a 12-minute task it was reclaimed."""
+    go = tmp_path / "go"
+    async with open_scripted_hub() as hub:
+        seen: list[tuple[float, Frame]] = []
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            seen.append((trio.current_time(), frame))
+            return None
+
+        hub.answer = answer
+        async with open_sidecar(config_for(make_config, hub, capacity=1, queue_length=1)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(waiting_assign("A", go))
+            await hub.wait_for(lambda: hub.of("task_accepted", "A"))
+            await hub.send(shell_assign("B", "echo B ran", 1))
+            await hub.wait_for(lambda: hub.of("task_accepted", "B"))
+            await trio.sleep(720)
+            go.touch()
+            await hub.wait_for(lambda: hub.of("task_complete", "A") and hub.of("task_complete", "B"))
+            await trio.sleep(600)
+        [done] = hub.of("task_complete", "B")
+    assert done["result"]["output"] == "B ran\n"
+
+    mine = [(t, f) for t, f in seen if f.get("task_id") == "B"]
+    [accepted_at] = [t for t, f in mine if f["type"] == "task_accepted"]
+    kept = [(t, f["execution_event"]) for t, f in mine if f["type"] == "task_progress"]
+    queued = [(t, e) for t, e in kept if e["text"].startswith("queued")]
+    assert len(queued) >= 5, kept
+    assert all(e["event_type"] == "status" for _, e in queued)
+    stamps = [accepted_at] + [t for t, _ in queued]
+    assert max(b - a for a, b in itertools.pairwise(stamps)) < 130
+    assert [e["seq"] for _, e in kept] == list(range(1, len(kept) + 1))
+    order = [(f["type"], f.get("execution_event", {}).get("text")) for _, f in mine]
+    assert order[-2:] == [("task_progress", "B ran\n"), ("task_complete", None)]  # nothing once it ended
