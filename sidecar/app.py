@@ -320,7 +320,7 @@ class Sidecar:
             tasks_not_ended=len(self.supervisor.held),
             flush_timed_out=flush_scope.cancelled_caught,
         )
-        self.link.close()
+        await self.link.aclose()
         self.stopped.set()
 
 

@@ -43,6 +43,9 @@ HEAVY_TIER = frozenset({"identify"})
 # wsproto's LocalProtocolError instead of ConnectionClosed.
 # How long past `connect_timeout_s` an opening may take before we abandon it.
 _OPEN_MARGIN_S = 1.0
+# How long a graceful stop waits for the session's closing handshake (`aclose`);
+# the close itself is bounded by 2 s within it.
+_CLOSE_WAIT_S = 3.0
 
 _LINK_ERRORS = (
     trio_websocket.ConnectionClosed,
@@ -258,6 +261,18 @@ class HubLink:
         self._closing = True
         self._drop_session()
 
+    async def aclose(self) -> None:
+        """`close()`, then wait (at most `_CLOSE_WAIT_S`) until the session is closed.
+
+        So the hub sees our close frame (1001, going away) at a graceful stop: the
+        daemon's nursery is cancelled next, and a session cancelled from outside
+        is dropped without one (1006), which reads like a crash.
+        """
+        self.close()
+        with trio.move_on_after(_CLOSE_WAIT_S):
+            while self._ws is not None:
+                await self._state_changed.wait()
+
     def force_reconnect(self) -> None:
         self._drop_session()
 
@@ -369,7 +384,7 @@ class HubLink:
             self._session_scope = None
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
-                    await ws.aclose()
+                    await ws.aclose(*((1001, "sidecar stopping") if self._closing else (1000, None)))
                 except _LINK_ERRORS:
                     pass
         # A cooldown close of the identified session: the next attempt waits it

@@ -47,6 +47,8 @@ class ScriptedHub:
     # Returns the answers to a frame, or None for the default ones.
     answer: Callable[[Frame], list[Frame] | None] = lambda frame: None
     sessions: int = 0
+    # How each session ended, as trio-websocket saw it (code 1006: no close frame came).
+    closes: list[trio_websocket.CloseReason] = attrs.field(factory=list)
     _ws: trio_websocket.WebSocketConnection | None = None
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -80,8 +82,9 @@ class ScriptedHub:
                 replies = self.answer(frame)
                 for reply in default_answer(frame) if replies is None else replies:
                     await ws.send_message(json.dumps(reply))
-        except trio_websocket.ConnectionClosed:
-            pass
+        except trio_websocket.ConnectionClosed as exc:
+            if exc.reason is not None:
+                self.closes.append(exc.reason)
         finally:
             if self._ws is ws:
                 self._ws = None

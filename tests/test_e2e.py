@@ -21,7 +21,8 @@ import trio
 
 from sidecar.devhub import DevHub, open_dev_hub
 
-from .harness import AGENT, TOKEN, SidecarProcess, alive, read_pids
+from .harness import AGENT, TOKEN, SidecarProcess, alive, read_pids, shell_assign
+from .scripted_hub import open_scripted_hub
 
 SHELL = {"target_type": "sidecar"}
 
@@ -265,6 +266,31 @@ async def test_sigterm_shutdown_cancels_tasks_reports_and_exits_zero(
     assert "retried" in hub.task(tid).ack_statuses
     assert not psutil.pid_exists(sidecar.pid) or not alive(sidecar.pid)
     no_violations(hub)
+
+
+async def test_sigterm_closes_the_hub_session_with_going_away(tmp_path: Path) -> None:
+    """The hub sees our close frame (1001) when `sidecar run` stops on SIGTERM,
+    after the task's failure: not a dropped socket (1006), which reads like a
+    crash. A trio-websocket hub, since hypercorn (the dev hub's server) reports
+    every close its client starts as 1006."""
+    async with open_scripted_hub() as hub:
+        sc = SidecarProcess(tmp_path / "sc", f"ws://127.0.0.1:{hub.port}/ws")
+        await sc.start()
+        try:
+            with trio.fail_after(30):
+                await hub.wait_for(lambda: hub.of("identify"))
+                await hub.send(shell_assign("T", "exec sleep 60", 1))
+                await hub.wait_for(lambda: hub.of("task_accepted", "T"))
+            assert await sc.stop(signal.SIGTERM, timeout=20) == 0
+            with trio.fail_after(10):
+                await hub.wait_for(lambda: hub.closes)
+        finally:
+            if sc.proc is not None and sc.proc.returncode is None:
+                await sc.kill9()
+    [failed] = hub.of("task_failed", "T")
+    assert failed["reason"] == "sidecar_shutdown"
+    [closed] = hub.closes
+    assert (closed.code, closed.reason) == (1001, "sidecar stopping")
 
 
 async def test_sighup_is_a_graceful_stop(tmp_path: Path, hub: DevHub, sidecar: SidecarProcess) -> None:

@@ -327,3 +327,19 @@ async def test_a_task_queued_behind_a_long_one_is_kept_alive_until_it_runs(
     assert [e["seq"] for _, e in kept] == list(range(1, len(kept) + 1))
     order = [(f["type"], f.get("execution_event", {}).get("text")) for _, f in mine]
     assert order[-2:] == [("task_progress", "B ran\n"), ("task_complete", None)]  # nothing once it ended
+
+
+async def test_a_graceful_stop_closes_the_session_with_going_away(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """The hub sees a close frame, 1001, when the sidecar stops: not a dropped
+    socket (1006), which reads like a crash. The link's session used to be
+    cancelled with the daemon's nursery before its close handshake ran."""
+    async with open_scripted_hub() as hub:
+        async with open_sidecar(config_for(make_config, hub)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(shell_assign("T", "echo hi", 1))
+            await hub.wait_for(lambda: hub.of("task_complete", "T"))
+        await hub.wait_for(lambda: hub.closes)
+    [closed] = hub.closes
+    assert (closed.code, closed.reason) == (1001, "sidecar stopping")
