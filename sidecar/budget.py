@@ -16,7 +16,10 @@ sidecar models that bucket and spends it itself:
   other tasks spend everything the refill brings;
 - `rate_limited` empties the model and pauses every normal-tier frame until
   `retry_after`, capped at `max_pause_s` (a hub number is not trusted to stop
-  us for longer: the hub reclaims tasks whose accept is 60 s late);
+  us for longer: the hub reclaims tasks whose accept is 60 s late). The hub
+  computes `retry_after` as the time its bucket takes to hold a token again,
+  so one lifecycle frame (the dropped one, resent) may go at its end, whatever
+  the emptied and penalised model says; the frames after it follow the model;
 - `rate_limit_warning` carries the hub's own count: the model takes it when it
   is lower. When the model was wrong (a warning far below it, or a refusal),
   something we do not see spends the bucket too, so the refill we assume is
@@ -41,6 +44,9 @@ if TYPE_CHECKING:
 MIN_FACTOR = 1 / 8  # lowest refill factor after repeated evidence of drift
 _DRIFT = 2.0  # a warning this many tokens below the model means it was wrong
 _EPS = 1e-9
+# The earliest a lifecycle frame goes again after a refusal, however short the
+# pause the hub asked for (the real hub asks in whole seconds).
+MIN_RESEND_S = 0.5
 # What one frame may cost the hub: it counts in thousandths of a token and
 # truncates its refill at every check, so a frame can take up to 1.001 tokens.
 FRAME_COST = 1.001
@@ -90,6 +96,9 @@ class RateBudget:
         self._at: float | None = None  # None: created full on first use, like the hub's
         self._factor = 1.0
         self._penalty_until = -math.inf
+        # After a refusal with the hub's own `retry_after`: when one lifecycle
+        # frame may go, the model notwithstanding (None: no such frame is owed).
+        self._resend_at: float | None = None
         # The optional progress cap: a second bucket, `progress_per_min` full.
         self._ptokens = float(progress_per_min or 0)
 
@@ -128,6 +137,8 @@ class RateBudget:
 
     def lifecycle_at(self, now: float) -> float:
         """The earliest time a lifecycle frame may be sent (`now` if it may go now)."""
+        if self._resend_at is not None:
+            return max(now, self.paused_until, self._resend_at)
         return max(now, self.paused_until, self._time_for(now, FRAME_COST))
 
     def progress_level(self, held: int, flush: bool = False) -> float:
@@ -152,6 +163,7 @@ class RateBudget:
         self._advance(now)
         self.stats.lifecycle_frames += 1
         self._tokens = max(0.0, self._tokens - FRAME_COST)
+        self._resend_at = None
 
     def spend_progress(self, now: float) -> None:
         """A `task_progress` frame was written to the socket."""
@@ -175,6 +187,7 @@ class RateBudget:
         """The hub dropped a frame: empty the model, pause; returns the pause applied (s)."""
         self._advance(now)
         self.stats.rate_limited += 1
+        self._resend_at = None
         if retry_after_s is None or not math.isfinite(retry_after_s) or retry_after_s < 0:
             self.stats.capped_pauses += 1
             pause = 1.0
@@ -183,6 +196,7 @@ class RateBudget:
             pause = self.max_pause_s
         else:
             pause = retry_after_s
+            self._resend_at = now + max(pause, MIN_RESEND_S)
         self._tokens = 0.0
         self.limited_at = now
         self.paused_until = max(self.paused_until, now + pause)

@@ -66,10 +66,37 @@ def test_rate_limited_empties_the_model_and_halves_the_refill_for_a_while() -> N
     b.on_rate_limited(0.0, 1.0)
     assert b.tokens(0.0) == 0
     assert b.factor(0.0) == 0.5
-    assert b.lifecycle_at(0.0) == pytest.approx(max(1.0, FRAME_COST / 0.5))
-    assert b.tokens(60.0) == pytest.approx(30.0)  # half the refill during the penalty
+    assert b.lifecycle_at(0.0) == 1.0  # the dropped frame again, when the hub said
+    b.spend_lifecycle(1.0)
+    assert b.lifecycle_at(1.0) == pytest.approx(1.0 + FRAME_COST / 0.5)  # the next by the model
+    assert b.tokens(60.0) == pytest.approx(29.5)  # half the refill during the penalty
     assert b.factor(60.0) == 1.0
-    assert b.tokens(70.0) == pytest.approx(40.0)
+    assert b.tokens(70.0) == pytest.approx(39.5)
+
+
+@pytest.mark.parametrize("refusals", [1, 3])
+def test_the_dropped_frame_goes_again_when_the_hub_said_and_the_hub_takes_it(refusals: int) -> None:
+    """Something we do not see drained the hub's bucket: each frame we send is
+    refused with the hub's `retry_after`. The resend goes at that time, not at
+    the emptied and penalised model's (8 s after a third 1 s refusal), and the
+    hub takes it; the next frame waits for the model again."""
+    b = RateBudget(capacity=60, refill_per_s=1.0, reserve=12)
+    hub = RateLimiter(RateLimits(normal=TierLimit(60, 60)))
+    t = 0.0
+    for _ in range(60):
+        assert not isinstance(hub.check("a", "normal", t), Deny)  # the unseen spender
+    for i in range(refusals):
+        if i:  # and it takes the token the hub refilled, just before our resend
+            assert not isinstance(hub.check("a", "normal", t), Deny)
+        verdict = hub.check("a", "normal", t)
+        assert isinstance(verdict, Deny)
+        b.on_rate_limited(t, verdict.retry_after_ms / 1000)
+        t = b.lifecycle_at(t)
+    assert t == pytest.approx(refusals * 1.0)
+    assert isinstance(hub.check("a", "normal", t), (Allow, Warn))
+    b.spend_lifecycle(t)
+    assert b.lifecycle_at(t) == pytest.approx(t + FRAME_COST / b.factor(t))
+    assert not b.progress_ready(t, 0)
 
 
 def test_repeated_refusals_lower_the_factor_to_a_floor() -> None:

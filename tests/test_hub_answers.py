@@ -343,3 +343,27 @@ async def test_a_graceful_stop_closes_the_session_with_going_away(
         await hub.wait_for(lambda: hub.closes)
     [closed] = hub.closes
     assert (closed.code, closed.reason) == (1001, "sidecar stopping")
+
+
+async def test_a_result_dropped_again_and_again_is_resent_when_the_hub_says(
+    clock: trio.testing.MockClock, make_config: Any
+) -> None:
+    """Each `rate_limited` says when the hub's bucket holds a token again: the
+    dropped result goes again then, each time. The emptied and penalised model
+    alone had waited 2, 4, then 8 s where the hub asked for 0.5 s."""
+    async with open_scripted_hub() as hub:
+        sent: list[float] = []
+
+        def answer(frame: Frame) -> list[Frame] | None:
+            if frame["type"] != "task_complete":
+                return None
+            sent.append(trio.current_time())
+            return [rate_limited(500)] if len(sent) <= 3 else None
+
+        hub.answer = answer
+        async with open_sidecar(config_for(make_config, hub)):
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(shell_assign("T", "echo hi", 1))
+            await hub.wait_for(lambda: len(sent) == 4)
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(sent)]
+    assert all(0.5 <= gap <= 0.6 for gap in gaps), gaps
