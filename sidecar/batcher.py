@@ -217,11 +217,13 @@ class Batcher:
             return True
         st.flushing = True
         self._wakeup.set()
+        # One window from now for all of its frames, not one window for each.
+        by = trio.current_time() + self.window_s
         try:
             with trio.move_on_after(deadline_s):
                 while self.task_pending(task_id):
                     self._tasks.move_to_end(task_id, last=False)
-                    reason = self._blocked(trio.current_time()) if st.segments else None
+                    reason = self._blocked(trio.current_time(), by) if st.segments else None
                     if reason is not None:
                         self._after_result(st, reason)
                         return False
@@ -233,15 +235,15 @@ class Batcher:
         finally:
             st.flushing = False
 
-    def _blocked(self, now: float) -> str | None:
-        """Why no progress frame can go within one window, or None."""
+    def _blocked(self, now: float, by: float) -> str | None:
+        """Why no progress frame can go by `by`, or None."""
         if self._sink is not None and not self._sink.can_send():
             return "link down"
-        if self.budget.paused_until > now + self.window_s:
+        if self.budget.paused_until > by:
             return "hub pause"
-        if self._retry_at > now + self.window_s:
+        if self._retry_at > by:
             return "send failed"
-        if self.budget.progress_at(now, self._held(), flush=True) > now + self.window_s:
+        if self.budget.progress_at(now, self._held(), flush=True) > by:
             return "budget"
         return None
 
@@ -337,6 +339,15 @@ class Batcher:
             if due <= now and sink_ok and now >= max(ready_at, budget_at):
                 await self._send_window(sink, now)
                 continue
+            # A result waits for these: they go when the budget allows, not at the
+            # next window (the window paces a task's frames, a flush sends them all).
+            flushing = any(st.flushing and st.segments and st.inflight is None for st in self._tasks.values())
+            if flushing:
+                early_at = max(self._retry_at, budget_at)
+                if sink_ok and now >= early_at:
+                    await self._send_window(sink, now, flushing_only=True)
+                    continue
+                ready_at = min(ready_at, early_at)
             wake = self._p.next_expiry()
             if due < math.inf:
                 if not sink_ok:
@@ -367,12 +378,15 @@ class Batcher:
 
         return sorted(self._tasks, key=lambda tid: rank(self._tasks[tid]))  # stable: LRU within a rank
 
-    async def _send_window(self, sink: ProgressSink, now: float) -> None:
-        self._last_window = now
+    async def _send_window(self, sink: ProgressSink, now: float, *, flushing_only: bool = False) -> None:
+        if not flushing_only:
+            self._last_window = now
         for task_id in self._order(now):
             st = self._tasks.get(task_id)
             if st is None or st.inflight is not None:
                 continue
+            if flushing_only and not st.flushing:
+                return  # they come first (`_order`): none after this one is
             if not st.segments and not self._keepalive_due(st, now):
                 continue
             held = self._held()
