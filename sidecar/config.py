@@ -244,7 +244,8 @@ class Config:
     keepalive_s: float = setting(
         120.0,
         doc=(
-            "A silent running task gets a `status` progress frame this often (hub stuck detection is 10 min)."
+            "A silent running task, and one queued for a slot, gets a `status` progress frame this often "
+            "(hub stuck detection is 10 min)."
         ),
         check=positive,
     )
