@@ -503,6 +503,11 @@ class Store:
     async def get_task(self, task_id: str) -> StoredTask | None:
         if not is_unicode(task_id):
             return None  # never stored (`_storable`)
+        if task_id not in self._task_ids:
+            # Never stored here: no read, so no wait behind a stalled disk (a busy
+            # refusal in the frame handler must not hold up pongs) and no thread hop.
+            await trio.lowlevel.checkpoint()
+            return None
         await self.sync()
 
         def _get(db: sqlite3.Connection) -> StoredTask | None:

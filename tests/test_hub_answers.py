@@ -11,6 +11,7 @@ virtual time. Found by probing `sidecar run` from outside with such a hub.
 from __future__ import annotations
 
 import itertools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -367,3 +368,42 @@ async def test_a_result_dropped_again_and_again_is_resent_when_the_hub_says(
             await hub.wait_for(lambda: len(sent) == 4)
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(sent)]
     assert all(0.5 <= gap <= 0.6 for gap in gaps), gaps
+
+
+async def test_a_busy_refusal_while_the_state_disk_stalls_does_not_hold_up_the_link(
+    clock: trio.testing.MockClock, make_config: Any, tmp_path: Path
+) -> None:
+    """A task refused as busy while the store's thread is stuck (a frozen or
+    dying state disk) is refused at once, and the link goes on reading: the
+    refusal asked the store whether the task had finished here, and waited
+    behind the disk, so pongs went unread and the link dropped as dead."""
+    go = tmp_path / "go"
+    stalled = threading.Event()
+    release = threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        release.wait(60)
+
+    async with open_scripted_hub() as hub:
+        config = config_for(make_config, hub, ping_interval_s=2.0, pong_timeout_s=1.0)
+        async with open_sidecar(config) as sidecar, trio.open_nursery() as nursery:
+            await hub.wait_for(lambda: hub.of("identify"))
+            await hub.send(waiting_assign("A", go))
+            await hub.wait_for(lambda: hub.of("task_accepted", "A"))
+            nursery.start_soon(sidecar.store.run_blocking, stall)
+            try:
+                await trio.to_thread.run_sync(stalled.wait)
+                await hub.send(shell_assign("B", "echo never", 1))
+                await hub.wait_for(lambda: hub.of("task_failed", "B"), timeout=5)
+                pings = len(hub.of("ping"))
+                await trio.sleep(10)
+                assert len(hub.of("ping")) >= pings + 4
+                assert hub.sessions == 1
+            finally:
+                release.set()
+            go.touch()
+            await hub.wait_for(lambda: hub.of("task_complete", "A"))
+    [refused] = hub.of("task_failed", "B")
+    assert refused["reason"] == "sidecar_busy"
+    assert hub.sessions == 1
