@@ -268,6 +268,25 @@ async def test_sigterm_shutdown_cancels_tasks_reports_and_exits_zero(
     no_violations(hub)
 
 
+async def test_a_leftover_that_shed_its_marker_and_session_dies_with_a_graceful_stop(
+    tmp_path: Path, hub: DevHub, sidecar: SidecarProcess
+) -> None:
+    """The same escapee, from a task still running when SIGTERM comes: the stop
+    kills the task, then, once no task is held, what is left below the sidecar.
+    Nothing the sidecar started outlives it."""
+    pidfile = tmp_path / "stray.pid"
+    script = f"echo $$ > {pidfile}; exec sleep 300"
+    command = f"(env -i setsid sh -c '{script}' >/dev/null 2>&1 &); exec sleep 300"
+    await sidecar.start()
+    tid = hub.submit(metadata={"shell_command": command}, routing_decision=SHELL)
+    await _wait_for(lambda: hub.task(tid).status == "accepted" and read_pids(pidfile), timeout=30)
+    [pid] = read_pids(pidfile)
+    assert alive(pid)
+    assert await sidecar.stop(signal.SIGTERM, timeout=20) == 0
+    assert not alive(pid)
+    assert sidecar.events("unmarked_leftovers_killed")
+
+
 async def test_sigterm_closes_the_hub_session_with_going_away(tmp_path: Path) -> None:
     """The hub sees our close frame (1001) when `sidecar run` stops on SIGTERM,
     after the task's failure: not a dropped socket (1006), which reads like a
