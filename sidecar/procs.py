@@ -31,6 +31,7 @@ from .pipes import LineCallback, PipeReader, salvage
 from .proctree import (
     MARKER_VAR,
     agent_marker_prefix,
+    alive,
     become_subreaper,
     find_marked,
     group_alive,
@@ -40,6 +41,7 @@ from .proctree import (
     kill_marked_any,
     kill_strays,
     running_children,
+    signal_marked,
     task_marker,
 )
 
@@ -136,9 +138,9 @@ def describe_returncode(returncode: int) -> str:
 # Running a child
 
 
-def _sweep(marker: str | None) -> int:
-    """SIGKILL every marked process; return how many were signalled."""
-    return kill_marked(marker, signal.SIGKILL) if marker is not None else 0
+def _sweep(marker: str | None) -> set[int]:
+    """SIGKILL every marked process; return the pids signalled."""
+    return signal_marked((marker,), signal.SIGKILL) if marker is not None else set()
 
 
 async def _final_cleanup(pgid: int | None, marker: str | None) -> int:
@@ -150,16 +152,26 @@ async def _final_cleanup(pgid: int | None, marker: str | None) -> int:
     killpg(0) and, with a marker, one scan.
     """
     in_group = len(group_members(pgid)) if pgid is not None and group_alive(pgid) else 0
-    strays = in_group + _sweep(marker)
+    killed = _sweep(marker)
+    strays = in_group + len(killed)
     if not strays:
         return 0  # no cancel scope either: this runs at the end of every task
+
+    def left() -> bool:
+        # A killed process drops its marker (its memory) before it is dead: wait for both.
+        if pgid is not None and group_alive(pgid):
+            return True
+        if marker is not None and find_marked(marker):
+            return True
+        return any(alive(pid) for pid in killed)
+
     # One scope, shielded from outer cancellation, with its own deadline.
     with trio.CancelScope(shield=True, deadline=trio.current_time() + _REAP_WAIT_S) as scope:
         delay = 0.001
-        while (pgid is not None and group_alive(pgid)) or (marker is not None and find_marked(marker)):
+        while left():
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
-            _sweep(marker)
+            killed |= _sweep(marker)
     if scope.cancelled_caught:
         log.warning("child_leftovers_alive", pgid=pgid, marker=marker)
     return strays

@@ -279,10 +279,17 @@ def kill_marked_any(
     markers: Iterable[str], sig: int = signal.SIGKILL, *, prefix: bool = False, everywhere: bool = False
 ) -> int:
     """`kill_marked` for several markers at once: one scan a round, whatever their number."""
+    return len(signal_marked(markers, sig, prefix=prefix, everywhere=everywhere))
+
+
+def signal_marked(
+    markers: Iterable[str], sig: int = signal.SIGKILL, *, prefix: bool = False, everywhere: bool = False
+) -> set[int]:
+    """`kill_marked_any`, returning the pids signalled (to wait for their death: `alive`)."""
     needles = tuple(_needle(m, prefix) for m in dict.fromkeys(markers))
-    if not needles:
-        return 0  # no marker: nothing to look for, no /proc walk
     signalled: set[int] = set()
+    if not needles:
+        return signalled  # no marker: nothing to look for, no /proc walk
     below_us = False
     for _ in range(5):
         candidates = _candidates(everywhere)
@@ -298,10 +305,16 @@ def kill_marked_any(
     if _subreaper and below_us:
         # Nothing below a subreaper means no orphan of ours either, dead or alive.
         reap_orphans()
-    return len(signalled)
+    return signalled
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is neither a zombie nor dead.
+
+    Not the same as still carrying its marker: a process dying of SIGKILL loses
+    its environment (its memory) before it becomes a zombie, and may stay in
+    that state for a while (closing its files) on a busy machine.
+    """
     fields = _stat_fields(pid)
     return fields is not None and fields[0] not in _DEAD_STATES
 
@@ -320,7 +333,7 @@ def kill_strays() -> int:
     signalled: set[int] = set()
     for _ in range(5):  # a stray's children are re-parented to us when it dies
         ours = running_children | signalled  # waited for by run_child, or killed already
-        strays = [pid for pid in _descendants() if pid not in ours and _alive(pid)]
+        strays = [pid for pid in _descendants() if pid not in ours and alive(pid)]
         if not strays:
             break
         for pid in strays:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -547,3 +548,28 @@ async def test_leftovers_that_will_not_go_are_waited_for_shielded_then_reported(
     assert strays == 1
     assert procs._REAP_WAIT_S <= waited < procs._REAP_WAIT_S + 0.5
     assert [e["event"] for e in events] == ["child_leftovers_alive"]
+
+
+async def test_a_sweep_returns_only_once_what_it_killed_is_dead() -> None:
+    """A process dying of SIGKILL loses its environment, and with it the marker,
+    before it is a zombie, and can stay so for a while on a busy machine. The
+    sweep used to wait only until no process carried the marker, so it returned
+    with 9 in 1,000 of the killed processes not dead yet (a CI failure of
+    `test_own_session_descendant_is_swept_after_normal_exit`). Without the fix
+    this fails in about 99 runs in 100."""
+    not_dead = 0
+    for n in range(500):
+        marker = f"sc-sweep-death-{os.getpid()}-{n}"
+        env = {**os.environ, procs.MARKER_VAR: marker}
+        child = await trio.lowlevel.open_process(
+            ["sleep", "100"], start_new_session=True, env=env, stdin=subprocess.DEVNULL
+        )
+        try:
+            # Past its exec (mid-exec its environment is briefly unreadable: the late sweep's case).
+            assert await wait_marked(marker, [child.pid]) == [child.pid]
+            assert await procs.sweep_marked(marker) == 1
+            not_dead += alive(child.pid)
+        finally:
+            child.kill()
+            await child.wait()
+    assert not_dead == 0
