@@ -665,6 +665,11 @@ class Episode:
         agent.expected_exit = True
         proc = agent.proc.proc
         assert proc is not None
+        # Not in the first tens of milliseconds of a (re)started process, before
+        # Python runs `sidecar/entry.py`: nothing can catch a signal there, and it
+        # ends the process by the signal (a known limit, docs/reliability.md "Open";
+        # nothing has been started or stored by then). I5 holds from there on.
+        await _wait_catching_sigterm(proc.pid)
         proc.send_signal(signal.SIGTERM)
         agent.up = False
         if restart_after:
@@ -1105,3 +1110,27 @@ def summary(rep: Report) -> dict[str, Any]:
         "submit_s": round(rep.submit_s, 1),
         "settle_s": round(rep.settle_s, 1),
     }
+
+
+async def _wait_catching_sigterm(pid: int, limit_s: float = 10.0) -> None:
+    """Until `pid` has a handler for SIGTERM (`SigCgt` in /proc), or it is gone, or `limit_s`.
+
+    Polled: the process cannot tell us. Bounded in real time; past the bound
+    the signal goes anyway, and an exit by it is then reported (I5).
+    """
+    end = time.monotonic() + limit_s
+    while True:
+        if _catches_sigterm(pid) is not False or time.monotonic() >= end:
+            return
+        await trio.sleep(0.005)
+
+
+def _catches_sigterm(pid: int) -> bool | None:
+    """Whether `pid` has a SIGTERM handler; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except OSError:
+        return None
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
