@@ -113,9 +113,16 @@ async def test_shell_task_streams_and_completes_with_original_config_json(
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         streamed = "".join(e["text"] for e in events if e["event_type"] == "stdout")
         assert all(f"line-{i}" in streamed for i in range(1, 6))
-        # Full output in the task's log file under the state dir.
-        logs = list((sc.state_dir / "logs").glob("*.log"))
-        assert logs and "line-5" in logs[0].read_text()
+
+        # Full output in the task's log file under the state dir. A short task's
+        # result does not wait for its log's create (the store's thread opens it),
+        # and the file exists, empty, from the create until its text is written:
+        # read once, right after the result, it was empty in one CI run.
+        def logged() -> bool:
+            logs = list((sc.state_dir / "logs").glob("*.log"))
+            return len(logs) == 1 and "line-5" in logs[0].read_text()
+
+        await _wait_for(logged, timeout=10)
         no_violations(hub)
         assert await sc.stop() == 0
     finally:
