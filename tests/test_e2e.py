@@ -21,6 +21,7 @@ import trio
 
 from sidecar.devhub import DevHub, open_dev_hub
 
+from .fakes.proc_helpers import catches_sigterm
 from .harness import AGENT, TOKEN, SidecarProcess, alive, read_pids, shell_assign
 from .scripted_hub import open_scripted_hub
 
@@ -392,13 +393,6 @@ async def test_second_sigterm_during_shutdown_still_exits_zero(tmp_path: Path, h
         await sc.cleanup()
 
 
-def _catches_sigterm(pid: int) -> bool:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
-    return False
-
-
 async def test_sigterm_while_starting_is_a_clean_stop(tmp_path: Path) -> None:
     """Regression (found by the chaos soak): a SIGTERM before the daemon's
     signal handling was up (imports, config) killed it by the signal (exit 143).
@@ -419,7 +413,7 @@ async def test_sigterm_while_starting_is_a_clean_stop(tmp_path: Path) -> None:
     )
     log.close()
     try:
-        await _wait_for(lambda: _catches_sigterm(proc.pid), timeout=20)
+        await _wait_for(lambda: catches_sigterm(proc.pid) is not False, timeout=20)
         proc.send_signal(signal.SIGTERM)
         config = {
             "agent_id": AGENT,

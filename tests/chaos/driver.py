@@ -37,6 +37,7 @@ import trio
 from sidecar.devhub import DevHub, FrameRecord, HubState, open_dev_hub
 from sidecar.procs import agent_marker_prefix, task_marker
 from tests.fakes.ollama_server import OllamaServer, open_ollama_server
+from tests.fakes.proc_helpers import wait_catching_sigterm
 from tests.harness import SidecarProcess
 
 from .dossier import Clock, task_dossier
@@ -669,7 +670,7 @@ class Episode:
         # Python runs `sidecar/entry.py`: nothing can catch a signal there, and it
         # ends the process by the signal (a known limit, docs/reliability.md "Open";
         # nothing has been started or stored by then). I5 holds from there on.
-        await _wait_catching_sigterm(proc.pid)
+        await wait_catching_sigterm(proc.pid)  # bounded: past it, an exit by the signal is I5
         proc.send_signal(signal.SIGTERM)
         agent.up = False
         if restart_after:
@@ -1110,27 +1111,3 @@ def summary(rep: Report) -> dict[str, Any]:
         "submit_s": round(rep.submit_s, 1),
         "settle_s": round(rep.settle_s, 1),
     }
-
-
-async def _wait_catching_sigterm(pid: int, limit_s: float = 10.0) -> None:
-    """Until `pid` has a handler for SIGTERM (`SigCgt` in /proc), or it is gone, or `limit_s`.
-
-    Polled: the process cannot tell us. Bounded in real time; past the bound
-    the signal goes anyway, and an exit by it is then reported (I5).
-    """
-    end = time.monotonic() + limit_s
-    while True:
-        if _catches_sigterm(pid) is not False or time.monotonic() >= end:
-            return
-        await trio.sleep(0.005)
-
-
-def _catches_sigterm(pid: int) -> bool | None:
-    """Whether `pid` has a SIGTERM handler; None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            status = f.read()
-    except OSError:
-        return None
-    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
-    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))

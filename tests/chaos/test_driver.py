@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from sidecar.devhub.state import FrameRecord
+from tests.fakes.proc_helpers import wait_catching_sigterm
 from tests.harness import SidecarProcess
 
-from .driver import ChaosSidecar, Episode, _wait_catching_sigterm
+from .driver import ChaosSidecar, Episode
 
 
 async def test_an_episode_whose_hub_crashes_leaves_no_sidecar_running(
@@ -117,5 +118,5 @@ async def test_the_sigterm_fault_waits_until_the_sidecar_can_catch_it(tmp_path: 
     for the handler; then the same SIGTERM is a clean stop."""
     sc = SidecarProcess(tmp_path / "sc", "ws://127.0.0.1:9/ws")
     await sc.start()
-    await _wait_catching_sigterm(sc.pid)
+    await wait_catching_sigterm(sc.pid)
     assert await sc.stop(signal.SIGTERM, timeout=30) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -85,6 +86,29 @@ async def wait_dead(pid: int, limit_s: float = 5.0) -> bool:
             return True
         if time.monotonic() > end:
             return False
+        await trio.sleep(0.005)
+
+
+def catches_sigterm(pid: int) -> bool | None:
+    """Whether `pid` has a handler for SIGTERM (`SigCgt` in /proc/<pid>/status); None when it is gone.
+
+    Until `sidecar/entry.py` runs, a SIGTERM ends `python -m sidecar` by the signal.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except OSError:
+        return None
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+async def wait_catching_sigterm(pid: int, limit_s: float = 10.0) -> None:
+    """Until `pid` catches SIGTERM, or it is gone, or `limit_s` (real time) has passed."""
+    end = time.monotonic() + limit_s
+    while True:
+        if catches_sigterm(pid) is not False or time.monotonic() >= end:
+            return
         await trio.sleep(0.005)
 
 
