@@ -341,7 +341,9 @@ class Batcher:
                 continue
             # A result waits for these: they go when the budget allows, not at the
             # next window (the window paces a task's frames, a flush sends them all).
-            flushing = any(st.flushing and st.segments and st.inflight is None for st in self._tasks.values())
+            flushing = flush and any(
+                st.flushing and st.segments and st.inflight is None for st in self._tasks.values()
+            )
             if flushing:
                 early_at = max(self._retry_at, budget_at)
                 if sink_ok and now >= early_at:
