@@ -28,7 +28,10 @@ same plus one file create.
 With `--skeleton`, the same tasks then go through `bench/skeleton.py`, the
 least worker that does a task's durable steps on the same stack (see its
 docstring), against a fresh dev hub in the same run: the ratio to it is what
-everything else the sidecar does costs.
+everything else the sidecar does costs. With `--node`, they also go through
+`bench/node_floor.js`, the least Node.js worker doing the original sidecar's
+wire steps (non-durably, as the original): a floor for the original, which is
+not available here, so a ratio under 0.8 to it is a ratio under 0.8 to the original.
 """
 
 from __future__ import annotations
@@ -150,6 +153,18 @@ class Skeleton(Sidecar):
 
     def argv(self, config_path: Path, extra_argv: list[str] | None) -> list[str]:
         return [self.python, str(Path(__file__).with_name("skeleton.py")), "--config", str(config_path)]
+
+
+class NodeFloor(Sidecar):
+    """`bench/node_floor.js` on the same config: a floor for the Node original's own task path."""
+
+    def argv(self, config_path: Path, extra_argv: list[str] | None) -> list[str]:
+        return ["node", str(Path(__file__).with_name("node_floor.js")), "--config", str(config_path)]
+
+    async def start(self, extra_argv: list[str] | None = None) -> None:
+        # Installs `ws` into .tools/node-floor the first time (a no-op afterwards).
+        await trio.run_process(["bash", str(Path(__file__).with_name("node-floor-install.sh"))])
+        await super().start(extra_argv)
 
 
 def bare_spawn_ms(n: int) -> list[float]:
@@ -410,6 +425,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         r = await measure(Sidecar, Path(tmp) / "sc", args)
         if args.skeleton:
             r["skeleton"] = await measure(Skeleton, Path(tmp) / "skeleton", args)
+        if args.node:
+            r["node"] = await measure(NodeFloor, Path(tmp) / "node", args)
         create += file_create_ms(args.floor, Path(tmp) / "create-floor-after")
     after = await floors(args.floor)
     r["spawn_ms"] = before["spawn_ms"] + after["spawn_ms"]
@@ -438,6 +455,11 @@ def main() -> None:
         "--skeleton",
         action="store_true",
         help="also run bench/skeleton.py (the same durable steps, nothing else) and give the ratio to it",
+    )
+    ap.add_argument(
+        "--node",
+        action="store_true",
+        help="also run bench/node_floor.js (the Node original's wire steps only) and give the ratio to it",
     )
     args = ap.parse_args()
     if args.profile:
@@ -475,14 +497,16 @@ def main() -> None:
         f"{name} {user:.2f} user + {system:.2f} sys" for name, user, system in r["sidecar_threads"]
     )
     print(f"sidecar CPU by thread : {by_thread} (ms per task)")
-    if args.skeleton:
-        sk = r["skeleton"]
-        print(describe("skeleton: accepted", sk["accept_ms"]))
-        print(describe("skeleton: complete", sk["complete_ms"]))
+    for key, label in (("skeleton", "skeleton"), ("node", "node floor")):
+        if key not in r:
+            continue
+        sk = r[key]
+        print(describe(f"{label}: accepted", sk["accept_ms"]))
+        print(describe(f"{label}: complete", sk["complete_ms"]))
         sk_acc, sk_comp = statistics.median(sk["accept_ms"]), statistics.median(sk["complete_ms"])
         print(
-            f"ratio to skeleton     : accepted {acc / sk_acc:5.2f}x, complete {comp / sk_comp:5.2f}x"
-            f"  (skeleton CPU per task {sk['sidecar_cpu_ms_per_task']:.2f} ms)"
+            f"{'ratio to ' + label:<22}: accepted {acc / sk_acc:5.2f}x, complete {comp / sk_comp:5.2f}x"
+            f"  ({label} CPU per task {sk['sidecar_cpu_ms_per_task']:.2f} ms)"
         )
     if args.json:
         print(json.dumps({k: v for k, v in r.items()}))

@@ -6,7 +6,8 @@ Each worker is a process of its own with its own agent id and state dir,
 connected to the same dev hub (rate limits OFF, as in `latency.py`): this
 checkout's `sidecar run` ("cur"), the `sidecar run` of each `--base` checkout
 (a `git worktree add /tmp/base REV`: "base", "base2", …) and, with
-`--skeleton`, `bench/skeleton.py`. The tasks are sequential, as in
+`--skeleton`, `bench/skeleton.py` and, with `--node`, `bench/node_floor.js` (a floor
+for the Node original, see latency.py). The tasks are sequential, as in
 `latency.py`, but a round gives one task to each worker in turn (in a fresh
 random order each round) before the next round starts. So every worker's
 tasks are sampled across the same minutes of the machine's drift, which on
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from latency import (  # bench/ is not a package
     TOKEN,
     UNLIMITED,
+    NodeFloor,
     Sidecar,
     Skeleton,
     add_hub_gc_option,
@@ -84,6 +86,8 @@ def worker_specs(args: argparse.Namespace) -> dict[str, Worker]:
         specs["skeleton"] = Worker(Skeleton)
         for i, python in enumerate(args.python, start=1):
             specs[f"skeleton-py{i}"] = Worker(Skeleton, python=python)
+    if args.node:
+        specs["node"] = Worker(NodeFloor)
     return specs
 
 
@@ -170,6 +174,7 @@ def main() -> None:
         default=[],
         help="also run this checkout (and with --skeleton the skeleton) with this interpreter",
     )
+    ap.add_argument("--node", action="store_true", help="also run bench/node_floor.js beside them")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20, help="rounds not counted, in each segment")
     ap.add_argument("--command", default="true")
