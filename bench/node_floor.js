@@ -43,9 +43,8 @@ function runTask(task) {
   const err = [];
   child.stdout.on('data', (b) => out.push(b));
   child.stderr.on('data', (b) => err.push(b));
-  child.on('error', (e) => {
-    send({ type: 'task_failed', task_id: task.task_id, generation: task.generation ?? 0, error: String(e) });
-  });
+  // A failed spawn emits 'error' and then 'close' (code -errno): the 'close' below reports it.
+  child.on('error', (e) => console.error(`node floor: spawn: ${e.message}`));
   child.on('close', (code) => {
     const generation = task.generation ?? 0;
     if (code === 0) {
