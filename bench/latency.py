@@ -500,13 +500,13 @@ def main() -> None:
     for key, label in (("skeleton", "skeleton"), ("node", "node floor")):
         if key not in r:
             continue
-        sk = r[key]
-        print(describe(f"{label}: accepted", sk["accept_ms"]))
-        print(describe(f"{label}: complete", sk["complete_ms"]))
-        sk_acc, sk_comp = statistics.median(sk["accept_ms"]), statistics.median(sk["complete_ms"])
+        other = r[key]
+        print(describe(f"{label}: accepted", other["accept_ms"]))
+        print(describe(f"{label}: complete", other["complete_ms"]))
+        other_acc, other_comp = statistics.median(other["accept_ms"]), statistics.median(other["complete_ms"])
         print(
-            f"{'ratio to ' + label:<22}: accepted {acc / sk_acc:5.2f}x, complete {comp / sk_comp:5.2f}x"
-            f"  ({label} CPU per task {sk['sidecar_cpu_ms_per_task']:.2f} ms)"
+            f"{'ratio to ' + label:<22}: accepted {acc / other_acc:5.2f}x, complete {comp / other_comp:5.2f}x"
+            f"  ({label} CPU per task {other['sidecar_cpu_ms_per_task']:.2f} ms)"
         )
     if args.json:
         print(json.dumps({k: v for k, v in r.items()}))

@@ -40,9 +40,8 @@ function runTask(task) {
   const cmd = (task.metadata && task.metadata.shell_command) || 'true';
   const child = spawn('/bin/sh', ['-c', cmd], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   const out = [];
-  const err = [];
   child.stdout.on('data', (b) => out.push(b));
-  child.stderr.on('data', (b) => err.push(b));
+  child.stderr.resume(); // drained, not kept: the result carries stdout only
   // A failed spawn emits 'error' and then 'close' (code -errno): the 'close' below reports it.
   child.on('error', (e) => console.error(`node floor: spawn: ${e.message}`));
   child.on('close', (code) => {
