@@ -37,15 +37,19 @@ const send = (frame) => ws.send(JSON.stringify({ ...frame, protocol_version: 1 }
 function runTask(task) {
   send({ type: 'task_accepted', task_id: task.task_id });
   const started = Date.now();
-  const cmd = (task.metadata && task.metadata.shell_command) || 'true';
+  const generation = task.generation ?? 0;
+  const cmd = task.metadata && task.metadata.shell_command;
+  if (typeof cmd !== 'string' || cmd === '') {
+    send({ type: 'task_failed', task_id: task.task_id, generation, error: 'no metadata.shell_command' });
+    return;
+  }
   const child = spawn('/bin/sh', ['-c', cmd], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   const out = [];
   child.stdout.on('data', (b) => out.push(b));
   child.stderr.resume(); // drained, not kept: the result carries stdout only
   // A failed spawn emits 'error' and then 'close' (code -errno): the 'close' below reports it.
   child.on('error', (e) => console.error(`node floor: spawn: ${e.message}`));
-  child.on('close', (code) => {
-    const generation = task.generation ?? 0;
+  child.on('close', (code, signal) => {
     if (code === 0) {
       send({
         type: 'task_complete',
@@ -64,7 +68,7 @@ function runTask(task) {
         },
       });
     } else {
-      send({ type: 'task_failed', task_id: task.task_id, generation, error: `exit code ${code}` });
+      send({ type: 'task_failed', task_id: task.task_id, generation, error: code === null ? `killed by ${signal}` : `exit code ${code}` });
     }
   });
 }
