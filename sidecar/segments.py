@@ -32,6 +32,9 @@ from .messages import ProgressEvent, now_ms
 log = get_logger("sidecar.batcher")
 
 _CHUNK_EVENTS = 256  # small events sealed into one chunk at most this many at a time
+# Events that are whole lines without their newline: coalesced, they are joined
+# by one, so that a dashboard shows one line each (stdout and tokens run on as printed).
+_LINE_EVENTS = frozenset({"status", "error"})
 _RETIRED_MAX = 1024  # remembered seq of finished / forgotten tasks (bounded)
 MAX_PENDING_BYTES = 4 * 1024 * 1024  # text held for all tasks (UTF-8 bytes)
 
@@ -89,6 +92,7 @@ class Segment:
         "model",
         "nbytes",
         "nevents",
+        "separated",
         "tail",
         "tail_bytes",
         "timestamp",
@@ -107,6 +111,7 @@ class Segment:
         self.model: str | None = None
         # An event with extra fields (tool_call) is a segment of its own, never merged.
         self.extra: dict[str, Any] | None = None
+        self.separated = event_type in _LINE_EVENTS
 
     def _seal(self) -> None:
         if self.tail:
@@ -114,18 +119,24 @@ class Segment:
             self.tail = []
             self.tail_bytes = 0
 
-    def add(self, ev: ProgressEvent, size: int, chunk_bytes: int) -> None:
+    def add(self, ev: ProgressEvent, size: int, chunk_bytes: int) -> int:
+        """Append one event; the bytes it added (its text, and a line break before it)."""
+        text = ev.text
+        if self.separated and self.nevents:
+            text = "\n" + text
+            size += 1
         if size >= chunk_bytes:
             self._seal()
-            self.chunks.append((ev.text, size, 1))
+            self.chunks.append((text, size, 1))
         else:
-            self.tail.append(ev.text)
+            self.tail.append(text)
             self.tail_bytes += size
             if self.tail_bytes >= chunk_bytes or len(self.tail) >= _CHUNK_EVENTS:
                 self._seal()
         self.nbytes += size
         self.nevents += 1
         self._take_meta(ev.timestamp, ev.tokens_so_far, ev.model)
+        return size
 
     def _take_meta(self, timestamp: int, tokens_so_far: int | None, model: str | None) -> None:
         self.timestamp = timestamp
@@ -134,14 +145,24 @@ class Segment:
         if model is not None:
             self.model = model
 
-    def absorb(self, newer: Segment) -> None:
-        """Append a newer segment of the same type (a failed send put back)."""
+    def absorb(self, newer: Segment) -> int:
+        """Append a newer segment of the same type (a failed send put back).
+
+        Returns the bytes this adds beyond the two texts: a line break between
+        line events.
+        """
         self._seal()
         newer._seal()
+        added = 0
+        if self.separated and self.nevents and newer.nevents:
+            self.chunks.append(("\n", 1, 0))
+            added = 1
+        self.nbytes += added
         self.chunks.extend(newer.chunks)
         self.nbytes += newer.nbytes
         self.nevents += newer.nevents
         self._take_meta(newer.timestamp, newer.tokens_so_far, newer.model)
+        return added
 
     def trim(self, cap: int) -> tuple[int, int]:
         """Drop the oldest text until at most `cap` bytes remain; (events, bytes) dropped."""
@@ -270,7 +291,7 @@ class PendingProgress:
             if len(segs) + (st.inflight is not None) > self.max_segments:
                 old = segs.popleft()
                 self.count_drop(st, old.nevents, old.nbytes)
-        seg.add(ev, size, self.chunk_bytes)
+        size = seg.add(ev, size, self.chunk_bytes)
         st.nbytes += size
         self.nbytes += size
         if seg.nbytes > self.max_text_bytes:
@@ -322,7 +343,9 @@ class PendingProgress:
             self.stats.bytes_dropped += seg.nbytes
             return
         if st.segments and _mergeable(st.segments[0], seg):
-            seg.absorb(st.segments[0])
+            added = seg.absorb(st.segments[0])
+            st.nbytes += added
+            self.nbytes += added
             st.segments[0] = seg
             self.count_drop(st, *seg.trim(self.max_text_bytes))
         else:

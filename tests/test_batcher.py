@@ -122,6 +122,37 @@ async def test_coalesces_consecutive_events_per_task_and_type(autojump_clock: tr
     assert b.stats.events_coalesced == 2 and b.stats.frames_sent == 4
 
 
+async def test_coalesced_status_lines_stay_lines(autojump_clock: trio.abc.Clock) -> None:
+    """Status and error events are lines without their newline: coalesced, each stays a
+    line (found from outside: "verification 1/2: …verification 1/2 fail: …" ran on).
+    Also after a failed send is put back in front of newer ones; stdout runs on as printed."""
+    b = Batcher(roomy(), sink_poll_s=0.5)
+    sink = RecordingSink()
+    send, recv = trio.open_memory_channel[ProgressEvent](64)
+    for e in [ev("A", "one", "status"), ev("A", "two", "status"), ev("A", "x", "stdout")]:
+        send.send_nowait(e)
+    send.send_nowait(ev("A", "y", "stdout"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.run, recv, sink)
+        await trio.sleep(1)
+        sink.fail_sends = True
+        await send.send(ev("A", "three", "status"))
+        await trio.sleep(0.05)
+        await send.send(ev("A", "four", "status"))
+        await send.send(ev("A", "five", "error"))
+        await trio.sleep(2)
+        sink.fail_sends = False
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    assert [(e["event_type"], e["text"]) for e in sink.of("A")] == [
+        ("status", "one\ntwo"),
+        ("stdout", "xy"),
+        ("status", "three\nfour"),
+        ("error", "five"),
+    ]
+    assert b.pending_bytes == 0
+
+
 async def test_one_frame_per_task_per_window_and_seq_plus_one(autojump_clock: trio.abc.Clock) -> None:
     b = Batcher(roomy(), window_s=0.1)
     sink = RecordingSink()
@@ -687,7 +718,9 @@ async def test_running_tasks_share_the_pending_bytes_cap(autojump_clock: trio.ab
             tid = "ABCD"[i % 4]
             text = f"<{i}>" + "y" * 300
             given[tid] += text
-            await send.send(ev(tid, text, ("stdout", "stderr", "status")[(i // 40) % 3]))
+            # Stream kinds only: coalesced status lines gain a line break each, so
+            # their bytes would not add up to what was given.
+            await send.send(ev(tid, text, ("stdout", "stderr", "token")[(i // 40) % 3]))
             assert b.pending_bytes <= 25_000
         await trio.sleep(1)
         sink.up = True
