@@ -61,6 +61,34 @@ async def test_submit_get_list_cancel_over_http() -> None:
         assert (await http.get("/nowhere")).status_code == 404
 
 
+async def test_a_completed_tasks_verification_report_is_shown() -> None:
+    """`GET /api/tasks/ID` shows the verification report and history the hub stored
+    (found from outside: they were stored but not shown)."""
+    async with open_dev_hub(tokens=TOKENS) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
+        body = {"task_id": "t-v", "description": "d", "metadata": {"shell_command": "true"}}
+        assert (await http.post("/api/tasks", json=body)).status_code == 201
+        before = (await http.get("/api/tasks/t-v")).json()
+        assert before["verification_report"] is None and before["verification_history"] is None
+        report = {"task_id": "t-v", "run_number": 1, "status": "pass", "checks": [], "summary": {"total": 0}}
+        async with open_agent(hub.ws_url, "agent-1", "tok-1") as agent:
+            assign = await agent.expect("task_assign", task_id="t-v")
+            await agent.send({"type": "task_accepted", "task_id": "t-v"})
+            await agent.expect("task_ack")
+            complete = {
+                "type": "task_complete",
+                "task_id": "t-v",
+                "generation": assign["generation"],
+                "result": {"status": "success", "output": ""},
+                "verification_report": report,
+                "verification_history": [report],
+            }
+            await agent.send(complete)
+            await agent.expect("task_ack", status="complete")
+        task = (await http.get("/api/tasks/t-v")).json()
+        assert task["verification_report"] == report
+        assert task["verification_history"] == [report]
+
+
 async def test_http_submit_is_validated() -> None:
     async with open_dev_hub(tokens=TOKENS) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
         response = await http.post("/api/tasks", json={"description": 5, "metadata": []})

@@ -36,6 +36,27 @@ async def test_submit_and_wait_success_failure_timeout(tmp_path: Path, make_conf
             assert lines[-1] == f"{task_id}: completed: hello-fleet"
             assert lines[-2] == f"{task_id}: completed ({AGENT})"  # the status changes, then the end
 
+            checked = await sidecar_cli(
+                *base,
+                "--description",
+                "checked",
+                "--shell",
+                "true",
+                "--verify",
+                "command_succeeds:true",
+                "--verify",
+                "file_exists:no-such-file",
+                "--wait",
+                env=env,
+                cwd=tmp_path,
+            )
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            checked_id = checked.stdout.splitlines()[0]
+            end, summary, failed = checked.stdout.splitlines()[-3:]
+            assert (end, summary) == (f"{checked_id}: completed", "  verification fail: 1/2 checks passed")
+            assert failed.startswith("    fail file_exists no-such-file: File not found: /")
+            assert failed.endswith("/no-such-file")
+
             bad = await sidecar_cli(
                 *base,
                 "--description",

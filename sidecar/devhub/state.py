@@ -181,6 +181,8 @@ class TaskRecord:
             "progress": self.progress_events,
             "result": self.result,
             "tokens_used": self.tokens_used,
+            "verification_report": self.verification_report,
+            "verification_history": self.verification_history,
             "error": self.last_error,
             "failures": [f.get("error") or f.get("reason") for f in self.failures],
             "acks": self.acks,

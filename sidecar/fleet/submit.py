@@ -149,6 +149,33 @@ def _output_of(task: dict[str, Any]) -> str:
     return ""
 
 
+def describe_delivery(task: dict[str, Any]) -> list[str]:
+    """Indented lines for what the task's end carried besides its output: the
+    verification (when it ran checks; each check that did not pass), the pull
+    request and any git warning."""
+    lines: list[str] = []
+    report = task.get("verification_report")
+    if isinstance(report, dict) and isinstance(report.get("checks"), list) and report["checks"]:
+        found = report.get("summary")
+        summary: dict[str, Any] = found if isinstance(found, dict) else {}
+        lines.append(
+            f"  verification {report.get('status')}: {summary.get('passed', '?')}/"
+            f"{summary.get('total', len(report['checks']))} checks passed"
+        )
+        for check in report["checks"]:
+            if isinstance(check, dict) and check.get("status") != "pass":
+                output = str(check.get("output") or "").strip().splitlines()
+                why = f": {output[-1][:200]}" if output else ""
+                lines.append(f"    {check.get('status')} {check.get('type')} {check.get('target')}{why}")
+    result = task.get("result")
+    if isinstance(result, dict):
+        if result.get("pr_url"):
+            lines.append(f"  pull request: {result['pr_url']}")
+        if result.get("git_warning"):
+            lines.append(f"  git warning: {str(result['git_warning'])[:500]}")
+    return lines
+
+
 def describe_end(task: dict[str, Any]) -> str:
     """One line for a finished task: its status, and its output or error."""
     status = task.get("status")
@@ -239,9 +266,12 @@ async def _submit(req: SubmitRequest, body: dict[str, Any], out: TextIO, err: Te
                 "status": task.get("status"),
                 "exit_code": code,
                 "result": task.get("result"),
+                "verification_report": task.get("verification_report"),
                 "error": task.get("error"),
             },
         )
     else:
         print(f"{task_id}: {describe_end(task)}", file=out, flush=True)
+        for line in describe_delivery(task):
+            print(line, file=out, flush=True)
     return code
