@@ -89,6 +89,29 @@ def corrective_prompt(task: Task, report: dict[str, Any], previous_output: str) 
     return "\n".join(lines)
 
 
+def verification_bounds(requested_ms: int, left_s: float | None, grace_s: float) -> tuple[int, float]:
+    """The checks' bound (ms) and the kill grace of a check it cuts short, for a task
+    with `left_s` seconds to its own limit (None: no limit).
+
+    The bound is `verification_timeout_ms`, shortened so that the checks end before
+    the task's limit: a verification cut short by its own bound still completes the
+    task (status `timeout`, the work's result kept); one cut by the task's limit
+    would fail it. The reserve (`grace_s` + 1 s) leaves time to kill the running
+    check and store the result. With less than twice the reserve left (a limit of
+    a few seconds), the checks get half of what is left and the reserve the other
+    half, its grace shortened in proportion: a whole reserve would leave the checks
+    nothing (found from outside: a 5 s task's report had `timeout_ms` 1, so no
+    command check could ever pass).
+    """
+    if left_s is None:
+        return requested_ms, grace_s
+    left_s = max(0.0, left_s)
+    reserve_s = grace_s + DEADLINE_RESERVE_S
+    if left_s >= 2 * reserve_s:
+        return min(requested_ms, int((left_s - reserve_s) * 1000)), grace_s
+    return max(1, min(requested_ms, int(left_s / 2 * 1000))), grace_s * left_s / 2 / reserve_s
+
+
 def _inside_git_tree(path: Path) -> bool:
     """Whether `path` or a parent holds `.git` (blocking: run it in a thread)."""
     for where in (path, *path.parents):
@@ -242,31 +265,22 @@ class Pipeline:
         self, run: TaskRun, place: _Place, tools: gitflow.Tools, run_number: int
     ) -> dict[str, Any]:
         task = run.task
+        left_s = None if math.isinf(run.deadline) else run.deadline - trio.current_time()
+        bound_ms, grace_s = verification_bounds(
+            task.verification_timeout_ms, left_s, self.config.kill_grace_s
+        )
         return await verify.run_verification(
             task.task_id,
             task.verification_steps,
             cwd=place.cwd,
             marker=tools.marker,
             env=tools.env,
-            timeout_ms=self._verification_bound_ms(run),
+            timeout_ms=bound_ms,
             emit=run.progress.emit,
             run_number=run_number,
             skip=task.skip_verification,
-            grace_s=self.config.kill_grace_s,
+            grace_s=grace_s,
         )
-
-    def _verification_bound_ms(self, run: TaskRun) -> int:
-        """`verification_timeout_ms`, shortened so that the checks end before the task's own limit.
-
-        A verification cut short by its own bound still completes the task (status
-        `timeout`, the work's result kept); one cut by the task's limit would fail
-        it. The reserve leaves time to kill the running check and store the result.
-        """
-        requested = run.task.verification_timeout_ms
-        if math.isinf(run.deadline):
-            return requested
-        left_s = run.deadline - trio.current_time() - (self.config.kill_grace_s + DEADLINE_RESERVE_S)
-        return max(1, min(requested, int(left_s * 1000)))
 
     async def _finish(
         self,

@@ -26,7 +26,7 @@ from sidecar.executors import ExecContext, Executor
 from sidecar.executors.ollama import OllamaExecutor
 from sidecar.executors.shell import ShellExecutor
 from sidecar.messages import parse_task
-from sidecar.pipeline import Pipeline
+from sidecar.pipeline import Pipeline, verification_bounds
 from tests.fakes.ollama_server import Script, open_ollama_server
 from tests.fakes.proc_helpers import RecordingProgress, task_run
 from tests.gitrepos import GhLog, commit_command, git, install_gh, make_origin
@@ -404,3 +404,34 @@ async def test_verification_ends_before_the_tasks_own_limit(
     assert res.result["verification_status"] == "timeout"
     assert res.verification_report is not None and 8000 <= res.verification_report["timeout_ms"] <= 8500
     assert trio.current_time() - t0 < 10
+
+
+async def test_a_short_task_limit_still_leaves_its_checks_time(
+    make_config: Any, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A limit under twice the reserve (kill grace 5 s + 1 s) splits what is left
+    between the checks and a shortened reserve. Found from outside: a 5 s task got a
+    1 ms verification bound, so its `true` check was killed and nothing was delivered.
+    (Real time: the check is a real process that ends in milliseconds, well within.)"""
+    p = pipeline(make_config(repo_dir=str(tmp_path), kill_grace_s=5.0), http)
+    t = shell("echo quick", verification_steps=[{"type": "command_succeeds", "target": "true"}])
+    t0 = trio.current_time()
+    res = await p.pipeline.run(
+        attrs.evolve(task_run(p.ctx, t, RecordingProgress(t.task_id)), deadline=t0 + 5)
+    )
+    assert res.ok and res.result is not None and res.result["verification_status"] == "pass"
+    assert res.verification_report is not None and 2000 <= res.verification_report["timeout_ms"] <= 2500
+
+
+@pytest.mark.parametrize("left_s", [0.0, 0.5, 3.0, 5.0, 11.9, 12.0, 60.0, 3600.0])
+def test_verification_and_its_kill_fit_in_what_is_left(left_s: float) -> None:
+    """Bound + kill grace + the 1 s margin (shortened alike) never pass the task's limit,
+    and the checks get at least half of what is left, up to what the task asked for."""
+    bound_ms, grace_s = verification_bounds(120_000, left_s, 5.0)
+    assert bound_ms / 1000 + grace_s * (1 + 1 / 5.0) <= left_s + 0.001 or bound_ms == 1
+    assert bound_ms >= min(120_000, int(left_s / 2 * 1000)) and bound_ms >= 1
+    assert 0 <= grace_s <= 5.0
+    if left_s >= 12.0:
+        assert (bound_ms, grace_s) == (min(120_000, int((left_s - 6.0) * 1000)), 5.0)
+    assert verification_bounds(120_000, None, 5.0) == (120_000, 5.0)
+    assert verification_bounds(800, left_s, 5.0)[0] <= 800
