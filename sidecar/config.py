@@ -256,7 +256,11 @@ class Config:
     )
     wake_attempt_timeout_s: float = setting(
         60.0,
-        doc="Wake path: time limit of one wake command attempt (`inf`: the task's limit only).",
+        doc=(
+            "Wake path: time limit of one wake command attempt, unless the agent has confirmed "
+            "(`<task_id>.started`) by then: a command that runs the agent in the foreground then "
+            "runs on under the task's limit (`inf`: the task's limit only)."
+        ),
         check=positive_or_unbounded,
     )
     # After the hub's restart_sidecar: how long running tasks may take to end first.

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from sidecar.executors import wake
 from sidecar.executors.wake import RETRY_DELAYS_S, WakeExecutor
@@ -299,3 +300,60 @@ async def test_result_files_of_an_earlier_run_are_not_this_runs(make_config: Any
         outcome = await ex(task_run(ex.ctx, task, RecordingProgress(task.task_id)))
     assert outcome.ok and outcome.output == "did task-1"
     assert list(results.iterdir()) == []
+
+
+@pytest.fixture
+def frozen_clock() -> trio.testing.MockClock:
+    """Virtual time that moves only when the test says (it turns autojump on)."""
+    return trio.testing.MockClock()
+
+
+def _wait_for_file(path: Path, limit_s: float = 20.0) -> bool:
+    """Block (in a worker thread) until `path` exists, at most `limit_s` of real time."""
+    import time
+
+    end = time.monotonic() + limit_s
+    while not path.exists():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+async def test_a_confirmed_agent_in_the_foreground_outlives_the_attempt_bound(
+    make_wake: Any, dirs: tuple[Path, Path], frozen_clock: trio.testing.MockClock
+) -> None:
+    """Found from outside: a wake command that runs the agent in the foreground
+    (the onboarding tool's `openclaw agent --message …`) was killed at the attempt
+    bound (60 s) although the agent had confirmed, and woken again, four times.
+    The agent here confirms at once and works for an hour (virtual) before its
+    result; it must run once, unkilled, and its result be the task's."""
+    _, results = dirs
+    ex = make_wake(agent_cmd(results, "wait-go"), wake_attempt_timeout_s=60.0)
+    progress = RecordingProgress("task-1")
+    box: list[Outcome] = []
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def go() -> None:
+            box.append(await ex(task_run(ex.ctx, wake_task(), progress)))
+            done.set()
+
+        nursery.start_soon(go)
+        # Time stands still until the agent has confirmed (a real process, in real time).
+        assert await trio.to_thread.run_sync(_wait_for_file, results / "task-1.started")
+        frozen_clock.autojump_threshold = 0
+        t0 = trio.current_time()
+        with trio.fail_after(600):
+            await progress.wait_for("agent confirmed")
+        await trio.sleep(3600)
+        assert box == []
+        assert not any("timed out" in text or "failed" in text for text in progress.texts("status"))
+        (results / "task-1.go").write_text("")
+        with trio.move_on_after(7200):
+            await done.wait()
+    assert box and box[0].ok and box[0].output == "did task-1", box
+    assert trio.current_time() - t0 >= 3600
+    attempts = [t for t in progress.texts("status") if t.startswith("wake attempt")]
+    assert attempts == ["wake attempt 1/4"]
+    assert sorted(p.name for p in results.iterdir()) == ["task-1.go"]  # the test's own file

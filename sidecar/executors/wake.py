@@ -105,7 +105,7 @@ class WakeExecutor:
 
     async def __call__(self, run: TaskRun) -> Outcome:
         cfg = self.ctx.config
-        task, progress = run.task, run.progress
+        task = run.task
         if not cfg.wake_command:
             return Outcome(
                 ok=False,
@@ -128,23 +128,7 @@ class WakeExecutor:
             # Files a killed earlier run of this task left behind are not this run's.
             for path in (started, result):
                 path.unlink(missing_ok=True)
-            error = await self._wake(run, cfg.wake_command)
-            if error is not None:
-                return Outcome(ok=False, error=error, reason="wake_failed", transient=False)
-            timeout_ms = cfg.confirmation_timeout_ms
-            with trio.move_on_after(timeout_ms / 1000):
-                await _poll_until(lambda: started.exists() or result.exists())
-            if not (started.exists() or result.exists()):
-                log.warning("wake_confirmation_timeout", task_id=task.task_id, timeout_ms=timeout_ms)
-                return Outcome(
-                    ok=False,
-                    error=f"woken agent did not create {started.name} within {timeout_ms} ms",
-                    reason="confirmation_timeout",
-                    transient=False,
-                )
-            await progress.emit("status", "agent confirmed; waiting for its result")
-            await _poll_until(result.exists)
-            return await self._read_result(result)
+            return await self._wake_and_wait(run, cfg.wake_command, started, result)
         except OSError as exc:
             return Outcome(ok=False, error=f"results directory {results}: {exc}", reason="results_dir_error")
         finally:
@@ -153,8 +137,67 @@ class WakeExecutor:
             _unlink_quietly((started, result))
             kill_marked(marker)
 
-    async def _wake(self, run: TaskRun, template: str) -> str | None:
-        """Run the wake command with retries; None on success, else the last error."""
+    async def _wake_and_wait(self, run: TaskRun, template: str, started: Path, result: Path) -> Outcome:
+        """Wake the agent, then wait for its confirmation and its result.
+
+        A command that runs the agent in the foreground (the onboarding tool's
+        `openclaw agent --message …` does) has confirmed long before it exits.
+        So an attempt that reaches its bound is first asked whether the agent
+        confirmed: if so it runs on, bounded by the task's limit only, the
+        result is waited for while it runs, and no attempt follows, whatever the
+        command does (found from outside: such an agent was killed at 60 s and
+        woken four times). A command that fails after the agent confirmed is not
+        a failed wake either. The files are looked at when an attempt ends or
+        reaches its bound, not on a timer, while a command runs.
+        """
+        confirmation = _Confirmation(started, result)
+        wake_error: list[str | None] = []
+
+        async def wake() -> None:
+            wake_error.append(await self._wake(run, template, confirmation))
+            confirmation.changed.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wake)
+            await confirmation.changed.wait()
+            try:
+                outcome = await self._outcome(run, confirmation, wake_error)
+            except OSError as exc:  # here, not outside: the nursery would wrap it in a group
+                outcome = Outcome(
+                    ok=False, error=f"results directory {result.parent}: {exc}", reason="results_dir_error"
+                )
+            # A wake command still running (a foreground agent that wrote its
+            # result) is killed with the task's other processes (see __call__).
+            nursery.cancel_scope.cancel()
+        return outcome
+
+    async def _outcome(
+        self, run: TaskRun, confirmation: _Confirmation, wake_error: list[str | None]
+    ) -> Outcome:
+        """Once the wake has ended or the agent has confirmed: the task's outcome."""
+        task = run.task
+        if not confirmation.check():
+            error = wake_error[0]
+            if error is not None:
+                return Outcome(ok=False, error=error, reason="wake_failed", transient=False)
+            timeout_ms = self.ctx.config.confirmation_timeout_ms
+            with trio.move_on_after(timeout_ms / 1000):
+                await _poll_until(confirmation.check)
+            if not confirmation.check():
+                log.warning("wake_confirmation_timeout", task_id=task.task_id, timeout_ms=timeout_ms)
+                return Outcome(
+                    ok=False,
+                    error=f"woken agent did not create {confirmation.started.name} within {timeout_ms} ms",
+                    reason="confirmation_timeout",
+                    transient=False,
+                )
+        await run.progress.emit("status", "agent confirmed; waiting for its result")
+        await _poll_until(confirmation.result.exists)
+        return await self._read_result(confirmation.result)
+
+    async def _wake(self, run: TaskRun, template: str, confirmation: _Confirmation) -> str | None:
+        """Run the wake command with retries; None on success (or once the agent
+        has confirmed), else the last error."""
         cfg = self.ctx.config
         task, progress, marker = run.task, run.progress, run.marker
         env = child_env(os.environ, marker, secrets=[cfg.token])
@@ -168,11 +211,17 @@ class WakeExecutor:
         error: str | None = "not run"
         for attempt in range(1, attempts + 1):
             await progress.emit("status", f"wake attempt {attempt}/{attempts}")
-            status, error = await self._attempt(template, cwd, env, marker, progress)
+            status, error = await self._attempt(template, cwd, env, marker, progress, confirmation)
             await self._report(task, status, attempt, error)
             if error is None:
                 log.info("wake_ok", task_id=task.task_id, attempt=attempt)
-                await progress.emit("status", f"wake command succeeded; waiting for {task.task_id}.started")
+                if not confirmation.check():
+                    await progress.emit("status", f"wake command ran; waiting for {task.task_id}.started")
+                return None
+            if confirmation.check():
+                # The agent is at work: what its wake command does now is not a failed wake.
+                log.warning("wake_command_failed_after_confirmation", task_id=task.task_id, error=error)
+                await progress.emit("status", f"wake command ended ({error}) after the agent confirmed")
                 return None
             log.warning("wake_attempt_failed", task_id=task.task_id, attempt=attempt, error=error)
             if attempt < attempts:
@@ -201,9 +250,16 @@ class WakeExecutor:
         await self.ctx.notify(frame)
 
     async def _attempt(
-        self, template: str, cwd: Path, env: dict[str, str], marker: str, progress: ProgressSender
+        self,
+        template: str,
+        cwd: Path,
+        env: dict[str, str],
+        marker: str,
+        progress: ProgressSender,
+        confirmation: _Confirmation,
     ) -> tuple[str, str | None]:
-        """("success", None), or ("failed" | "timeout", why)."""
+        """("success", None), or ("failed" | "timeout", why). Bounded by
+        `wake_attempt_timeout_s`, unless the agent has confirmed when it is reached."""
         cfg = self.ctx.config
         err = OutputCapture(4 * _ERROR_TAIL, None)
 
@@ -215,20 +271,31 @@ class WakeExecutor:
             await progress.emit("stderr", clip_progress(block))
 
         try:
-            with trio.move_on_after(cfg.wake_attempt_timeout_s) as scope:
-                res = await run_child(
-                    ["/bin/sh", "-c", template],
-                    cwd=cwd,
-                    env=env,
-                    marker=marker,
-                    on_stdout=on_stdout,
-                    on_stderr=on_stderr,
-                    grace_s=cfg.kill_grace_s,
-                    batch_lines=True,
-                    # The command may leave the woken agent running: it is
-                    # killed at task end (see __call__), not when the command exits.
-                    kill_leftovers=False,
-                )
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+
+                    async def bound() -> None:
+                        await trio.sleep(cfg.wake_attempt_timeout_s)
+                        if confirmation.check():
+                            log.info("wake_command_runs_on", reason="agent confirmed")
+                            return
+                        scope.cancel()
+
+                    nursery.start_soon(bound)
+                    res = await run_child(
+                        ["/bin/sh", "-c", template],
+                        cwd=cwd,
+                        env=env,
+                        marker=marker,
+                        on_stdout=on_stdout,
+                        on_stderr=on_stderr,
+                        grace_s=cfg.kill_grace_s,
+                        batch_lines=True,
+                        # The command may leave the woken agent running: it is
+                        # killed at task end (see __call__), not when the command exits.
+                        kill_leftovers=False,
+                    )
+                    nursery.cancel_scope.cancel()
         except OSError as exc:
             return "failed", f"could not start /bin/sh: {exc}"
         if scope.cancelled_caught:
@@ -259,6 +326,31 @@ class WakeExecutor:
             await trio.sleep(_PARSE_SETTLE_S)
         log.warning("wake_result_unparsable", path=str(path), error=problem)
         return Outcome(ok=False, error=f"result_parse_error: {problem}", reason="result_parse_error")
+
+
+class _Confirmation:
+    """Whether the woken agent has confirmed (its `.started` or its result exists);
+    `changed` is set once it has, or once the wake has ended."""
+
+    def __init__(self, started: Path, result: Path) -> None:
+        self.started = started
+        self.result = result
+        self.changed = trio.Event()
+        self._seen = False
+
+    def check(self) -> bool:
+        if not self._seen and (_exists(self.started) or _exists(self.result)):
+            self._seen = True
+            self.changed.set()
+        return self._seen
+
+
+def _exists(path: Path) -> bool:
+    """`path.exists()`, False where the file system refuses to say (EACCES)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 async def _poll_until(check: Callable[[], bool]) -> None:
