@@ -34,6 +34,8 @@ from .log import get_logger
 from .messages import LIMITS, converter, error_path
 
 log = get_logger("sidecar.config")
+# Settings where "" means unset, as in the original's config.json.
+_BLANK_IS_UNSET = frozenset({"hub_api_url", "ollama_url", "log_file", "results_dir", "wake_command"})
 
 ENV_OVERRIDES = {
     "SIDECAR_HUB_URL": "hub_url",
@@ -339,7 +341,9 @@ def config_from_mapping(
     for required in ("agent_id", "token", "hub_url"):
         if required not in data or data[required] is None:
             raise ConfigError(required, "is required", source)
-    clean = {k: v for k, v in data.items() if v is not None}
+    # None is unset; so is "" for a setting that names a URL, a file or a command
+    # (the original tested them for truthiness: `"ollama_url": ""` meant none).
+    clean = {k: v for k, v in data.items() if v is not None and not (v == "" and k in _BLANK_IS_UNSET)}
     try:
         cfg = converter.structure(clean, Config)
     except Exception as exc:
@@ -358,7 +362,12 @@ def config_from_mapping(
     results_dir = cfg.results_dir
     if results_dir and not Path(results_dir).is_absolute():
         results_dir = str(base_dir / results_dir)
-    return attrs.evolve(cfg, state_dir=str(state_dir), repo_dir=repo_dir, results_dir=results_dir)
+    log_file = cfg.log_file
+    if log_file and not Path(log_file).is_absolute():
+        log_file = str(base_dir / log_file)
+    return attrs.evolve(
+        cfg, state_dir=str(state_dir), repo_dir=repo_dir, results_dir=results_dir, log_file=log_file
+    )
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:

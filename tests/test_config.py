@@ -134,6 +134,19 @@ def test_onboarding_tools_config_json_accepted_unchanged(tmp_path: Path) -> None
     assert named.reviewer == "alice"
 
 
+def test_blank_urls_and_paths_are_unset_and_the_log_file_is_next_to_the_config(tmp_path: Path) -> None:
+    """The original tested these for truthiness: `"ollama_url": ""` meant no Ollama
+    (found from outside: it was refused as "must be an http(s) URL"). A relative
+    `log_file` resolves next to the config file, as the other paths do."""
+    blank = {"ollama_url": "", "hub_api_url": "", "wake_command": "", "results_dir": ""}
+    cfg = load_config(_write(tmp_path / "c.json", {**ONBOARDED, **blank}), env={})
+    assert (cfg.ollama_url, cfg.hub_api_url, cfg.wake_command, cfg.results_dir) == (None, None, None, None)
+    assert cfg.log_file == str(tmp_path / "sidecar.log")
+    assert load_config(_write(tmp_path / "d.json", {**ONBOARDED, "log_file": ""}), env={}).log_file is None
+    with pytest.raises(ConfigError, match="ollama_url"):
+        load_config(_write(tmp_path / "e.json", {**ONBOARDED, "ollama_url": "ftp://x"}), env={})
+
+
 def _write(path: Path, data: dict[str, object]) -> Path:
     path.write_text(json.dumps(data))
     return path
