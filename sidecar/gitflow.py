@@ -19,7 +19,7 @@ for gh, which runs with `GH_PROMPT_DISABLED=1`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -160,12 +160,71 @@ async def fetch_origin(tools: Tools, repo: Path) -> str | None:
     return None
 
 
-async def prepare_branch(tools: Tools, repo: Path, branch: str) -> Prepared:
-    """Before the task: clean tree, fetch, `branch` fresh from origin/main, checked out."""
-    status = await tools.git(repo, "status", "--porcelain")
+def own_excludes(where: Path, own: Sequence[Path]) -> list[str]:
+    """Pathspecs for `git status` in `where` that leave out the sidecar's own files.
+
+    The original's onboarding puts config.json in `<repo_dir>/sidecar/`, so the
+    state dir next to it, the log file and the results dir may be inside the
+    checkout: found from outside, they made every tree dirty, so every task
+    skipped the branch workflow. Only paths strictly inside `where` count; none
+    gives no pathspec (the whole tree, as before).
+    """
+    base = where.resolve()
+    rels: list[str] = []
+    for path in own:
+        try:
+            rel = path.resolve().relative_to(base)
+        except ValueError:
+            continue
+        if rel.parts:
+            rels.append(f":(exclude){rel.as_posix()}")
+    return ["--", ":/", *rels] if rels else []
+
+
+async def changed_paths(tools: Tools, where: Path, own: Sequence[Path] = ()) -> Cmd | list[str]:
+    """`git status --porcelain` lines in `where`, the sidecar's own files left out;
+    the failed command if it failed."""
+    status = await tools.git(where, "status", "--porcelain", *own_excludes(where, own))
     if not status.ok:
-        return _skip(repo, f"git status failed: {status.why()}")
-    changed = [line for line in status.stdout.splitlines() if line.strip()]
+        return status
+    return [line for line in status.stdout.splitlines() if line.strip()]
+
+
+async def stash_leftovers(
+    tools: Tools, repo: Path, task_id: str, branch: str, own: Sequence[Path] = ()
+) -> str | None:
+    """After a task worked on `branch` in `repo` itself: what it left uncommitted
+    goes into a stash named after it, so that the next task starts from a clean
+    tree and nothing is lost. None when nothing was left; else what was done.
+
+    Found from outside: a task that left one untracked file made every later
+    task skip its branch (the tree was dirty) and commit onto that task's branch.
+    The stash commit gets an identity of its own if git has none configured.
+    """
+    found = await changed_paths(tools, repo, own)
+    if isinstance(found, Cmd):
+        return f"git status after the task failed: {found.why()}"
+    if not found:
+        return None
+    message = f"trio-sidecar: left by task {task_id} on {branch}"
+    ident = ["-c", "user.name=trio-sidecar", "-c", "user.email=trio-sidecar@localhost"]
+    has_ident = (await tools.git(repo, "var", "GIT_COMMITTER_IDENT")).ok
+    argv = [*([] if has_ident else ident), "stash", "push", "--include-untracked", "-m", message]
+    excludes = own_excludes(repo, own)
+    stashed = await tools.git(repo, *argv, *excludes)
+    if not stashed.ok:
+        log.warning("git_stash_failed", repo=str(repo), task_id=task_id, problem=stashed.why())
+        return f"the task left {len(found)} uncommitted paths in {repo}; git stash failed: {stashed.why()}"
+    log.info("git_leftovers_stashed", repo=str(repo), task_id=task_id, paths=len(found))
+    return f"the task left {len(found)} uncommitted paths in {repo}: kept in git stash as {message!r}"
+
+
+async def prepare_branch(tools: Tools, repo: Path, branch: str, own: Sequence[Path] = ()) -> Prepared:
+    """Before the task: clean tree (the sidecar's own files aside), fetch, `branch`
+    fresh from origin/main, checked out."""
+    changed = await changed_paths(tools, repo, own)
+    if isinstance(changed, Cmd):
+        return _skip(repo, f"git status failed: {changed.why()}")
     if changed:
         return _skip(repo, f"working tree {repo} is not clean ({len(changed)} changed paths)")
     problem = await fetch_origin(tools, repo)

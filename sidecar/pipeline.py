@@ -140,6 +140,9 @@ class Pipeline:
         self.state_dir = state_dir if state_dir is not None else config.resolved_state_dir()
         self.locks = workspace.RepoLocks()
         self._not_git_logged: set[str] = set()
+        # The sidecar's own files, never a task's work (they may lie inside repo_dir).
+        own = [self.state_dir, *(Path(p) for p in (config.log_file, config.results_dir) if p)]
+        self.own_paths: tuple[Path, ...] = tuple(own)
 
     async def sweep_leftovers(self) -> None:
         """At start-up: remove the worktrees a killed sidecar left (no task runs yet)."""
@@ -180,10 +183,30 @@ class Pipeline:
                 return _failure(
                     f"Workspace setup failed for {where}: {exc}", "workspace_setup_failed", executor=kind
                 )
-            return await self._work(run.with_workdir(place.cwd), kind, place, tools)
+            done = await self._work(run.with_workdir(place.cwd), kind, place, tools)
+            note = await self._tidy(task, place, tools)
+            place = None if place.tree is None else place  # tidied: the finally has nothing left to do
+            if note is not None and done.ok and done.result is not None:
+                warning = "; ".join(w for w in (done.result.get("git_warning"), note) if w)
+                done = attrs.evolve(done, result={**done.result, "git_warning": truncate(warning, 2000)})
+            return done
         finally:
             if place is not None and place.tree is not None:
                 await workspace.remove_worktree(tools, place.tree, self.locks)
+            elif place is not None:
+                # The task ended otherwise (a failure raised, a cancel, a time-out).
+                with trio.CancelScope(shield=True), trio.move_on_after(workspace.CLEANUP_TIMEOUT_S):
+                    await self._tidy(task, place, tools)
+
+    async def _tidy(self, task: Task, place: _Place, tools: gitflow.Tools) -> str | None:
+        """A task that worked on its branch in the checkout itself (not in a worktree)
+        leaves it clean for the next one: what it left uncommitted is stashed."""
+        if place.tree is not None or place.branch is None or place.git_repo is None:
+            return None
+        async with self.locks.hold(place.git_repo):
+            return await gitflow.stash_leftovers(
+                tools, place.git_repo, task.task_id, place.branch, self.own_paths
+            )
 
     async def _place(
         self, task: Task, kind: str, tools: gitflow.Tools, progress: ProgressSender, base: Path
@@ -226,7 +249,7 @@ class Pipeline:
             return _Place(path, path if tree.branch else None, tree.branch, tree, warnings)
         assert branch is not None
         async with self.locks.hold(base):
-            prepared = await gitflow.prepare_branch(tools, base, branch)
+            prepared = await gitflow.prepare_branch(tools, base, branch, self.own_paths)
         if prepared.warning:
             warnings.append(prepared.warning)
         if prepared.branch:
@@ -280,6 +303,7 @@ class Pipeline:
             run_number=run_number,
             skip=task.skip_verification,
             grace_s=grace_s,
+            own=self.own_paths,
         )
 
     async def _finish(

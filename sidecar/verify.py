@@ -7,7 +7,7 @@ Check types (protocol.md, "Verification"):
 - `test_passes`: target `auto` runs `mix test`, `npm test` or `make test`,
   whichever the working directory's files call for; any other target is the
   command;
-- `git_clean`: `git status --porcelain` prints nothing, in the target
+- `git_clean`: `git status --porcelain` prints nothing (the sidecar's own files aside), in the target
   directory or the working directory;
 - `command_succeeds`: the target command exits 0;
 - any other type is an `error` check naming the type.
@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 import trio
 
+from .gitflow import own_excludes
 from .log import get_logger
 from .messages import now_ms
 from .output import OutputCapture
@@ -140,11 +141,14 @@ def _resolve(cwd: Path, target: str) -> Path:
 class _Checker:
     """Runs the checks of one verification run."""
 
-    def __init__(self, cwd: Path, marker: str, env: Mapping[str, str], grace_s: float) -> None:
+    def __init__(
+        self, cwd: Path, marker: str, env: Mapping[str, str], grace_s: float, own: Sequence[Path] = ()
+    ) -> None:
         self.cwd = cwd
         self.marker = marker
         self.env = dict(env)
         self.grace_s = grace_s
+        self.own = own
 
     async def run(self, running: _Running) -> tuple[str, str]:
         """(status, output) of one check; a target the system cannot look at is an error of the check.
@@ -192,7 +196,8 @@ class _Checker:
 
     async def _git_clean(self, step: Step, out: OutputCapture) -> tuple[str, str]:
         where = _resolve(self.cwd, step.target) if step.target else self.cwd
-        status, text = await self._argv(["git", "status", "--porcelain"], where, out)
+        argv = ["git", "status", "--porcelain", *own_excludes(where, self.own)]
+        status, text = await self._argv(argv, where, out)
         if status == PASS and text.strip():
             return FAIL, text
         return status, text
@@ -246,11 +251,13 @@ async def run_verification(
     run_number: int = 1,
     skip: bool = False,
     grace_s: float = 5.0,
+    own: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Run `steps` in `cwd` and return the report (never raises but `trio.Cancelled`).
 
     `emit(event_type, text)` gets a `status` event as each check starts and
     ends. `env` is the children's environment (build it with `procs.child_env`).
+    `own`: the sidecar's own files, which `git_clean` leaves out.
     """
     if skip:
         log.info("verification_skipped", task_id=task_id)
@@ -258,7 +265,7 @@ async def run_verification(
     if not steps:
         return empty_report(task_id, AUTO_PASS, timeout_ms, run_number)
     parsed = [Step.of(s) for s in steps]
-    checker = _Checker(cwd, marker, env, grace_s)
+    checker = _Checker(cwd, marker, env, grace_s, own)
     checks: list[dict[str, Any]] = []
     started_at, t0 = now_ms(), trio.current_time()
     n = len(parsed)

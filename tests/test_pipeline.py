@@ -435,3 +435,52 @@ def test_verification_and_its_kill_fit_in_what_is_left(left_s: float) -> None:
         assert (bound_ms, grace_s) == (min(120_000, int((left_s - 6.0) * 1000)), 5.0)
     assert verification_bounds(120_000, None, 5.0) == (120_000, 5.0)
     assert verification_bounds(800, left_s, 5.0)[0] <= 800
+
+
+async def test_what_a_task_leaves_uncommitted_is_stashed_and_the_next_starts_clean(
+    make_config: Any, http: httpx.AsyncClient, origin: tuple[Path, Path], gh: GhLog
+) -> None:
+    """Found from outside: a task that left an untracked file made every later task
+    skip its branch (the tree was dirty) and commit onto the earlier task's branch.
+    What a task leaves is kept in a named stash; the next task gets its own branch."""
+    bare, checkout = origin
+    p = pipeline(make_config(repo_dir=str(checkout), agent_id="acc-agent"), http)
+    first, _ = await run(p, shell("echo junk > junk.txt && echo more >> README.md", description="Leave junk"))
+    assert first.ok and first.result is not None
+    warning = first.result["git_warning"]
+    assert "no commits ahead" in warning and "left 2 uncommitted paths" in warning
+    assert "trio-sidecar: left by task t-1 on acc/leave-junk" in git(checkout, "stash", "list")
+    assert git(checkout, "status", "--porcelain").strip() == ""
+
+    second, _ = await run(p, shell(commit_command(), description="Real work"))
+    assert second.ok and second.result is not None
+    assert "git_warning" not in second.result and second.result["pr_url"]
+    assert git(bare, "log", "--format=%s", "-1", "acc/real-work").strip() == "add feature.txt"
+    assert "junk.txt" not in git(bare, "ls-tree", "--name-only", "acc/real-work")
+    # The stash holds exactly what the first task left.
+    assert git(checkout, "stash", "show", "--include-untracked", "--name-only", "stash@{0}").split() == [
+        "README.md",
+        "junk.txt",
+    ]
+
+
+async def test_the_sidecars_own_files_inside_the_checkout_do_not_make_it_dirty(
+    make_config: Any, http: httpx.AsyncClient, origin: tuple[Path, Path], gh: GhLog
+) -> None:
+    """The original's onboarding puts config.json in `<repo_dir>/sidecar/`, so the
+    state dir and the log file land inside the checkout (found from outside: every
+    task then skipped its branch). They are not the task's work: not dirt, not
+    stashed, and `git_clean` leaves them out."""
+    _bare, checkout = origin
+    own = checkout / "sidecar"
+    cfg = make_config(repo_dir=str(checkout), state_dir=str(own / "state"), log_file=str(own / "sidecar.log"))
+    (own / "state").mkdir(parents=True)
+    (own / "state" / "store.db").write_text("x")
+    (own / "sidecar.log").write_text("log\n")
+    t = shell(commit_command(), description="Own files", verification_steps=[{"type": "git_clean"}])
+    res, _ = await run(pipeline(cfg, http), t)
+    assert res.ok and res.result is not None
+    assert "git_warning" not in res.result and res.result["pr_url"]
+    assert res.result["verification_status"] == "pass"
+    assert git(checkout, "stash", "list").strip() == ""
+    assert (own / "sidecar.log").exists() and (own / "state" / "store.db").exists()
