@@ -297,7 +297,7 @@ async def deliver(tools: Tools, cwd: Path, branch: str, info: PrInfo, body_path:
         if not made.ok:
             notes.append(f"gh label create {label} failed: {made.why()}")
             if made.problem is not None:  # gh missing or hung: the PR would fail the same way
-                return PullRequest(None, "; ".join(notes))
+                return PullRequest(None, f"{made.problem}: {branch} pushed, no pull request opened")
     diffstat = await tools.git(cwd, "diff", "--stat", f"{BASE_REF}...HEAD")
     title = pr_title(info.description, info.task_id)
     # `--flag=value`: a title that starts with "-" stays a value.
