@@ -106,7 +106,9 @@ class SidecarMetrics:
                     prom.record(result, elapsed)
                 else:
                     timed_out = trio.current_time() >= deadline
-                    prom.record_unfinished(run.task, "timeout" if timed_out else "cancelled", elapsed)
+                    prom.record_unfinished(
+                        run.task, "timeout" if timed_out else "cancelled", elapsed, run.spent
+                    )
 
         return instrumented
 

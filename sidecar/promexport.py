@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from .dispatcher import DispatchResult, UnknownTargetError, target_of
 from .messages import Task
 from .metrics import Observed
+from .taskrun import Spend
 
 __all__ = ["CONTENT_TYPE_LATEST", "Prometheus"]
 
@@ -145,13 +146,24 @@ class Prometheus:
         if isinstance(cost, (int, float)) and cost > 0:
             self.cost.labels(model).inc(float(cost))
 
-    def record_unfinished(self, task: Task, outcome: str, elapsed_s: float) -> None:
+    def record_unfinished(
+        self, task: Task, outcome: str, elapsed_s: float, spent: Spend | None = None
+    ) -> None:
+        """A task that ended without a result (cancelled, timed out); what it spent
+        all the same (a Claude session's cost so far) counts."""
         try:
             executor = target_of(task)
         except UnknownTargetError:
             executor = "none"
         self.tasks.labels(outcome, executor).inc()
         self.duration.labels(executor).observe(elapsed_s)
+        if spent is None or spent.model is None:
+            return
+        for direction, n in (("in", spent.tokens_in), ("out", spent.tokens_out)):
+            if n > 0:
+                self.tokens.labels(spent.model, direction).inc(n)
+        if spent.cost_usd > 0:
+            self.cost.labels(spent.model).inc(spent.cost_usd)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

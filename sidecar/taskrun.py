@@ -33,6 +33,18 @@ def safe_file_name(task_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)[:150]
 
 
+@attrs.define
+class Spend:
+    """What a run spent that no result will report: a Claude session cut short by a
+    cancel or the task's limit still cost money (its final `result` line says how
+    much). The metrics count it; nothing on the wire carries it."""
+
+    model: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+
+
 @attrs.frozen
 class TaskRun:
     """The per-task context handed to an executor.
@@ -49,6 +61,8 @@ class TaskRun:
     log_path: Path
     workdir: Path
     deadline: float = math.inf
+    # Shared by every copy of the run (`attrs.evolve` keeps the same object).
+    spent: Spend = attrs.Factory(Spend)
 
     @property
     def task_id(self) -> str:

@@ -26,7 +26,7 @@ from sidecar.executors import ExecContext
 from sidecar.executors.claude import ClaudeExecutor, cli_model, usage_tokens
 from sidecar.messages import Outcome, ProgressEvent, parse_task
 from sidecar.progress import ProgressSender, open_progress
-from sidecar.taskrun import run_and_sweep
+from sidecar.taskrun import TaskRun, run_and_sweep
 from tests.conftest import Logs
 from tests.fakes.proc_helpers import task_run
 
@@ -58,6 +58,7 @@ class Harness:
         self.env = env or {}
         self.send, self.recv = open_progress(100_000)
         self.record = tmp_path / "record.json"
+        self.last_run: TaskRun | None = None
 
     def events(self, kind: str | None = None) -> list[ProgressEvent]:
         out = []
@@ -80,6 +81,7 @@ class Harness:
             ctx = ExecContext(config=self.config, http=http, state_dir=self.tmp_path / "state")
             ex = ClaudeExecutor(ctx, env=self.env)
             run = task_run(ctx, parse_task(frame), ProgressSender(self.send, "t-1"), marker)
+            self.last_run = run
             return await run_and_sweep(ex, run)  # as the supervisor runs it
 
 
@@ -383,6 +385,12 @@ async def test_hang_after_last_line_cancelled_with_sigint(
     # SIGINT came first: the stand-in answers it, as the CLI does, with a final result.
     cancelled = logs.named("claude_cancelled")
     assert cancelled and cancelled[0]["result_seen"] is True
+    # What the session cost so far is kept for the metrics (found from outside:
+    # sidecar_cost_usd_total ignored cancelled and timed-out Claude runs).
+    final = json.loads(cut.read_text().splitlines()[0])  # the init line names the model
+    assert h.last_run is not None
+    spent = h.last_run.spent
+    assert spent.model == final.get("model") and spent.cost_usd > 0 and spent.tokens_out > 0
     assert marked_alive(h.config) == []
     orphan = int((tmp_path / "orphan").read_text())
     assert not _alive(orphan)

@@ -176,3 +176,30 @@ async def test_metrics_port_taken_is_not_fatal(make_config: Any) -> None:
             await hub.wait_until(lambda: hub.connected("agent-1"))
             assert sc.metrics.bound_url is None
     await listener.aclose()
+
+
+def test_a_cancelled_runs_spend_is_counted() -> None:
+    """A task ended without a result (a cancel, its limit) still spent what its
+    Claude session cost so far: the tokens and cost counters include it."""
+    from sidecar.messages import parse_task
+    from sidecar.promexport import Prometheus
+    from sidecar.taskrun import Spend
+
+    prom = Prometheus(observed=None)  # type: ignore[arg-type]  # only its task counters are read
+    task = parse_task({"type": "task_assign", "task_id": "t", "routing_decision": {"target_type": "claude"}})
+    prom.record_unfinished(task, "cancelled", 1.0, Spend("claude-x", 10, 5, 0.25))
+    prom.record_unfinished(task, "timeout", 1.0, Spend())  # nothing seen: nothing counted
+
+    def samples(metric: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sm.name, tuple(sorted(sm.labels.items()))): sm.value
+            for family in metric.collect()
+            for sm in family.samples
+            if sm.name.endswith("_total")
+        }
+
+    assert samples(prom.cost) == {("sidecar_cost_usd_total", (("model", "claude-x"),)): 0.25}
+    assert samples(prom.tokens) == {
+        ("sidecar_tokens_total", (("direction", "in"), ("model", "claude-x"))): 10.0,
+        ("sidecar_tokens_total", (("direction", "out"), ("model", "claude-x"))): 5.0,
+    }

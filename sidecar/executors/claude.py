@@ -224,11 +224,15 @@ class ClaudeExecutor:
             # usually printed a final result with the cost so far; log it, then
             # let the cancellation go on.
             res = state.result or {}
-            tlog.info(
-                "claude_cancelled",
-                cost_usd=res.get("total_cost_usd"),
-                result_seen=state.result is not None,
-            )
+            cost = res.get("total_cost_usd")
+            if state.result is not None:
+                tokens_in, tokens_out = usage_tokens(res)
+                paid = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else 0.0
+                run.spent.model = state.model or "claude"
+                run.spent.tokens_in += tokens_in
+                run.spent.tokens_out += tokens_out
+                run.spent.cost_usd += paid
+            tlog.info("claude_cancelled", cost_usd=cost, result_seen=state.result is not None)
             raise
         return self._outcome(state, child.returncode, tlog)
 
