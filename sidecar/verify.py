@@ -17,7 +17,8 @@ through `procs.run_child` (own process group, the task's marker, SIGTERM then
 SIGKILL on cancellation), in the working directory, its output captured and
 capped. A command target is split with shell rules (`shlex`) into an argv and
 run without a shell: nothing from a task reaches `/bin/sh`; a check that needs
-a pipeline says so itself (`sh -c '…'`).
+a pipeline says so itself (`sh -c '…'`), and one that uses shell syntax
+unquoted (`&&`, `|`, `>`, `$(…)`) is an `error` check rather than a false pass.
 
 `verification_timeout_ms` bounds all the checks together. When it expires the
 check that is running is killed and the report's status is `timeout`: unlike
@@ -122,6 +123,43 @@ def empty_report(task_id: str, status: str, timeout_ms: int, run_number: int = 1
     }
 
 
+_OPERATOR_CHARS = frozenset(";&|<>")
+
+
+def shell_syntax(command: str) -> str | None:
+    """The first piece of shell syntax in `command` that a shell would act on and
+    an argv cannot carry (an operator, a redirection, a command substitution), or
+    None. Quoted text is text, but `$(` and backticks act inside double quotes too.
+
+    Found from outside: `true && make test` passed without running the tests,
+    `&&`, `make` and `test` being arguments of `true`. The original ran targets
+    through a shell; here they never are, so such a check is an `error` that
+    says why, not a false pass.
+    """
+    quote: str | None = None
+    i = 0
+    while i < len(command):
+        c = command[i]
+        if c == "\\" and quote != "'":
+            i += 2
+            continue
+        if quote == "'":
+            quote = None if c == "'" else quote
+        elif c == "`" or command.startswith("$(", i):
+            return command[i : i + 2] if c == "$" else c
+        elif quote == '"':
+            quote = None if c == '"' else quote
+        elif c in "'\"":
+            quote = c
+        elif c in _OPERATOR_CHARS:
+            j = i
+            while j < len(command) and command[j] in _OPERATOR_CHARS:
+                j += 1
+            return command[i:j]
+        i += 1
+    return None
+
+
 def _check(step: Step, status: str, output: str, duration_s: float) -> dict[str, Any]:
     return {
         "type": step.type,
@@ -209,6 +247,12 @@ class _Checker:
             return ERROR, f"cannot parse command {command!r}: {exc}"
         if not argv:
             return ERROR, "empty command"
+        syntax = shell_syntax(command)
+        if syntax is not None:
+            return ERROR, (
+                f"the command uses shell syntax ({syntax!r}), and checks run without a shell: "
+                f"write sh -c '…' to run it in one"
+            )
         return await self._argv(argv, cwd, out)
 
     async def _argv(self, argv: list[str], cwd: Path, out: OutputCapture) -> tuple[str, str]:

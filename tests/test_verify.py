@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from sidecar import procs
+from sidecar import verify as verify_mod
 from sidecar.verify import run_verification
 from tests.fakes.proc_helpers import RecordingProgress
 from tests.gitrepos import git, make_origin
@@ -224,3 +225,35 @@ async def test_git_clean_counts_untracked_files(tmp_path: Path) -> None:
     git(checkout, "checkout", "README.md")
     report, _ = await verify(checkout, [step("git_clean", None)])
     assert report["status"] == "pass"
+
+
+@pytest.mark.parametrize(
+    ("command", "found"),
+    [
+        ("true && make test", "&&"),
+        ("grep -q x f 2>/dev/null", ">"),
+        ("a;b", ";"),
+        ("x | y", "|"),
+        ("echo $(id)", "$("),
+        ('echo "$(id)"', "$("),
+        ("echo `id`", "`"),
+        ("make test", None),
+        ('echo "a && b"', None),
+        ("sh -c 'a && b; c | d'", None),
+        ("echo '$(id)'", None),
+        ("echo a\\;b", None),
+        ('python -c "print(1>0)"', None),
+    ],
+)
+def test_shell_syntax_is_found_outside_quotes(command: str, found: str | None) -> None:
+    assert verify_mod.shell_syntax(command) == found
+
+
+async def test_a_command_using_shell_syntax_is_an_error_not_a_false_pass(tmp_path: Path) -> None:
+    """Found from outside: `true && touch x` passed without running `touch`."""
+    steps = [{"type": "command_succeeds", "target": f"true && touch {tmp_path / 'x'}"}]
+    report, _ = await verify(tmp_path, steps)
+    [check] = report["checks"]
+    assert check["status"] == "error" and "shell syntax ('&&')" in check["output"]
+    assert "sh -c" in check["output"] and report["status"] == "error"
+    assert not (tmp_path / "x").exists()
