@@ -34,6 +34,8 @@ from .log import get_logger
 from .messages import LIMITS, converter, error_path
 
 log = get_logger("sidecar.config")
+# Field metadata: not a setting (not read from a file, not documented as a key).
+INTERNAL = "internal"
 # Settings where "" means unset, as in the original's config.json.
 _BLANK_IS_UNSET = frozenset({"hub_api_url", "ollama_url", "log_file", "results_dir", "wake_command"})
 
@@ -302,6 +304,9 @@ class Config:
             "tokens): overrides the bundled price catalogue for that model."
         ),
     )
+    # Not a setting: the file this config was read from (None: the environment
+    # only). The branch workflow leaves it out of a checkout's clean check.
+    config_file: str | None = attrs.field(default=None, metadata={INTERNAL: True})
 
     @property
     def display_name(self) -> str:
@@ -331,7 +336,7 @@ def config_from_mapping(
     config.json, which its own tools may extend): such keys are then dropped
     and named in one warning, as the original ignored them.
     """
-    known = {a.name for a in attrs.fields(Config)}
+    known = {a.name for a in attrs.fields(Config) if not a.metadata.get(INTERNAL)}
     unknown = sorted(set(data) - known)
     if unknown and not lenient:
         raise ConfigError(unknown[0], "unknown key", source)
@@ -399,11 +404,13 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     for var, key in ENV_OVERRIDES.items():
         if env.get(var):
             data[key] = env[var]
-    return config_from_mapping(data, base_dir=base_dir, source=source, lenient=is_json)
+    cfg = config_from_mapping(data, base_dir=base_dir, source=source, lenient=is_json)
+    return attrs.evolve(cfg, config_file=str(Path(path).resolve())) if path is not None else cfg
 
 
 __all__ = [
     "ENV_OVERRIDES",
+    "INTERNAL",
     "ClaudeConfig",
     "Config",
     "ConfigError",

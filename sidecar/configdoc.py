@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from .config import ENV_OVERRIDES, ClaudeConfig, Config, OllamaConfig, TimeLimits
+from .config import ENV_OVERRIDES, INTERNAL, ClaudeConfig, Config, OllamaConfig, TimeLimits
 
 _NESTED: dict[str, type[Any]] = {"ollama": OllamaConfig, "claude": ClaudeConfig, "time_limits": TimeLimits}
 
@@ -36,7 +36,8 @@ def fields() -> list[tuple[str, Any]]:
     """Every config key, dotted for nested tables, with its attrs field."""
     out: list[tuple[str, Any]] = []
     for f in attrs.fields(Config):
-        out.append((f.name, f))
+        if not f.metadata.get(INTERNAL):
+            out.append((f.name, f))
     for prefix, cls in _NESTED.items():
         for f in attrs.fields(cls):
             out.append((f"{prefix}.{f.name}", f))

@@ -141,7 +141,8 @@ class Pipeline:
         self.locks = workspace.RepoLocks()
         self._not_git_logged: set[str] = set()
         # The sidecar's own files, never a task's work (they may lie inside repo_dir).
-        own = [self.state_dir, *(Path(p) for p in (config.log_file, config.results_dir) if p)]
+        files = (config.log_file, config.results_dir, config.config_file)
+        own = [self.state_dir, *(Path(p) for p in files if p)]
         self.own_paths: tuple[Path, ...] = tuple(own)
 
     async def sweep_leftovers(self) -> None:

@@ -147,6 +147,15 @@ def test_blank_urls_and_paths_are_unset_and_the_log_file_is_next_to_the_config(t
         load_config(_write(tmp_path / "e.json", {**ONBOARDED, "ollama_url": "ftp://x"}), env={})
 
 
+def test_the_config_file_is_remembered_and_is_not_a_key(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.json", dict(ONBOARDED))
+    assert load_config(path, env={}).config_file == str(path.resolve())
+    toml = tmp_path / "s.toml"
+    toml.write_text('agent_id = "a"\ntoken = "t"\nhub_url = "ws://h:1/ws"\nconfig_file = "x"\n')
+    with pytest.raises(ConfigError, match="config_file"):
+        load_config(toml, env={})
+
+
 def _write(path: Path, data: dict[str, object]) -> Path:
     path.write_text(json.dumps(data))
     return path

@@ -474,7 +474,9 @@ async def test_the_sidecars_own_files_inside_the_checkout_do_not_make_it_dirty(
     _bare, checkout = origin
     own = checkout / "sidecar"
     cfg = make_config(repo_dir=str(checkout), state_dir=str(own / "state"), log_file=str(own / "sidecar.log"))
+    cfg = attrs.evolve(cfg, config_file=str(own / "config.json"))  # as load_config sets it
     (own / "state").mkdir(parents=True)
+    (own / "config.json").write_text("{}")  # untracked, not ignored (a re-probe found it)
     (own / "state" / "store.db").write_text("x")
     (own / "sidecar.log").write_text("log\n")
     t = shell(commit_command(), description="Own files", verification_steps=[{"type": "git_clean"}])
@@ -484,3 +486,4 @@ async def test_the_sidecars_own_files_inside_the_checkout_do_not_make_it_dirty(
     assert res.result["verification_status"] == "pass"
     assert git(checkout, "stash", "list").strip() == ""
     assert (own / "sidecar.log").exists() and (own / "state" / "store.db").exists()
+    assert (own / "config.json").exists()
