@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -117,13 +118,14 @@ class Prometheus:
         )
         self.tokens = Counter(
             "sidecar_tokens",
-            "LLM tokens used by successful tasks, by model and direction (in, out)",
+            "LLM tokens used by successful tasks and cut-short Claude sessions, "
+            "by model and direction (in, out)",
             ["model", "direction"],
             registry=self.registry,
         )
         self.cost = Counter(
             "sidecar_cost_usd",
-            "Estimated cost in USD of successful tasks, by model",
+            "Estimated cost in USD of successful tasks and cut-short Claude sessions, by model",
             ["model"],
             registry=self.registry,
         )
@@ -138,13 +140,21 @@ class Prometheus:
         model = str(r.get("model_used") or "none")
         if model == "none":
             return
-        for direction in ("in", "out"):
-            n = r.get(f"tokens_{direction}")
+        cost = r.get("estimated_cost_usd")
+        self._count_spend(
+            model,
+            r.get("tokens_in"),
+            r.get("tokens_out"),
+            float(cost) if isinstance(cost, (int, float)) else None,
+        )
+
+    def _count_spend(self, model: str, tokens_in: Any, tokens_out: Any, cost_usd: float | None) -> None:
+        """Add a run's tokens and cost to the counters of `model` (what is not a positive number is not)."""
+        for direction, n in (("in", tokens_in), ("out", tokens_out)):
             if isinstance(n, int) and n > 0:
                 self.tokens.labels(model, direction).inc(n)
-        cost = r.get("estimated_cost_usd")
-        if isinstance(cost, (int, float)) and cost > 0:
-            self.cost.labels(model).inc(float(cost))
+        if cost_usd is not None and cost_usd > 0:
+            self.cost.labels(model).inc(cost_usd)
 
     def record_unfinished(
         self, task: Task, outcome: str, elapsed_s: float, spent: Spend | None = None
@@ -157,13 +167,8 @@ class Prometheus:
             executor = "none"
         self.tasks.labels(outcome, executor).inc()
         self.duration.labels(executor).observe(elapsed_s)
-        if spent is None or spent.model is None:
-            return
-        for direction, n in (("in", spent.tokens_in), ("out", spent.tokens_out)):
-            if n > 0:
-                self.tokens.labels(spent.model, direction).inc(n)
-        if spent.cost_usd > 0:
-            self.cost.labels(spent.model).inc(spent.cost_usd)
+        if spent is not None and spent.model is not None:
+            self._count_spend(spent.model, spent.tokens_in, spent.tokens_out, spent.cost_usd)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

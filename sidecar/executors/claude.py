@@ -68,6 +68,12 @@ def resolve_binary(binary: str, path: str | None) -> str | None:
     return shutil.which(binary, path=path)
 
 
+def cost_of(result: Mapping[str, Any]) -> float | None:
+    """`total_cost_usd` of a `result` line, None unless it is a number."""
+    cost = result.get("total_cost_usd")
+    return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+
+
 def usage_tokens(result: Mapping[str, Any]) -> tuple[int, int]:
     """(tokens_in, tokens_out) of a `result` line.
 
@@ -224,14 +230,13 @@ class ClaudeExecutor:
             # usually printed a final result with the cost so far; log it, then
             # let the cancellation go on.
             res = state.result or {}
-            cost = res.get("total_cost_usd")
+            cost = cost_of(res)
             if state.result is not None:
                 tokens_in, tokens_out = usage_tokens(res)
-                paid = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else 0.0
                 run.spent.model = state.model or "claude"
                 run.spent.tokens_in += tokens_in
                 run.spent.tokens_out += tokens_out
-                run.spent.cost_usd += paid
+                run.spent.cost_usd += cost or 0.0
             tlog.info("claude_cancelled", cost_usd=cost, result_seen=state.result is not None)
             raise
         return self._outcome(state, child.returncode, tlog)
@@ -322,8 +327,7 @@ class ClaudeExecutor:
                 exit_code=returncode,
             )
         tokens_in, tokens_out = usage_tokens(res)
-        cost = res.get("total_cost_usd")
-        cost_usd = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+        cost_usd = cost_of(res)
         text = res.get("result")
         output = text if isinstance(text, str) else "".join(run.assistant_text)
         common: dict[str, Any] = {
