@@ -361,17 +361,16 @@ def config_from_mapping(
     state_dir = Path(cfg.state_dir) if cfg.state_dir else base_dir / "state"
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
-    repo_dir = cfg.repo_dir
-    if repo_dir and not Path(repo_dir).is_absolute():
-        repo_dir = str(base_dir / repo_dir)
-    results_dir = cfg.results_dir
-    if results_dir and not Path(results_dir).is_absolute():
-        results_dir = str(base_dir / results_dir)
-    log_file = cfg.log_file
-    if log_file and not Path(log_file).is_absolute():
-        log_file = str(base_dir / log_file)
+
+    def under_base(path: str | None) -> str | None:
+        return str(base_dir / path) if path and not Path(path).is_absolute() else path
+
     return attrs.evolve(
-        cfg, state_dir=str(state_dir), repo_dir=repo_dir, results_dir=results_dir, log_file=log_file
+        cfg,
+        state_dir=str(state_dir),
+        repo_dir=under_base(cfg.repo_dir),
+        results_dir=under_base(cfg.results_dir),
+        log_file=under_base(cfg.log_file),
     )
 
 

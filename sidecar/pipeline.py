@@ -175,6 +175,7 @@ class Pipeline:
             return await self.execute(run)  # fails at once, with the dispatcher's message
         tools = self._tools(run.marker)
         place: _Place | None = None
+        tidied = False
         try:
             try:
                 place = await self._place(task, kind, tools, progress, run.workdir)
@@ -186,7 +187,7 @@ class Pipeline:
                 )
             done = await self._work(run.with_workdir(place.cwd), kind, place, tools)
             note = await self._tidy(task, place, tools)
-            place = None if place.tree is None else place  # tidied: the finally has nothing left to do
+            tidied = True
             if note is not None and done.ok and done.result is not None:
                 warning = "; ".join(w for w in (done.result.get("git_warning"), note) if w)
                 done = attrs.evolve(done, result={**done.result, "git_warning": truncate(warning, 2000)})
@@ -194,7 +195,7 @@ class Pipeline:
         finally:
             if place is not None and place.tree is not None:
                 await workspace.remove_worktree(tools, place.tree, self.locks)
-            elif place is not None:
+            elif place is not None and not tidied:
                 # The task ended otherwise (a failure raised, a cancel, a time-out).
                 with trio.CancelScope(shield=True), trio.move_on_after(workspace.CLEANUP_TIMEOUT_S):
                     await self._tidy(task, place, tools)
