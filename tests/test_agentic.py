@@ -18,6 +18,7 @@ import trio
 
 from sidecar import procs
 from sidecar.agentic import wants_agentic
+from sidecar.agentic.loop import LENGTH_NOTICE
 from sidecar.config import Config
 from sidecar.cost import CostModel
 from sidecar.dispatcher import Dispatcher
@@ -262,6 +263,25 @@ async def test_nudge_then_real_work_continues(agent: Agent) -> None:
     async with open_tool_server([Step(""), Step("Here is the answer.")]) as srv:
         out = await agent(make_task(srv))
     assert out.ok and out.output == "Here is the answer."
+
+
+async def test_a_turn_cut_at_the_length_limit_is_announced_and_counted(agent: Agent) -> None:
+    steps = [
+        Step(calls=[call("read_file", path="a.py")], done_reason="length"),
+        Step("Done, but cut", done_reason="length"),
+    ]
+    async with open_tool_server(steps) as srv:
+        out = await agent(make_task(srv))
+    assert out.ok and out.output == "Done, but cut"
+    assert out.fields is not None and out.fields["turns_cut_at_length"] == 2
+    notices = [e.text for e in agent.of("status") if LENGTH_NOTICE in e.text]
+    assert notices == [f"turn 1: {LENGTH_NOTICE}", f"turn 2: {LENGTH_NOTICE}"]
+
+
+async def test_no_turn_cut_means_no_count(agent: Agent) -> None:
+    async with open_tool_server([Step("All done.")]) as srv:
+        out = await agent(make_task(srv))
+    assert out.ok and out.fields is not None and "turns_cut_at_length" not in out.fields
 
 
 async def test_model_error_is_a_task_failure_with_the_tokens_so_far(agent: Agent) -> None:

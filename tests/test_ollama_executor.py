@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 
+from sidecar.agentic.loop import LENGTH_NOTICE
 from sidecar.config import Config
 from sidecar.executors import ExecContext
 from sidecar.executors.ollama import DEFAULT_URL, OllamaExecutor, resolve_url
@@ -206,6 +207,35 @@ async def test_truncated_stream_is_a_failure(srv: OllamaServer, run: Callable[..
     out = await run()(make_task(host_port(srv.url)))
     assert (out.ok, out.reason, out.transient) == (False, "ollama_truncated", True)
     assert "truncated stream" in (out.error or "") and "3 chunks" in (out.error or "")
+
+
+async def test_an_answer_cut_at_the_length_limit_is_a_flagged_success(
+    srv: OllamaServer, run: Callable[..., Run]
+) -> None:
+    srv.scripts["qwen3:8b"] = Script(reply="a b c", done_reason="length")
+    r = run()
+    out = await r(make_task(host_port(srv.url)))
+    assert (out.ok, out.output) == (True, "a b c")
+    assert out.fields == {"done_reason": "length"}
+    assert [(e.event_type, e.text) for e in r.events][-1] == ("status", LENGTH_NOTICE)
+
+
+async def test_a_normal_stop_adds_no_field_and_no_notice(srv: OllamaServer, run: Callable[..., Run]) -> None:
+    srv.scripts["qwen3:8b"] = Script(reply="a b", done_reason="stop")
+    r = run()
+    out = await r(make_task(host_port(srv.url)))
+    assert (out.ok, out.fields) == (True, None)
+    assert {e.event_type for e in r.events} == {"token"}
+
+
+@pytest.mark.parametrize("done_reason", ["load", "unload"])
+async def test_a_load_or_unload_line_is_no_reply(
+    srv: OllamaServer, run: Callable[..., Run], done_reason: str
+) -> None:
+    srv.scripts["qwen3:8b"] = Script(reply="", done_reason=done_reason)
+    out = await run()(make_task(host_port(srv.url)))
+    assert (out.ok, out.reason, out.transient) == (False, "ollama_no_reply", True)
+    assert f"done_reason {done_reason!r} and no reply" in (out.error or "")
 
 
 async def test_malformed_json_line_is_a_failure(srv: OllamaServer, run: Callable[..., Run]) -> None:

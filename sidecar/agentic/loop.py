@@ -47,6 +47,8 @@ files; paths are relative to the workspace root and cannot leave it. Each tool a
 envelope {success, tool, output, error}. When the task is done, reply with your final answer as plain \
 text and no tool call."""
 
+LENGTH_NOTICE = "the reply stopped at the model's length limit (done_reason length): it may be cut off"
+
 NUDGE = "Your reply was empty. Call a tool to make progress, or give your final answer as plain text."
 
 ChatFn = Callable[[list[dict[str, Any]], Callable[[str], Awaitable[None]]], Awaitable[Reply]]
@@ -63,6 +65,7 @@ class LoopResult:
     error: str | None = None
     error_reason: str | None = None
     transient: bool = False
+    turns_cut: int = 0  # turns that stopped at the model's length limit
 
     @property
     def ok(self) -> bool:
@@ -125,6 +128,9 @@ async def run_loop(
             break
         res.tokens_in += reply.prompt_tokens
         res.tokens_out += reply.output_tokens
+        if reply.done_reason == "length":
+            res.turns_cut += 1
+            await progress.emit("status", f"turn {iteration + 1}: {LENGTH_NOTICE}", model=model)
         messages.append(reply.message())
         calls = parse_calls(reply.tool_calls, reply.content)
         text = strip_think(reply.content).strip()

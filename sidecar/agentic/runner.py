@@ -121,6 +121,8 @@ async def run_agentic(
         "iterations_used": res.iterations,
         "files_written": res.files_written,
     }
+    if res.turns_cut:
+        fields["turns_cut_at_length"] = res.turns_cut
     if res.ok:
         return Outcome(
             ok=True,

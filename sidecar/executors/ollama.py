@@ -18,6 +18,7 @@ import trio
 
 from ..agentic import wants_agentic
 from ..agentic.chat import count_of, error_text
+from ..agentic.loop import LENGTH_NOTICE
 from ..agentic.runner import run_agentic, scratch_workdir
 from ..log import get_logger
 from ..messages import Outcome, Task
@@ -32,6 +33,9 @@ DEFAULT_URL = "http://localhost:11434"
 _ERROR_BODY_CAP = 64 * 1024  # bytes of a non-200 body we read to find its error
 _json_decode = json.JSONDecoder().decode
 _HEADERS = {"Accept": "application/x-ndjson", "Accept-Encoding": "identity"}
+# A final line with one of these reasons is the server loading or unloading the
+# model, not an answer to the chat.
+_NOT_A_REPLY = ("load", "unload")
 
 
 def resolve_url(endpoint: str | None, configured: str | None) -> str:
@@ -98,7 +102,7 @@ class OllamaExecutor:
         body = self.request_body(task, model)
         parts: list[str] = []
         try:
-            tokens_in, tokens_out = await self._stream(url, model, body, parts, progress)
+            tokens_in, tokens_out, done_reason = await self._stream(url, model, body, parts, progress)
         except _Failure as f:
             log.warning("ollama_failed", task_id=task.task_id, url=url, model=model, reason=f.reason)
             return Outcome(
@@ -109,12 +113,20 @@ class OllamaExecutor:
                 transient=f.transient,
                 model_used=model,
             )
+        fields = None
+        if done_reason == "length":
+            # Not a failure (the text is the model's), but cut short: say so where
+            # the user looks, on the dashboard and in the result.
+            log.warning("ollama_length_limit", task_id=task.task_id, model=model, tokens_out=tokens_out)
+            await progress.emit("status", LENGTH_NOTICE, model=model)
+            fields = {"done_reason": done_reason}
         return Outcome(
             ok=True,
             output="".join(parts),
             model_used=model,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
+            fields=fields,
         )
 
     async def _agentic(self, run: TaskRun, url: str, model: str) -> Outcome:
@@ -143,8 +155,9 @@ class OllamaExecutor:
         body: dict[str, Any],
         parts: list[str],
         progress: ProgressSender,
-    ) -> tuple[int, int]:
-        """Stream one chat; append content to `parts`; return (tokens_in, tokens_out).
+    ) -> tuple[int, int, str | None]:
+        """Stream one chat; append content to `parts`; return (tokens_in, tokens_out,
+        done_reason).
 
         `async with client.stream(...)` closes the connection at once when the
         caller's scope is cancelled; Cancelled then propagates untouched.
@@ -205,7 +218,7 @@ class OllamaExecutor:
         where: str,
         parts: list[str],
         progress: ProgressSender,
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, str | None]:
         """Split the NDJSON body ourselves (cheaper than `aiter_lines`) and relay it.
 
         The per-line fast path is one JSON decode and two lookups; anything
@@ -275,7 +288,17 @@ class OllamaExecutor:
                 f"truncated stream: {where} ended the response after {count} chunks without done:true",
                 True,
             )
-        return count_of(final.get("prompt_eval_count")), count_of(final.get("eval_count"))
+        done_reason = final.get("done_reason")
+        if not isinstance(done_reason, str):
+            done_reason = None
+        if done_reason in _NOT_A_REPLY and not count:
+            raise _Failure(
+                "ollama_no_reply",
+                f"{where} ended with done_reason {done_reason!r} and no reply "
+                "(a model load or unload, not an answer)",
+                True,
+            )
+        return count_of(final.get("prompt_eval_count")), count_of(final.get("eval_count")), done_reason
 
 
 def _encoded(response: httpx.Response) -> bool:

@@ -42,7 +42,8 @@ class Step:
     - `prompt_tokens` / `output_tokens`: the `done` line's `prompt_eval_count` / `eval_count`;
     - `whole`: answer as one JSON object even when asked to stream;
     - `status`: answer this HTTP status with `{"error": …}` instead;
-    - `stall_after`: after this many chunks send nothing more (until the client goes).
+    - `stall_after`: after this many chunks send nothing more (until the client goes);
+    - `done_reason`: the `done` line's reason (`length`: cut at the token limit).
     """
 
     content: str = ""
@@ -53,6 +54,7 @@ class Step:
     whole: bool = False
     status: int | None = None
     stall_after: int | None = None
+    done_reason: str = "stop"
 
 
 class ToolServer(OllamaServer):
@@ -123,7 +125,7 @@ def _done(model: str, message: dict[str, Any], step: Step) -> dict[str, Any]:
         "created_at": _created_at(),
         "message": message,
         "done": True,
-        "done_reason": "stop",
+        "done_reason": step.done_reason,
         "total_duration": 3_000_000,
         "load_duration": 1_000_000,
         "prompt_eval_count": step.prompt_tokens,
