@@ -38,6 +38,10 @@ _KNOWN_TIERS = frozenset({"trivial", "standard", "complex"})
 
 # Outcome reasons that are never retried, whatever `transient` says.
 _NEVER_RETRY_REASONS = frozenset({"timeout", "cancelled"})
+# Outcome reasons retried fewer times than their kind's policy allows. A Claude
+# run that dies without its result line may have spent tokens nobody can count
+# (the cost is only on that line): one more run, not three.
+_RETRY_CAPS = {"claude_no_result": 1}
 
 
 class UnknownTargetError(ValueError):
@@ -156,7 +160,8 @@ class Dispatcher:
             bind_context(attempt=attempt)
             outcome = await self._attempt(executor, run, kind)
             outcomes.append(outcome)
-            if outcome.ok or not self._retryable(outcome) or attempt > policy.max_retries:
+            limit = min(policy.max_retries, _RETRY_CAPS.get(outcome.reason or "", policy.max_retries))
+            if outcome.ok or not self._retryable(outcome) or attempt > limit:
                 break
             delay = policy.backoffs_s[attempt - 1]
             what = truncate(outcome.error or outcome.reason or "transient failure", 200)
@@ -175,7 +180,7 @@ class Dispatcher:
                 await self._sleep(delay)
             else:
                 await progress.emit("status", f"{label} attempt {attempt} failed: {what}")
-            await progress.emit("status", f"{label} retry {attempt}/{policy.max_retries}…")
+            await progress.emit("status", f"{label} retry {attempt}/{limit}…")
         execution_ms = round((trio.current_time() - started) * 1000)
         return self._build(kind, outcomes, execution_ms)
 

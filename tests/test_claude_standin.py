@@ -173,14 +173,19 @@ async def test_api_error_529_is_transient(harness: MakeHarness) -> None:
     assert "Overloaded" in (out.error or "")
 
 
-async def test_no_result_line_is_failure(harness: MakeHarness, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("exit_code", "transient"), [(0, False), (1, True)])
+async def test_no_result_line_is_failure(
+    harness: MakeHarness, tmp_path: Path, exit_code: int, transient: bool
+) -> None:
+    """Exit 0 without the line: a CLI that does not speak stream-json as we expect,
+    which another run will not change. Exit 1 after it ran: a crash, worth one more run."""
     cut = tmp_path / "cut.jsonl"
     cut.write_text("".join(json.dumps(o) + "\n" for o in lines("success") if o.get("type") != "result"))
-    h = harness("--standin-replay", str(cut), "--standin-exit", "0")
+    h = harness("--standin-replay", str(cut), "--standin-exit", str(exit_code))
     out = await h.run()
     assert not out.ok
     assert out.reason == "claude_no_result"
-    assert out.transient is True  # it ran, then stopped short
+    assert out.transient is transient
     assert "without a result line" in (out.error or "")
 
 

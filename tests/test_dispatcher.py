@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -218,6 +219,17 @@ async def test_claude_backoffs_exact(autojump_clock: trio.testing.MockClock, cos
         "Claude attempt 3 failed: connection refused; backing off 8 s…",
         "Claude retry 3/3…",
     ]
+
+
+async def test_a_claude_run_without_its_result_line_is_retried_once(
+    autojump_clock: trio.testing.MockClock, cost: CostModel
+) -> None:
+    cut = Outcome(ok=False, error="CLI ended (SIGKILL) without a result line", reason="claude_no_result")
+    fake = Scripted([attrs.evolve(cut, transient=True)])
+    result, texts = await dispatch(cost, "claude", fake)
+    assert len(fake.calls) == 2 and result.attempts == 2 and not result.ok
+    assert result.reason == "claude_no_result"
+    assert [t for t in texts if "retry" in t] == ["Claude retry 1/1…"]
 
 
 async def test_ollama_status_events(autojump_clock: trio.testing.MockClock, cost: CostModel) -> None:

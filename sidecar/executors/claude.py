@@ -314,9 +314,11 @@ class ClaudeExecutor:
             if stderr:
                 error += f": {stderr[-1500:]}"
             # A CLI that printed nothing JSON refused its arguments or setup
-            # (unknown option, missing --verbose, no input): retrying cannot help.
-            # One that died mid-run (signal, crash) may do better next time.
-            transient = run.started or returncode < 0
+            # (unknown option, missing --verbose, no input), and one that exited 0
+            # without the line does not speak stream-json as we expect: retrying
+            # cannot help. One that died mid-run (signal, crash) may do better next
+            # time (the dispatcher allows it one more run).
+            transient = returncode < 0 or (run.started and returncode != 0)
             tlog.warning("claude_no_result", returncode=returncode, transient=transient)
             return Outcome(
                 ok=False,
