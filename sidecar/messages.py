@@ -154,6 +154,33 @@ class Task:
             return 0
         return min(value, MAX_VERIFICATION_RETRIES)
 
+    def ignored_fields(self) -> list[tuple[str, Any, str, Any]]:
+        """The lenient fields present with a value they cannot have, as (path,
+        value, problem, what is used instead): a task is never refused for them,
+        but the user should hear why a limit or a skip did not apply."""
+        found: list[tuple[str, Any, str, Any]] = []
+        value = self.metadata.get("timeout_ms")
+        if value is not None and self.timeout_ms is None:
+            found.append(("metadata.timeout_ms", value, "not a positive number of milliseconds", None))
+        value = self.raw.get("skip_verification")
+        if value is not None and not isinstance(value, bool):
+            found.append(("skip_verification", value, "not a boolean (true or false)", False))
+        value = self.raw.get("verification_timeout_ms")
+        if value is not None and value != self.verification_timeout_ms == DEFAULT_VERIFICATION_TIMEOUT_MS:
+            found.append(
+                (
+                    "verification_timeout_ms",
+                    value,
+                    "not a positive number of milliseconds",
+                    DEFAULT_VERIFICATION_TIMEOUT_MS,
+                )
+            )
+        value = self.raw.get("max_verification_retries")
+        if value is not None and self.max_verification_retries != value:
+            problem = f"not an integer from 0 to {MAX_VERIFICATION_RETRIES}"
+            found.append(("max_verification_retries", value, problem, self.max_verification_retries))
+        return found
+
     @property
     def priority(self) -> str:
         value = self.metadata.get("priority")

@@ -464,12 +464,13 @@ class Supervisor:
         try:
             with held.scope:
                 timeout_s = task_time_limit_ms(task, self.config) / 1000.0
-                if task.timeout_ms is None and task.metadata.get("timeout_ms") is not None:
+                for field, value, problem, used in task.ignored_fields():
                     tlog.warning(
-                        "timeout_ms_ignored",
-                        value=repr(task.metadata["timeout_ms"])[:100],
-                        problem="not a positive number of milliseconds",
-                        limit_s=timeout_s,
+                        "task_field_ignored",
+                        field=field,
+                        value=repr(value)[:100],
+                        problem=problem,
+                        using=timeout_s if used is None else used,
                     )
                 if held.awaiting_recovery:
                     await held.recover_answered.wait()

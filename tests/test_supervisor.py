@@ -267,9 +267,30 @@ async def test_a_timeout_ms_that_is_not_a_number_of_milliseconds_is_named_in_a_w
         await feed(sc, frame)
         with trio.fail_after(20):
             await sc.supervisor.held["t-limit"].done.wait()
-    [warning] = logs.named("timeout_ms_ignored")
-    assert warning["value"] == "'5000'" and warning["limit_s"] == config.default_timeout_ms / 1000
+    [warning] = logs.named("task_field_ignored")
+    assert warning["field"] == "metadata.timeout_ms"
+    assert warning["value"] == "'5000'" and warning["using"] == config.default_timeout_ms / 1000
     assert warning["task_id"] == "t-limit"
+
+
+async def test_verification_fields_of_the_wrong_kind_are_named_in_warnings(
+    make_config: Any, logs: Logs
+) -> None:
+    """`skip_verification: "yes"` does not skip, a `verification_timeout_ms` of "abc"
+    means the default: the task runs, and the log says which value was ignored."""
+    config = make_config(backoff_initial_s=60.0)
+    async with offline_sidecar(config) as (sc, _store):
+        frame = shell_assign("t-v", "true")
+        frame.update(skip_verification="yes", verification_timeout_ms="abc", max_verification_retries=9)
+        await feed(sc, frame)
+        with trio.fail_after(20):
+            await sc.supervisor.held["t-v"].done.wait()
+    seen = {w["field"]: (w["value"], w["using"]) for w in logs.named("task_field_ignored")}
+    assert seen == {
+        "skip_verification": ("'yes'", False),
+        "verification_timeout_ms": ("'abc'", 120_000),
+        "max_verification_retries": ("9", 5),
+    }
 
 
 async def test_a_task_that_empties_its_directory_leaves_the_state_dir_alone(make_config: Any) -> None:
