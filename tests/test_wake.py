@@ -21,6 +21,7 @@ import trio.testing
 
 from sidecar.executors import wake
 from sidecar.executors.wake import RETRY_DELAYS_S, WakeExecutor
+from sidecar.executors.waketemplate import expand_in_single_quotes
 from sidecar.messages import Outcome, parse_task
 from tests.fakes.proc_helpers import RecordingProgress, kill_quietly, make_ctx, task_run, wait_dead
 
@@ -240,6 +241,42 @@ async def test_injection_through_description_or_task_id_never_runs(
     assert "$(touch" in (repo / "desc_unquoted.txt").read_text()
     assert json.loads((repo / "task.json").read_text()) == task.raw
     assert outcome.result is not None and outcome.result["output"] == f"did {task_id}"
+
+
+async def test_placeholders_in_single_quotes_get_the_value_and_still_never_run_it(
+    make_wake: Any, dirs: tuple[Path, Path], tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The original pasted values into the text, so `'${TASK_ID}'` gave the id; a
+    value that closes the quote and runs code must stay text."""
+    repo, results = dirs
+    p = tmp_path
+    description = f"it's '; touch {p}/pwned1; ' $(touch {p}/pwned2) \\' `touch {p}/pwned3`"
+    template = (
+        "printf '%s' '${TASK_DESCRIPTION}' > desc.txt; printf '%s' 'id=${TASK_ID}!' > id.txt; "
+        "printf '%s' \"'${TASK_ID}'\" > dq.txt; " + agent_cmd(results, "success")
+    )
+    outcome, _ = await run(make_wake(template), wake_task("task-7", description))
+    assert outcome.ok, outcome
+    assert sorted(x.name for x in await trio.to_thread.run_sync(lambda: list(tmp_path.rglob("pwned*")))) == []
+    assert (repo / "desc.txt").read_text() == description
+    assert (repo / "id.txt").read_text() == "id=task-7!"
+    assert (repo / "dq.txt").read_text() == "'task-7'"  # inside double quotes: expanded by sh already
+
+
+@pytest.mark.parametrize(
+    ("template", "expected", "count"),
+    [
+        ("a '${TASK_ID}' b", """a ''"${TASK_ID}"'' b""", 1),
+        ("a '--id=${TASK_ID} x ${TASK_JSON}'", """a '--id='"${TASK_ID}"' x '"${TASK_JSON}"''""", 2),
+        ('a "${TASK_ID}" "it\'s ${TASK_ID}"', 'a "${TASK_ID}" "it\'s ${TASK_ID}"', 0),
+        ("a \\'${TASK_ID}", "a \\'${TASK_ID}", 0),  # an escaped quote starts nothing
+        ("a '${OTHER}' '$TASK_ID'", "a '${OTHER}' '$TASK_ID'", 0),  # only the three, braced
+        ("a 'open ${TASK_ID}", "a 'open ${TASK_ID}", 0),  # unterminated: left for sh to refuse
+        ("${TASK_ID}", "${TASK_ID}", 0),
+    ],
+)
+def test_expand_in_single_quotes(template: str, expected: str, count: int) -> None:
+    assert expand_in_single_quotes(template) == (expected, count)
 
 
 async def test_woken_agent_left_running_is_killed_when_the_task_ends(make_wake, dirs, autojump_clock) -> None:  # type: ignore[no-untyped-def]

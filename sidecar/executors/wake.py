@@ -13,7 +13,8 @@ result of a parameter expansion is never parsed again as shell code, so `$(…)`
 backticks and `;` inside a value stay text. (A template that leaves
 `${TASK_DESCRIPTION}` unquoted still gets field splitting and globbing of the
 value, as any shell variable does, but never command substitution: quote it,
-`"${TASK_DESCRIPTION}"`, to pass it as one word.)
+`"${TASK_DESCRIPTION}"`, to pass it as one word.) A placeholder inside single
+quotes, which sh would leave as text, is made to expand (`waketemplate`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..progress import ProgressSender
 from ..taskrun import TaskRun
 from . import ExecContext
 from .shell import clip_progress
+from .waketemplate import expand_in_single_quotes
 
 log = get_logger(__name__)
 
@@ -98,15 +100,19 @@ class WakeExecutor:
 
     def __init__(self, ctx: ExecContext) -> None:
         self.ctx = ctx
+        self._template: str | None = None
+        if ctx.config.wake_command:
+            self._template, requoted = expand_in_single_quotes(ctx.config.wake_command)
+            if requoted:
+                log.info("wake_command_requoted", placeholders_in_single_quotes=requoted)
 
     @property
     def results_dir(self) -> Path:
         return results_dir_of(self.ctx.config, self.ctx.state_dir)
 
     async def __call__(self, run: TaskRun) -> Outcome:
-        cfg = self.ctx.config
         task = run.task
-        if not cfg.wake_command:
+        if not self._template:
             return Outcome(
                 ok=False,
                 error="legacy wake task, but this sidecar has no wake_command configured",
@@ -128,7 +134,7 @@ class WakeExecutor:
             # Files a killed earlier run of this task left behind are not this run's.
             for path in (started, result):
                 path.unlink(missing_ok=True)
-            return await self._wake_and_wait(run, cfg.wake_command, started, result)
+            return await self._wake_and_wait(run, self._template, started, result)
         except OSError as exc:
             return Outcome(ok=False, error=f"results directory {results}: {exc}", reason="results_dir_error")
         finally:
