@@ -56,6 +56,7 @@ from .sharedhttp import SharedHTTP
 from .store import Store
 from .storefaults import StoreError
 from .supervisor import Supervisor
+from .toolcheck import missing_tools
 
 if TYPE_CHECKING:
     import httpx
@@ -345,6 +346,8 @@ async def open_sidecar(config: Config, store: Store | None = None) -> AsyncItera
         subreaper=proctree.is_subreaper(),
     )
     reports.prime_cpu_percent()
+    for tool, effect in await trio.to_thread.run_sync(missing_tools, config):
+        log.warning("tool_missing", tool=tool, effect=effect)
     try:
         async with SharedHTTP() as http:  # made (httpx loaded) by the first Ollama task, if any
             if config.ollama_url:

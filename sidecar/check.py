@@ -35,6 +35,7 @@ from .config import ENV_OVERRIDES, Config, ConfigError, load_config
 from .log import register_secret
 from .messages import FrameError, decode_frame, encode_frame, identify_frame
 from .storefaults import StoreError, inspect
+from .toolcheck import missing_tools
 
 OK, FAIL, WARN, SKIP = "ok", "FAIL", "warn", "skip"
 # Marks the processes `sidecar check` starts (swept like a task's).
@@ -176,6 +177,20 @@ async def check_claude(cfg: Config, timeout_s: float = 15.0) -> Row:
     return Row("claude", OK, f"{exe} {first}"[:200])
 
 
+def check_repo_tools(cfg: Config) -> list[Row]:
+    """With a `repo_dir`, a row each for `git` and `gh` (the branch-and-PR workflow)."""
+    if not cfg.repo_dir:
+        return []
+    missing = dict(missing_tools(cfg))
+    rows = []
+    for tool in ("git", "gh"):
+        if tool in missing:
+            rows.append(Row(tool, WARN, f"{tool!r} not found on PATH ({missing[tool]})"))
+        else:
+            rows.append(Row(tool, OK, str(shutil.which(tool))))
+    return rows
+
+
 def _ms(since: float) -> int:
     return round((trio.current_time() - since) * 1000)
 
@@ -212,6 +227,7 @@ async def run_check(
     rows += await check_hub(cfg, identify=identify, timeout_s=timeout_s)
     rows.append(await check_ollama(cfg))
     rows.append(await check_claude(cfg))
+    rows += await trio.to_thread.run_sync(check_repo_tools, cfg)
     render(rows, out, colour)
     failed = [r.name for r in rows if r.fatal and r.status == FAIL]
     out.write(("\nnot ready: " + ", ".join(failed) if failed else "\nready") + "\n")

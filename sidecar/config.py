@@ -342,6 +342,18 @@ def config_from_mapping(
         raise ConfigError(unknown[0], "unknown key", source)
     if unknown:
         log.warning("config_keys_ignored", source=source, keys=",".join(unknown))
+        if data.get("openclaw_wake_command") and not data.get("wake_command"):
+            # The v0.1 sidecar's fire-and-forget wake: taking it as wake_command
+            # would make every wake task wait for a `.started` file that such an
+            # agent never writes.
+            log.warning(
+                "openclaw_wake_command_not_used",
+                source=source,
+                hint=(
+                    "set wake_command (with ${TASK_ID}, ${TASK_JSON} or ${TASK_DESCRIPTION}); the woken "
+                    "agent must create results_dir/<task_id>.started and write <task_id>.json"
+                ),
+            )
         data = {k: v for k, v in data.items() if k in known}
     for required in ("agent_id", "token", "hub_url"):
         if required not in data or data[required] is None:

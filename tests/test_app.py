@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
 from sidecar.app import open_sidecar, settle_heap
 from sidecar.devhub import open_dev_hub
+from sidecar.toolcheck import missing_tools
+from tests.conftest import Logs
 from tests.harness import feed, offline_sidecar, shell_assign
 
 AGENT, TOKEN = "agent-1", "app-test-token-7"
@@ -154,3 +157,28 @@ def test_settle_heap_collects_start_up_garbage_then_freezes_what_is_left() -> No
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+async def test_missing_tools_are_warned_about_at_start_up(
+    make_config: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, logs: Logs
+) -> None:
+    """With a repo_dir and nothing on PATH but git: claude and gh are named, with
+    what fails without them; git is not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    git = bin_dir / "git"
+    git.write_text("#!/bin/sh\nexit 0\n")
+    git.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    cfg = make_config(repo_dir=str(repo), claude={"binary": "claude"})
+    assert dict(missing_tools(cfg)) == {
+        "claude": "Claude tasks will fail",
+        "gh": "task branches are pushed but no pull request is opened",
+    }
+    async with open_dev_hub(tokens={AGENT: TOKEN}) as hub:
+        async with open_sidecar(attrs.evolve(cfg, hub_url=hub.ws_url, token=TOKEN)):
+            pass
+    assert {(w["tool"], w["effect"]) for w in logs.named("tool_missing")} == set(missing_tools(cfg))
+    assert missing_tools(attrs.evolve(cfg, repo_dir=None)) == [("claude", "Claude tasks will fail")]

@@ -170,6 +170,25 @@ def test_unknown_json_keys_are_one_warning_naming_them(tmp_path: Path, logs: Any
     assert warnings[0]["keys"] == "colour,debug,zeal"
 
 
+@pytest.mark.parametrize(
+    ("extra", "warned"),
+    [
+        ({"openclaw_wake_command": "openclaw cron wake --mode now"}, True),
+        ({"openclaw_wake_command": None}, False),  # as the v0.1 example wrote it
+        ({"openclaw_wake_command": "openclaw wake", "wake_command": "w ${TASK_ID}"}, False),
+    ],
+)
+def test_the_v01_wake_key_gets_a_warning_that_says_what_to_set(
+    tmp_path: Path, logs: Any, extra: dict[str, object], warned: bool
+) -> None:
+    base = {k: v for k, v in ORIGINAL.items() if k != "wake_command"}
+    path = _write(tmp_path / "config.json", {**base, **extra})
+    cfg = load_config(path, env={})
+    assert cfg.wake_command == extra.get("wake_command")  # never taken as the wake_command
+    hints = [w["hint"] for w in logs.named("openclaw_wake_command_not_used")]
+    assert len(hints) == warned and all("set wake_command" in h for h in hints)
+
+
 def test_unknown_toml_key_is_still_refused(tmp_path: Path) -> None:
     path = tmp_path / "sidecar.toml"
     path.write_text('agent_id = "a1"\ntoken = "t0k3n"\nhub_url = "ws://127.0.0.1:4000/ws"\ncolour = "blue"\n')

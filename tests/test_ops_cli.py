@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from sidecar import __version__
+from sidecar.check import check_repo_tools
 from sidecar.cli import _parser
 from sidecar.devhub import open_dev_hub
 from sidecar.view import LiveView
@@ -285,3 +286,17 @@ def test_live_view_plain_has_no_escapes_and_labels_lines() -> None:
         "   0.0s  fail     bad",
         "✘ fail: exit 3",
     ]
+
+
+def test_check_shows_git_and_gh_only_with_a_repo_dir(
+    make_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gh").write_text("#!/bin/sh\n")
+    (bin_dir / "gh").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert check_repo_tools(make_config()) == []
+    rows = {r.name: (r.status, r.detail) for r in check_repo_tools(make_config(repo_dir=str(tmp_path)))}
+    assert rows["gh"] == ("ok", str(bin_dir / "gh"))
+    assert rows["git"][0] == "warn" and "branch workflow is skipped" in rows["git"][1]
