@@ -386,6 +386,10 @@ async def test_connection_is_reused_after_success(srv: OllamaServer, run: Callab
         ("http://gpu-box:11434/", None, "http://gpu-box:11434"),
         ("https://ollama.example/prefix", None, "https://ollama.example/prefix"),
         ("[::1]:11434", None, "http://[::1]:11434"),
+        ("localhost", None, "http://localhost:11434"),  # a bare host: Ollama's port, not 80
+        ("gpu-box", "cfg:1", "http://gpu-box:11434"),
+        ("[::1]", None, "http://[::1]:11434"),
+        ("http://gpu-box", None, "http://gpu-box"),  # a URL says what it means
         (None, "http://cfg-host:9999", "http://cfg-host:9999"),
         ("", "cfg-host:9999", "http://cfg-host:9999"),
         (None, None, DEFAULT_URL),

@@ -12,6 +12,7 @@ import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -29,7 +30,8 @@ from . import ExecContext
 
 log = get_logger(__name__)
 
-DEFAULT_URL = "http://localhost:11434"
+DEFAULT_PORT = 11434
+DEFAULT_URL = f"http://localhost:{DEFAULT_PORT}"
 _ERROR_BODY_CAP = 64 * 1024  # bytes of a non-200 body we read to find its error
 _json_decode = json.JSONDecoder().decode
 _HEADERS = {"Accept": "application/x-ndjson", "Accept-Encoding": "identity"}
@@ -41,12 +43,20 @@ _NOT_A_REPLY = ("load", "unload")
 def resolve_url(endpoint: str | None, configured: str | None) -> str:
     """Base URL of the Ollama server: the hub's choice, else config, else the default.
 
-    The hub sends `selected_endpoint` as `host:port`; a full URL is taken as is.
+    The hub sends `selected_endpoint` as `host:port`; a bare host gets Ollama's
+    port (11434, not HTTP's 80); a full URL is taken as is.
     """
     for value in (endpoint, configured):
         if value and value.strip():
             value = value.strip().rstrip("/")
-            return value if "://" in value else "http://" + value
+            if "://" in value:
+                return value
+            url = "http://" + value
+            try:
+                port = urlsplit(url).port
+            except ValueError:  # a port that is no number: let the request say so
+                return url
+            return url if port is not None else f"{url}:{DEFAULT_PORT}"
     return DEFAULT_URL
 
 
