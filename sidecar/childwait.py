@@ -18,13 +18,16 @@ import subprocess
 import attrs
 import trio
 
-from .proctree import group_alive, kill_group
+from .proctree import alive, group_alive, kill_group, signal_marked
 
 
 @attrs.define
 class KillState:
     first_signal: int
     grace_s: float
+    # The task's marker: processes carrying it outside the group (a descendant
+    # that started its own session) are stopped with the group, in its grace.
+    marker: str | None = None
     signalled: bool = False
     killed: bool = False
 
@@ -85,15 +88,23 @@ async def _stop_group(exit_: ChildExit, state: KillState) -> None:
     pid = exit_.popen.pid
     state.signalled = True
     kill_group(pid, state.first_signal)  # never raises
+    # One grace for all: a marked descendant in a session of its own gets the
+    # first signal now and SIGKILL with the group, rather than a grace of its
+    # own after it (it may hold the output pipes, which the drain waits for).
+    marker = state.marker
+    outside = signal_marked((marker,), state.first_signal, outside_group=pid) if marker else set()
     with trio.move_on_after(state.grace_s) as grace:
         await exit_.exited()
         delay = 0.005
-        while group_alive(pid):  # the zombie leader keeps the number ours meanwhile
+        # The zombie leader keeps the group's number ours meanwhile.
+        while group_alive(pid) or any(alive(p) for p in outside):
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
     if grace.cancelled_caught:
         state.killed = True
     kill_group(pid, signal.SIGKILL)
+    if marker:
+        signal_marked((marker,), signal.SIGKILL)
     await exit_.exited()
     exit_.reap()
 

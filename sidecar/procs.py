@@ -249,7 +249,7 @@ async def run_child(
         drain_grace_s = grace_s
     full_env = dict(env)
     full_env[MARKER_VAR] = marker
-    state = KillState(first_signal=first_signal, grace_s=grace_s)
+    state = KillState(first_signal=first_signal, grace_s=grace_s, marker=marker)
     # Readers are shielded from outer cancellation so that output written while
     # the child winds down is still read; their deadline is set once the direct
     # child has exited. One scope per reader (a scope is entered once).

@@ -283,9 +283,18 @@ def kill_marked_any(
 
 
 def signal_marked(
-    markers: Iterable[str], sig: int = signal.SIGKILL, *, prefix: bool = False, everywhere: bool = False
+    markers: Iterable[str],
+    sig: int = signal.SIGKILL,
+    *,
+    prefix: bool = False,
+    everywhere: bool = False,
+    outside_group: int | None = None,
 ) -> set[int]:
-    """`kill_marked_any`, returning the pids signalled (to wait for their death: `alive`)."""
+    """`kill_marked_any`, returning the pids signalled (to wait for their death: `alive`).
+
+    With `outside_group`, members of that process group are left alone (the
+    caller signals the group itself, and a second signal would run a trap twice).
+    """
     needles = tuple(_needle(m, prefix) for m in dict.fromkeys(markers))
     signalled: set[int] = set()
     if not needles:
@@ -294,7 +303,11 @@ def signal_marked(
     for _ in range(5):
         candidates = _candidates(everywhere)
         below_us = below_us or bool(candidates)
-        fresh = [pid for pid in candidates if pid not in signalled and _carries(pid, needles)]
+        fresh = [
+            pid
+            for pid in candidates
+            if pid not in signalled and _carries(pid, needles) and not _in_group(pid, outside_group)
+        ]
         if not fresh:
             break
         for pid in fresh:
@@ -306,6 +319,15 @@ def signal_marked(
         # Nothing below a subreaper means no orphan of ours either, dead or alive.
         reap_orphans()
     return signalled
+
+
+def _in_group(pid: int, pgid: int | None) -> bool:
+    if pgid is None:
+        return False
+    try:
+        return os.getpgid(pid) == pgid
+    except OSError:
+        return True  # gone: nothing to signal either
 
 
 def alive(pid: int) -> bool:

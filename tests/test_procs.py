@@ -202,6 +202,50 @@ async def test_cancel_sends_term_then_kill_after_grace_to_whole_group(tmp_path: 
     assert await wait_dead(gc_pid, limit_s=2)
 
 
+async def test_a_descendant_in_its_own_session_shares_the_groups_one_grace(tmp_path: Path) -> None:
+    """It holds stdout and ignores SIGTERM, as does the shell: it gets the first
+    signal with the group (once, as the group does) and SIGKILL with it, so the
+    run ends one grace after the cancel, not two (the drain waited a second
+    grace for the pipe it held)."""
+    term_log = tmp_path / "terms"
+    script = (
+        f"trap 'echo shell >> {term_log}' TERM; "
+        f'setsid {SH} -c \'trap "echo own >> {term_log}" TERM; echo sid $$; '
+        "while :; do sleep 0.05; done' & "
+        "while :; do sleep 0.05; done"
+    )
+    out = Lines()
+    grace = 2.0
+    cancelled_at = returned_at = 0.0
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def runner() -> None:
+                nonlocal returned_at
+                with scope:
+                    await run_child(
+                        [SH, "-c", script],
+                        cwd=tmp_path,
+                        env=dict(os.environ),
+                        marker=marker(),
+                        on_stdout=out,
+                        grace_s=grace,
+                        sweep_marker=False,  # as the shell executor runs it
+                    )
+                returned_at = trio.current_time()
+
+            nursery.start_soon(runner)
+            await out.first.wait()
+            own_pid = int(out.items[0].split()[1])
+            assert os.getsid(own_pid) == own_pid != os.getsid(0)  # escaped our session and group
+            cancelled_at = trio.current_time()
+            scope.cancel()
+    assert grace <= returned_at - cancelled_at < 2 * grace - 0.5
+    assert await wait_dead(own_pid, limit_s=2)
+    assert sorted(term_log.read_text().split()) == ["own", "shell"]  # each signalled once
+
+
 async def test_cancel_uses_first_signal(tmp_path: Path) -> None:
     out = Lines()
     with trio.fail_after(20):
