@@ -10,7 +10,10 @@ virtual time. Found by probing `sidecar run` from outside with such a hub.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -265,14 +268,20 @@ async def test_a_task_continue_after_the_tasks_end_relabels_its_unanswered_resul
 
 
 async def test_a_graceful_stop_reports_a_task_whose_teardown_takes_both_graces(
-    clock: trio.testing.MockClock, make_config: Any
+    clock: trio.testing.MockClock, make_config: Any, tmp_path: Path
 ) -> None:
     """SIGTERM to the sidecar with a task that ignores SIGTERM and has left a
-    process in another session holding its stdout: the teardown takes the kill
-    grace, then the drain grace (10 s with the defaults). Its `task_failed`
-    (`sidecar_shutdown`) is stored after that and still reaches the hub before
-    the sidecar stops."""
-    command = "trap '' TERM; (setsid sleep 300 &); echo started; sleep 300"
+    process in another session holding its stdout, without the task's marker
+    (`env -i`: nothing can find it until the group is gone): the teardown takes
+    the kill grace, then the drain grace (10 s with the defaults). Its
+    `task_failed` (`sidecar_shutdown`) is stored after that and still reaches
+    the hub before the sidecar stops. (A marked one shares the group's grace:
+    `tests/test_procs.py`.)"""
+    pidfile = tmp_path / "escapee"
+    command = (
+        f"trap '' TERM; (env -i setsid /bin/sh -c 'echo $$ > {pidfile}; exec sleep 300' &); "
+        "echo started; sleep 300"
+    )
     async with open_scripted_hub() as hub:
         async with open_sidecar(config_for(make_config, hub)) as sc:
             await hub.wait_for(lambda: hub.of("identify"))
@@ -280,10 +289,15 @@ async def test_a_graceful_stop_reports_a_task_whose_teardown_takes_both_graces(
             frame["metadata"]["timeout_ms"] = LONG_MS
             await hub.send(frame)
             await hub.wait_for(lambda: "started" in str(hub.of("task_progress", "S")))
+            while not pidfile.exists() or not pidfile.read_text().strip():  # noqa: ASYNC110 - a file offers no event
+                await trio.sleep(0.01)
             stopped_at = trio.current_time()
             await sc.shutdown()
         took = trio.current_time() - stopped_at
         [failed] = hub.of("task_failed", "S")
+    # A test process is no subreaper: `sidecar run` kills such an escapee once idle.
+    with contextlib.suppress(ProcessLookupError, ValueError):
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
     assert failed["reason"] == "sidecar_shutdown"
     assert took >= 2 * 5  # both graces: the case the old bound cut short
 
