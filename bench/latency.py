@@ -30,8 +30,13 @@ least worker that does a task's durable steps on the same stack (see its
 docstring), against a fresh dev hub in the same run: the ratio to it is what
 everything else the sidecar does costs. With `--node`, they also go through
 `bench/node_floor.js`, the least Node.js worker doing the original sidecar's
-wire steps (non-durably, as the original): a floor for the original, which is
-not available here, so a ratio under 0.8 to it is a ratio under 0.8 to the original.
+wire steps (writing nothing, where the original writes its queue file): a floor
+for the original, which is not available here, so a ratio under 0.8 to it is a
+ratio under 0.8 to the original.
+With `--node-model`, also through `node_floor.js --original-steps`: the same floor plus
+the synchronous steps the original's source does on this path (its queue file written
+three times through `write-file-atomic`, which fsyncs; two JSON log lines), a tighter
+floor for the original (see that file's header).
 """
 
 from __future__ import annotations
@@ -165,6 +170,13 @@ class NodeFloor(Sidecar):
         # Installs `ws` into .tools/node-floor the first time (a no-op afterwards).
         await trio.run_process(["bash", str(Path(__file__).with_name("node-floor-install.sh"))])
         await super().start(extra_argv)
+
+
+class NodeModel(NodeFloor):
+    """`node_floor.js --original-steps`: the floor plus the original's own per-task steps."""
+
+    def argv(self, config_path: Path, extra_argv: list[str] | None) -> list[str]:
+        return [*super().argv(config_path, extra_argv), "--original-steps"]
 
 
 def bare_spawn_ms(n: int) -> list[float]:
@@ -427,6 +439,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             r["skeleton"] = await measure(Skeleton, Path(tmp) / "skeleton", args)
         if args.node:
             r["node"] = await measure(NodeFloor, Path(tmp) / "node", args)
+        if args.node_model:
+            r["node_model"] = await measure(NodeModel, Path(tmp) / "node-model", args)
         create += file_create_ms(args.floor, Path(tmp) / "create-floor-after")
     after = await floors(args.floor)
     r["spawn_ms"] = before["spawn_ms"] + after["spawn_ms"]
@@ -460,6 +474,11 @@ def main() -> None:
         "--node",
         action="store_true",
         help="also run bench/node_floor.js (the Node original's wire steps only) and give the ratio to it",
+    )
+    ap.add_argument(
+        "--node-model",
+        action="store_true",
+        help="also run node_floor.js --original-steps (its wire steps and its own per-task writes and logs)",
     )
     args = ap.parse_args()
     if args.profile:
@@ -497,7 +516,7 @@ def main() -> None:
         f"{name} {user:.2f} user + {system:.2f} sys" for name, user, system in r["sidecar_threads"]
     )
     print(f"sidecar CPU by thread : {by_thread} (ms per task)")
-    for key, label in (("skeleton", "skeleton"), ("node", "node floor")):
+    for key, label in (("skeleton", "skeleton"), ("node", "node floor"), ("node_model", "node model")):
         if key not in r:
             continue
         other = r[key]

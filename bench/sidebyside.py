@@ -7,8 +7,8 @@ connected to the same dev hub (rate limits OFF, as in `latency.py`): this
 checkout's `sidecar run` ("cur"), the `sidecar run` of each `--base` checkout
 (a `git worktree add /tmp/base REV`: "base", "base2", …) and, with
 `--skeleton`, `bench/skeleton.py` and, with `--node`, `bench/node_floor.js` (a floor
-for the Node original, see latency.py). The tasks are sequential, as in
-`latency.py`, but a round gives one task to each worker in turn (in a fresh
+for the Node original, see latency.py; `--node-model` adds it with `--original-steps`).
+The tasks are sequential, as in `latency.py`, but a round gives one task to each worker in turn (in a fresh
 random order each round) before the next round starts. So every worker's
 tasks are sampled across the same minutes of the machine's drift, which on
 this project's VMs moves a single worker's median by 30-60 % within an hour
@@ -53,6 +53,7 @@ from latency import (  # bench/ is not a package
     TOKEN,
     UNLIMITED,
     NodeFloor,
+    NodeModel,
     Sidecar,
     Skeleton,
     add_hub_gc_option,
@@ -88,6 +89,8 @@ def worker_specs(args: argparse.Namespace) -> dict[str, Worker]:
             specs[f"skeleton-py{i}"] = Worker(Skeleton, python=python)
     if args.node:
         specs["node"] = Worker(NodeFloor)
+    if args.node_model:
+        specs["node-model"] = Worker(NodeModel)
     return specs
 
 
@@ -175,6 +178,11 @@ def main() -> None:
         help="also run this checkout (and with --skeleton the skeleton) with this interpreter",
     )
     ap.add_argument("--node", action="store_true", help="also run bench/node_floor.js beside them")
+    ap.add_argument(
+        "--node-model",
+        action="store_true",
+        help="also run node_floor.js --original-steps (the floor plus the original's own writes and logs)",
+    )
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20, help="rounds not counted, in each segment")
     ap.add_argument("--command", default="true")
