@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,46 @@ async def test_callback_error_propagates_unwrapped_and_child_dies(tmp_path: Path
 # Cancellation
 
 
+async def cancel_once(
+    ready: trio.Event,
+    argv: list[str],
+    cwd: Path,
+    out: Lines,
+    grace: float,
+    before_cancel: Callable[[], None] | None = None,
+    sweep_marker: bool = True,
+) -> float:
+    """Run `argv` through `run_child` in a cancel scope and cancel it once `ready` is set
+    (after `before_cancel`); seconds from the cancel to `run_child`'s return."""
+    cancelled_at = returned_at = 0.0
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def runner() -> None:
+                nonlocal returned_at
+                with scope:
+                    await run_child(
+                        argv,
+                        cwd=cwd,
+                        env=dict(os.environ),
+                        marker=marker(),
+                        on_stdout=out,
+                        grace_s=grace,
+                        sweep_marker=sweep_marker,
+                    )
+                returned_at = trio.current_time()
+                assert scope.cancelled_caught  # Cancelled propagated out of run_child
+
+            nursery.start_soon(runner)
+            await ready.wait()
+            if before_cancel is not None:
+                before_cancel()
+            cancelled_at = trio.current_time()
+            scope.cancel()
+    return returned_at - cancelled_at
+
+
 async def test_cancel_sends_term_then_kill_after_grace_to_whole_group(tmp_path: Path) -> None:
     # The shell traps TERM (prints and carries on); its grandchild ignores TERM.
     script = (
@@ -169,35 +210,11 @@ async def test_cancel_sends_term_then_kill_after_grace_to_whole_group(tmp_path: 
     )
     out = Lines()
     grace = 0.5
-    ready = out.event_for("ready")
-    cancelled_at = returned_at = 0.0
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            scope = trio.CancelScope()
-
-            async def runner() -> None:
-                nonlocal returned_at
-                with scope:
-                    await run_child(
-                        [SH, "-c", script],
-                        cwd=tmp_path,
-                        env=dict(os.environ),
-                        marker=marker(),
-                        on_stdout=out,
-                        grace_s=grace,
-                    )
-                returned_at = trio.current_time()
-                assert scope.cancelled_caught  # Cancelled propagated out of run_child
-
-            nursery.start_soon(runner)
-            await ready.wait()
-            cancelled_at = trio.current_time()
-            scope.cancel()
+    elapsed = await cancel_once(out.event_for("ready"), [SH, "-c", script], tmp_path, out, grace)
     gc_pid = int(next(line for line in out.items if line.startswith("gc ")).split()[1])
     # SIGTERM was delivered and output was still read while the child wound down.
     assert "got-term" in out.items
     # Neither process exits on TERM, so only the SIGKILL grace_s later ends them.
-    elapsed = returned_at - cancelled_at
     assert grace <= elapsed < grace + 3.0
     assert await wait_dead(gc_pid, limit_s=2)
 
@@ -216,32 +233,23 @@ async def test_a_descendant_in_its_own_session_shares_the_groups_one_grace(tmp_p
     )
     out = Lines()
     grace = 2.0
-    cancelled_at = returned_at = 0.0
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            scope = trio.CancelScope()
+    own_pid = 0
 
-            async def runner() -> None:
-                nonlocal returned_at
-                with scope:
-                    await run_child(
-                        [SH, "-c", script],
-                        cwd=tmp_path,
-                        env=dict(os.environ),
-                        marker=marker(),
-                        on_stdout=out,
-                        grace_s=grace,
-                        sweep_marker=False,  # as the shell executor runs it
-                    )
-                returned_at = trio.current_time()
+    def escaped() -> None:
+        nonlocal own_pid
+        own_pid = int(out.items[0].split()[1])
+        assert os.getsid(own_pid) == own_pid != os.getsid(0)  # escaped our session and group
 
-            nursery.start_soon(runner)
-            await out.first.wait()
-            own_pid = int(out.items[0].split()[1])
-            assert os.getsid(own_pid) == own_pid != os.getsid(0)  # escaped our session and group
-            cancelled_at = trio.current_time()
-            scope.cancel()
-    assert grace <= returned_at - cancelled_at < 2 * grace - 0.5
+    elapsed = await cancel_once(
+        out.first,
+        [SH, "-c", script],
+        tmp_path,
+        out,
+        grace,
+        before_cancel=escaped,
+        sweep_marker=False,  # as the shell executor runs it
+    )
+    assert grace <= elapsed < 2 * grace - 0.5
     assert await wait_dead(own_pid, limit_s=2)
     assert sorted(term_log.read_text().split()) == ["own", "shell"]  # each signalled once
 
