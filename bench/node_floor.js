@@ -69,6 +69,8 @@ function successFrame(task, generation, output, started) {
   };
 }
 
+const exitError = (code, signal) => (code === null ? `killed by ${signal}` : `exit code ${code}`);
+
 function runTask(task) {
   send({ type: 'task_accepted', task_id: task.task_id });
   const started = Date.now();
@@ -88,12 +90,13 @@ function runTask(task) {
     if (code === 0) {
       send(successFrame(task, generation, Buffer.concat(out).toString(), started));
     } else {
-      send({ type: 'task_failed', task_id: task.task_id, generation, error: code === null ? `killed by ${signal}` : `exit code ${code}` });
+      send({ type: 'task_failed', task_id: task.task_id, generation, error: exitError(code, signal) });
     }
   });
 }
 
 // --original-steps: the original's per-task synchronous work (see the header).
+const originalSteps = process.argv.includes('--original-steps');
 const root = path.dirname(path.resolve(configPath));
 let writeFileAtomic = null;
 let logStream = null;
@@ -183,16 +186,16 @@ function runTaskOriginalSteps(msg) {
       frame.verification_report = null;
       finish(frame);
     } else {
-      finish({ type: 'task_failed', task_id: task.task_id, generation, error: code === null ? `killed by ${signal}` : `exit code ${code}` });
+      finish({ type: 'task_failed', task_id: task.task_id, generation, error: exitError(code, signal) });
     }
   });
 }
 
-if (process.argv.includes('--original-steps')) {
+if (originalSteps) {
   writeFileAtomic = require(path.join(__dirname, '..', '.tools', 'node-floor', 'node_modules', 'write-file-atomic'));
   logStream = fs.createWriteStream(path.join(root, 'sidecar.log'), { flags: 'a' });
 }
-const onTask = writeFileAtomic ? runTaskOriginalSteps : runTask;
+const onTask = originalSteps ? runTaskOriginalSteps : runTask;
 
 ws.on('open', () => {
   send({

@@ -7,9 +7,10 @@ connected to the same dev hub (rate limits OFF, as in `latency.py`): this
 checkout's `sidecar run` ("cur"), the `sidecar run` of each `--base` checkout
 (a `git worktree add /tmp/base REV`: "base", "base2", …) and, with
 `--skeleton`, `bench/skeleton.py` and, with `--node`, `bench/node_floor.js` (a floor
-for the Node original, see latency.py; `--node-model` adds it with `--original-steps`).
-The tasks are sequential, as in `latency.py`, but a round gives one task to each worker in turn (in a fresh
-random order each round) before the next round starts. So every worker's
+for the Node original, see latency.py; `--node-model` adds it with
+`--original-steps`). The tasks are sequential, as in `latency.py`, but a round
+gives one task to each worker in turn (in a fresh random order each round)
+before the next round starts. So every worker's
 tasks are sampled across the same minutes of the machine's drift, which on
 this project's VMs moves a single worker's median by 30-60 % within an hour
 and makes separate runs, even paired ones (`ab.py`), blind to a 10 %

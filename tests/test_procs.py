@@ -167,13 +167,15 @@ async def cancel_once(
     cwd: Path,
     out: Lines,
     grace: float,
+    limit_s: float,
     before_cancel: Callable[[], None] | None = None,
     sweep_marker: bool = True,
 ) -> float:
     """Run `argv` through `run_child` in a cancel scope and cancel it once `ready` is set
-    (after `before_cancel`); seconds from the cancel to `run_child`'s return."""
+    (after `before_cancel`); seconds from the cancel to `run_child`'s return. The whole
+    run fails after `limit_s`."""
     cancelled_at = returned_at = 0.0
-    with trio.fail_after(30):
+    with trio.fail_after(limit_s):
         async with trio.open_nursery() as nursery:
             scope = trio.CancelScope()
 
@@ -210,7 +212,7 @@ async def test_cancel_sends_term_then_kill_after_grace_to_whole_group(tmp_path: 
     )
     out = Lines()
     grace = 0.5
-    elapsed = await cancel_once(out.event_for("ready"), [SH, "-c", script], tmp_path, out, grace)
+    elapsed = await cancel_once(out.event_for("ready"), [SH, "-c", script], tmp_path, out, grace, limit_s=20)
     gc_pid = int(next(line for line in out.items if line.startswith("gc ")).split()[1])
     # SIGTERM was delivered and output was still read while the child wound down.
     assert "got-term" in out.items
@@ -246,6 +248,7 @@ async def test_a_descendant_in_its_own_session_shares_the_groups_one_grace(tmp_p
         tmp_path,
         out,
         grace,
+        limit_s=30,
         before_cancel=escaped,
         sweep_marker=False,  # as the shell executor runs it
     )
